@@ -1,0 +1,3 @@
+from bluelm_cli.cli import main
+
+main()
