@@ -1,0 +1,294 @@
+"""Find a BlueLM checkpoint (local folder, Hugging Face Hub, ModelScope), pick device and dtype, load it.
+
+Every problem a user can meet here becomes a `BlueLMError` whose one-line message names the path or id
+and says what to do. Nothing in a checkpoint folder is ever executed: the `*.py` files shipped beside
+the weights are not downloaded and not imported; BlueLM is implemented natively in `bluelm_cli.modeling`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bluelm_cli.errors import BlueLMError, UsageError
+from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM, BlueLMTokenizer
+
+DEFAULT_MODEL = "vivo-ai/BlueLM-7B-Chat"
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_METADATA_PATTERNS = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                      "special_tokens_map.json"]
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: BlueLMForCausalLM
+    tokenizer: BlueLMTokenizer
+    model_id: str
+    folder: Path
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    load_seconds: float = 0.0
+    quantization: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+def looks_like_path(model: str) -> bool:
+    """Hub ids are exactly `owner/name`; anything else, or anything that exists on disk, is a path."""
+    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+        return True
+    return model.count("/") != 1
+
+
+def resolve_model_folder(model: str, source: str = "huggingface", on_status: Callable[[str], None] | None = None) -> Path:
+    """A local folder as given, or a hub id downloaded (or found in the cache) into its normal cache."""
+    if looks_like_path(model):
+        folder = Path(model).expanduser()
+        if not folder.exists():
+            raise BlueLMError(f"model folder {model} does not exist; pass an existing folder or a hub id such as {DEFAULT_MODEL}")
+        if not folder.is_dir():
+            raise BlueLMError(f"{model} is a file, not a model folder; pass the folder that holds config.json")
+        return folder
+    if not all(model.split("/")):
+        raise UsageError(f"'{model}' is neither a folder nor a hub id like {DEFAULT_MODEL}")
+    if source == "modelscope":
+        return _download_from_modelscope(model, on_status)
+    if source != "huggingface":
+        raise UsageError(f"unknown source '{source}'; use huggingface or modelscope")
+    return _download_from_hub(model, on_status)
+
+
+def _download_from_hub(repo_id: str, on_status: Callable[[str], None] | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    weight_patterns = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
+    try:
+        weight_patterns = _hub_weight_patterns(repo_id)
+    except Exception:  # offline or unreachable: snapshot_download below reports it properly
+        pass
+    if on_status:
+        on_status(f"Fetching {repo_id} from the Hugging Face Hub (cache: {constants.HF_HUB_CACHE})")
+    try:
+        path = snapshot_download(repo_id, allow_patterns=_METADATA_PATTERNS + weight_patterns)
+    except GatedRepoError:
+        raise BlueLMError(f"{repo_id} is gated on the Hugging Face Hub; accept its license there and run `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise BlueLMError(f"no model {repo_id} on the Hugging Face Hub; check the id (for example {DEFAULT_MODEL}) or pass a local folder") from None
+    except RevisionNotFoundError:
+        raise BlueLMError(f"{repo_id} has no such revision on the Hugging Face Hub") from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise BlueLMError(
+                f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; "
+                "unset HF_HUB_OFFLINE to download it, or pass a local folder with --model"
+            ) from None
+        raise BlueLMError(
+            f"could not download {repo_id}: the Hugging Face Hub is unreachable and nothing is cached; "
+            "check the network (or set HF_ENDPOINT to a mirror), or pass a local folder with --model"
+        ) from None
+    return Path(path)
+
+
+def _hub_weight_patterns(repo_id: str) -> list[str]:
+    """Download one weight format only: safetensors when the repo has them, else the .bin shards."""
+    from huggingface_hub import constants, list_repo_files
+
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeError("offline")
+    files = list_repo_files(repo_id)
+    if any(name.endswith(".safetensors") for name in files):
+        return ["*.safetensors", "*.safetensors.index.json"]
+    return ["*.bin", "*.bin.index.json"]
+
+
+def _download_from_modelscope(model_id: str, on_status: Callable[[str], None] | None) -> Path:
+    try:
+        from modelscope import snapshot_download  # type: ignore[import-not-found]
+    except ImportError:
+        raise BlueLMError("--source modelscope needs the modelscope package: pip install modelscope") from None
+    if on_status:
+        on_status(f"Fetching {model_id} from ModelScope")
+    try:
+        return Path(snapshot_download(model_id, ignore_file_pattern=[r".*\.py$"]))
+    except Exception as error:  # modelscope raises plain exceptions for unknown ids and network errors
+        raise BlueLMError(f"could not download {model_id} from ModelScope: {_first_line(error)}") from None
+
+
+# -------------------------------------------------------------------------------------------- validating
+def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
+    """The folder's config.json, once it is known to hold a BlueLM checkpoint with a tokenizer and weights."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise BlueLMError(f"{folder} has no config.json; pass the folder of a BlueLM checkpoint (the one with config.json and the weights)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BlueLMError(f"{config_path} is not valid JSON ({error}); download the checkpoint again") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str) or model_type.lower() != "bluelm":
+        raise BlueLMError(
+            f"{folder} holds a '{model_type}' model, not BlueLM; bluelm-cli runs BlueLM checkpoints such as {DEFAULT_MODEL}"
+        )
+    if not (folder / "tokenizer.model").is_file():
+        raise BlueLMError(f"{folder} has no tokenizer.model; copy it from the original checkpoint or download it again")
+    if not any((folder / name).is_file() for name in WEIGHT_INDEXES + WEIGHT_FILES):
+        raise BlueLMError(
+            f"{folder} has no weights (model.safetensors, pytorch_model.bin or a sharded index); download the checkpoint again"
+        )
+    return config
+
+
+# --------------------------------------------------------------------------------------- device and dtype
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{requested}'; use auto, cuda, cuda:N or cpu") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BlueLMError(f"--device {requested} was asked for but no CUDA GPU is available to torch; use --device cpu (slow) or check the driver with nvidia-smi")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BlueLMError(f"--device {requested}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device '{requested}'; use auto, cuda, cuda:N or cpu")
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if requested not in _DTYPES:
+        raise UsageError(f"unknown dtype '{requested}'; use auto, bfloat16, float16 or float32")
+    return _DTYPES[requested]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_tokenizer(folder: Path) -> BlueLMTokenizer:
+    try:
+        return BlueLMTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except Exception as error:
+        raise BlueLMError(
+            f"{folder / 'tokenizer.model'} could not be read as a SentencePiece model ({_first_line(error)}); download it again"
+        ) from None
+
+
+def load_model(
+    model: str = DEFAULT_MODEL,
+    *,
+    source: str = "huggingface",
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: str | None = None,
+    on_status: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Resolve, check and load a BlueLM checkpoint. Raises BlueLMError with a user-facing message."""
+    started = time.perf_counter()
+    folder = resolve_model_folder(model, source, on_status)
+    config_dict = check_checkpoint_folder(folder)
+    target = pick_device(device)
+    torch_dtype = pick_dtype(dtype, target)
+    if target.type == "cpu" and on_warning:
+        on_warning("no CUDA GPU in use; BlueLM-7B on the CPU answers slowly (a few tokens a second at best)")
+    if quantization and target.type != "cuda":
+        raise BlueLMError(f"--load-in-{quantization} needs a CUDA GPU (bitsandbytes); drop it to run on the CPU")
+
+    tokenizer = load_tokenizer(folder)
+    if on_status:
+        on_status(f"Loading {model} onto {target} as {str(torch_dtype).removeprefix('torch.')}")
+    config = BlueLMConfig.from_pretrained(str(folder))
+    config.tokenizer_vocab_size = tokenizer.sp_model.get_piece_size()
+    kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "trust_remote_code": False}
+    if quantization:
+        kwargs["quantization_config"] = _bitsandbytes_config(quantization, torch_dtype)
+        kwargs["device_map"] = {"": target.index or 0}
+    elif target.type == "cuda" and device == "auto" and torch.cuda.device_count() > 1:
+        kwargs["device_map"] = "auto"  # spread the layers over every GPU with accelerate
+    else:
+        kwargs["device_map"] = {"": target}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            network, info = BlueLMForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise BlueLMError(
+            f"out of GPU memory while loading {model} in {str(torch_dtype).removeprefix('torch.')}; "
+            "free the GPU, or use --load-in-8bit / --load-in-4bit (about 8 / 5 GB)"
+        ) from None
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as error:
+        if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
+            raise BlueLMError(f"out of memory while loading {model}; try --load-in-4bit or a smaller --dtype") from None
+        raise BlueLMError(f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again") from None
+    except Exception as error:
+        import pickle
+
+        if isinstance(error, pickle.UnpicklingError):
+            raise BlueLMError(f"the weights in {folder} are damaged or not plain tensors ({_first_line(error)}); download the checkpoint again") from None
+        raise
+    missing = [key for key in info.get("missing_keys", []) if "rotary_emb" not in key]
+    if missing:
+        raise BlueLMError(
+            f"the weights in {folder} are incomplete: {len(missing)} tensors missing (first: {sorted(missing)[0]}); download the checkpoint again"
+        )
+    network.eval()
+    generation_defaults = _read_generation_config(folder)
+    return LoadedModel(
+        model=network,
+        tokenizer=tokenizer,
+        model_id=model,
+        folder=folder,
+        device=target,
+        dtype=torch_dtype,
+        context_length=config.context_length,
+        generation_defaults=generation_defaults,
+        load_seconds=time.perf_counter() - started,
+        quantization=quantization,
+    )
+
+
+def _bitsandbytes_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401  # type: ignore[import-not-found]
+    except ImportError:
+        raise BlueLMError(f"--load-in-{quantization} needs bitsandbytes: pip install 'bluelm-cli[quant]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type="nf4")
+
+
+def _read_generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
