@@ -226,6 +226,9 @@ def load_model(
         kwargs["device_map"] = "auto"  # spread the layers over every GPU with accelerate
     else:
         kwargs["device_map"] = {"": target}
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # our own status line says what is loading
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,0 +1,364 @@
+"""The chat engine: owns the model, its KV cache and the exact ids that cache holds; streams answers.
+
+A new turn prefills only what is new: the longest common prefix with the cached ids is reused and the
+cache is cropped there on divergence (undo, retry, edited history, another system prompt), never
+thrown away. Generation runs in a worker thread; the caller iterates text deltas and may call `stop()`
+from any thread. The engine knows nothing about terminals: the REPL, `bluelm ask` and `bluelm bench`
+all drive it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from bluelm_cli.errors import BlueLMError
+from bluelm_cli.loading import LoadedModel
+from bluelm_cli.prompt import HistoryTurn, PromptIds, build_prompt_ids
+from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.tokenizer import HUMAN_TAG, StreamDetokenizer
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_INTERRUPTED = "interrupted"
+FINISH_CONTEXT = "context"
+
+
+class ContextOverflowError(BlueLMError):
+    """The new message alone does not fit the context window."""
+
+    def __init__(self, message_tokens: int, fits: int) -> None:
+        self.message_tokens = message_tokens
+        self.fits = fits
+        super().__init__(
+            f"the message is {message_tokens} tokens but at most {fits} fit in the context window "
+            "(with room for the answer); shorten it or lower max_new_tokens"
+        )
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    ids: list[int]
+    dropped_turns: int  # oldest history turns left out so that prompt + max_new_tokens fit
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    answer_ids: list[int]  # as generated, without the closing </s> (or the [|Human|]: the model began)
+    finish_reason: str
+    prompt_tokens: int
+    reused_tokens: int
+    prefill_tokens: int
+    new_tokens: int
+    ttft_s: float
+    decode_tok_s: float
+    dropped_turns: int
+    context_tokens: int  # tokens in the KV cache once the answer is closed with </s>
+    context_limit: int
+
+
+class StepRunner:
+    """Runs the model one call at a time over a cache. The CUDA fast path swaps in a compiled decode step."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def new_cache(self) -> Cache:
+        return DynamicCache(config=self.model.config)
+
+    def prefill(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
+        return self.prefill(cache, token, position)
+
+
+class ChatEngine:
+    def __init__(self, loaded: LoadedModel, runner: StepRunner | None = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = next(self.model.parameters()).device
+        self.context_limit = loaded.context_length
+        self.runner = runner or StepRunner(self.model)
+        self._cache: Cache | None = None
+        self._cached_ids: list[int] = []
+        self._lock = threading.Lock()
+        self._human_id = self.tokenizer.sp_model.piece_to_id(HUMAN_TAG)
+        self._eos_id = self.tokenizer.eos_token_id
+        self._bos_id = self.tokenizer.bos_token_id
+
+    # ------------------------------------------------------------------------------------------ tokens
+    @property
+    def tokens_in_use(self) -> int:
+        """Tokens the KV cache holds now (the conversation so far, as the model has read it)."""
+        return len(self._cached_ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode_plain(text))
+
+    def encode_prompt(self, system: str | None, history: Sequence[HistoryTurn], message: str) -> PromptIds:
+        return build_prompt_ids(
+            self.tokenizer.encode_plain,
+            bos_id=self._bos_id,
+            eos_id=self._eos_id,
+            system=system,
+            history=history,
+            message=message,
+        )
+
+    def plan(
+        self, system: str | None, history: Sequence[HistoryTurn], message: str, max_new_tokens: int
+    ) -> PromptPlan:
+        """The prompt ids, dropping the oldest whole turns until prompt + max_new_tokens fit the context."""
+        budget = self.context_limit - max_new_tokens
+        alone = self.encode_prompt(system, [], message)
+        if len(alone.ids) > budget:
+            overhead = len(alone.ids) - self.count_tokens(message)
+            raise ContextOverflowError(self.count_tokens(message), max(0, budget - overhead))
+        full = self.encode_prompt(system, history, message)
+        if len(full.ids) <= budget:
+            return PromptPlan(full.ids, 0, max_new_tokens)
+        # Turn lengths are known from the full encoding; only the first kept turn changes (it gains the system text).
+        for dropped in range(1, len(history) + 1):
+            kept_length = 1 + len(full.ids) - (full.turn_starts[dropped] if dropped < len(history) else full.message_start)
+            if kept_length + (self.count_tokens(system) if system else 0) + 2 > budget:
+                continue
+            candidate = self.encode_prompt(system, history[dropped:], message)
+            if len(candidate.ids) <= budget:
+                return PromptPlan(candidate.ids, dropped, max_new_tokens)
+        return PromptPlan(alone.ids, len(history), max_new_tokens)
+
+    def reset(self) -> None:
+        """Forget the cache (the next turn prefills from scratch)."""
+        with self._lock:
+            self._cache = None
+            self._cached_ids = []
+
+    # -------------------------------------------------------------------------------------- generation
+    def stream(
+        self,
+        system: str | None,
+        history: Sequence[HistoryTurn],
+        message: str,
+        settings: SamplingSettings,
+    ) -> GenerationStream:
+        """Start answering `message` after `history`. Raises ContextOverflowError before starting if it can't fit."""
+        plan = self.plan(system, history, message, settings.max_new_tokens)
+        return GenerationStream(self, plan, settings)
+
+    def stream_ids(self, prompt_ids: list[int], settings: SamplingSettings) -> GenerationStream:
+        """Continue arbitrary prompt ids (used by `ask --truncate` and benchmarks)."""
+        budget = self.context_limit - settings.max_new_tokens
+        if len(prompt_ids) > budget:
+            raise ContextOverflowError(len(prompt_ids), budget)
+        return GenerationStream(self, PromptPlan(list(prompt_ids), 0, settings.max_new_tokens), settings)
+
+    def _generate(
+        self,
+        plan: PromptPlan,
+        settings: SamplingSettings,
+        stop_event: threading.Event,
+        emit: Callable[[str], None],
+    ) -> GenerationResult:
+        with self._lock, torch.inference_mode():
+            try:
+                return self._generate_locked(plan, settings, stop_event, emit)
+            except BaseException:
+                # A failure mid-step can leave the cache half-written: start clean next time.
+                self._cache = None
+                self._cached_ids = []
+                raise
+
+    def _generate_locked(
+        self,
+        plan: PromptPlan,
+        settings: SamplingSettings,
+        stop_event: threading.Event,
+        emit: Callable[[str], None],
+    ) -> GenerationResult:
+        started = time.perf_counter()
+        ids = plan.ids
+        reused = _common_prefix_length(self._cached_ids, ids)
+        reused = min(reused, len(ids) - 1)  # at least one token must run to get the next-token logits
+        if self._cache is None:
+            self._cache = self.runner.new_cache()
+            reused = 0
+        elif len(self._cached_ids) > reused:
+            self._cache.crop(-(len(self._cached_ids) - reused))
+        self._cached_ids = self._cached_ids[:reused]
+
+        processors = _logits_processors(settings)
+        generator = None
+        if settings.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        # The repetition penalty sees prompt and answer, as generate() does; a preallocated buffer avoids regrowth.
+        history_ids = torch.empty((1, len(ids) + plan.max_new_tokens + 1), dtype=torch.long, device=self.device)
+        history_ids[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        length = len(ids)
+
+        suffix = history_ids[:, reused:length]
+        logits = self.runner.prefill(self._cache, suffix, reused)
+        self._cached_ids = list(ids)
+
+        detokenizer = StreamDetokenizer(self.tokenizer)
+        answer_ids: list[int] = []
+        finish = FINISH_LENGTH
+        first_token_at = last_token_at = 0.0
+        while True:
+            token = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
+            now = time.perf_counter()
+            if not answer_ids and not first_token_at:
+                first_token_at = now
+            last_token_at = now
+            if token in (self._eos_id, self._human_id):
+                finish = FINISH_STOP
+                break
+            answer_ids.append(token)
+            history_ids[0, length] = token
+            length += 1
+            delta = detokenizer.add(token)
+            if delta:
+                emit(delta)
+            if stop_event.is_set():
+                finish = FINISH_INTERRUPTED
+                break
+            if len(answer_ids) >= plan.max_new_tokens:
+                finish = FINISH_LENGTH
+                break
+            if length >= self.context_limit:
+                finish = FINISH_CONTEXT
+                break
+            logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
+            self._cached_ids.append(token)
+            if stop_event.is_set():
+                finish = FINISH_INTERRUPTED
+                break
+        tail = detokenizer.flush()
+        if tail:
+            emit(tail)
+        decode_seconds = last_token_at - first_token_at
+        return GenerationResult(
+            text=detokenizer.text,
+            answer_ids=answer_ids,
+            finish_reason=finish,
+            prompt_tokens=len(ids),
+            reused_tokens=reused,
+            prefill_tokens=len(ids) - reused,
+            new_tokens=len(answer_ids),
+            ttft_s=first_token_at - started,
+            decode_tok_s=(len(answer_ids) - 1) / decode_seconds if len(answer_ids) > 1 and decode_seconds > 0 else 0.0,
+            dropped_turns=plan.dropped_turns,
+            context_tokens=len(ids) + len(answer_ids) + 1,
+            context_limit=self.context_limit,
+        )
+
+
+class GenerationStream:
+    """Iterate for text deltas; `result` holds the GenerationResult once iteration ends.
+
+    `stop()` may be called from any thread (or a signal handler); generation ends within one decoding
+    step and the partial answer is returned with finish_reason "interrupted". An exception in the
+    worker is re-raised in the iterating thread.
+    """
+
+    def __init__(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings) -> None:
+        self.plan = plan
+        self.result: GenerationResult | None = None
+        self._stop = threading.Event()
+        self._queue: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._run, args=(engine, plan, settings), name="bluelm-generate", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings) -> None:
+        try:
+            result = engine._generate(plan, settings, self._stop, lambda delta: self._queue.put(("delta", delta)))
+        except BaseException as error:  # noqa: BLE001 - handed to the consuming thread
+            self._queue.put(("error", error))
+        else:
+            self._queue.put(("done", result))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            try:
+                # A timeout keeps the consuming thread responsive to Ctrl-C on every platform.
+                kind, payload = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "delta":
+                yield payload  # type: ignore[misc]
+            elif kind == "done":
+                self.result = payload  # type: ignore[assignment]
+                return
+            else:
+                raise payload  # type: ignore[misc]
+
+    def finish(self) -> GenerationResult:
+        """Drain the stream (discarding deltas) and return the result; used after stop()."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    limit = min(len(a), len(b))
+    index = 0
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index
+
+
+def _logits_processors(settings: SamplingSettings) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if not settings.greedy:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+def _sample(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    processors: LogitsProcessorList,
+    generator: torch.Generator | None,
+    greedy: bool,
+) -> int:
+    scores = processors(input_ids, logits.float()) if processors else logits
+    if greedy:
+        return int(scores.argmax(dim=-1)[0])
+    probabilities = torch.softmax(scores.float(), dim=-1)
+    return int(torch.multinomial(probabilities, num_samples=1, generator=generator)[0, 0])
