@@ -1,0 +1,473 @@
+"""Settings shared by every command, where each value comes from, and their validation.
+
+Precedence, highest first::
+
+    command-line flag  >  environment  >  config file  >  checkpoint's generation_config.json  >  built-in default
+
+:data:`SPECS` is the single table of settings; the CLI options and the REPL's ``/set KEY VALUE``
+both validate through :func:`parse_setting`, nowhere else.
+
+Config file
+-----------
+TOML, at ``$BLUELM_HOME/config.toml`` (or the platform's config directory, see
+:mod:`bluelm_cli.paths`). Top-level keys are setting names; every key is optional::
+
+    model = "/data/BlueLM-7B-Chat"     # Hugging Face / ModelScope id, or a local directory
+    source = "modelscope"              # huggingface | modelscope
+    device = "cuda:0"                  # auto | cuda | cuda:N | cpu
+    dtype = "bfloat16"                 # auto | bfloat16 | float16 | float32
+    max_new_tokens = 1024
+    temperature = 0.3                  # 0..2, 0 = greedy
+    top_p = 0.9                        # 0 < p <= 1
+    top_k = 0                          # >= 0, 0 disables
+    repetition_penalty = 1.1           # 1.0..2.0
+    seed = 42                          # >= 0; leave out for a random seed
+    system = "You are a concise assistant."   # placed before the first turn
+    compile = true                     # torch.compile fast path on CUDA
+
+Values may also be written as strings (``temperature = "0.3"``); they get the same checks as flags.
+The only environment variable is ``BLUELM_MODEL`` (the model).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import BlueLMError, UsageError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+# --------------------------------------------------------------------------- parsers
+class _Invalid(Exception):
+    """Raised by a parser; the spec turns it into the user-facing message."""
+
+
+def _show(raw: object) -> str:
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    return str(raw)
+
+
+def _is_unset(raw: object) -> bool:
+    return raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "unset", "off", "null"))
+
+
+def _to_float(raw: object) -> float:
+    if isinstance(raw, bool):
+        raise _Invalid
+    if isinstance(raw, (int, float)):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise _Invalid from None
+    else:
+        raise _Invalid
+    if not math.isfinite(value):
+        raise _Invalid
+    return value
+
+
+def _to_int(raw: object) -> int:
+    if isinstance(raw, bool):
+        raise _Invalid
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float):
+        if raw.is_integer():
+            return int(raw)
+        raise _Invalid
+    if isinstance(raw, str):
+        text = raw.strip().replace("_", "")
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+    raise _Invalid
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[object], float]:
+    def parse(raw: object) -> float:
+        value = _to_float(raw)
+        if value > hi or value < lo or (lo_open and value == lo):
+            raise _Invalid
+        return value
+
+    return parse
+
+
+def _int_at_least(lo: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        value = _to_int(raw)
+        if value < lo:
+            raise _Invalid
+        return value
+
+    return parse
+
+
+def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    def wrapped(raw: object) -> Any:
+        return None if _is_unset(raw) else parse(raw)
+
+    return wrapped
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        if isinstance(raw, str) and raw.strip().lower() in choices:
+            return raw.strip().lower()
+        raise _Invalid
+
+    return parse
+
+
+def _parse_device(raw: object) -> str:
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+            return text
+    raise _Invalid
+
+
+def _parse_bool(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+    raise _Invalid
+
+
+def _parse_model(raw: object) -> str:
+    if isinstance(raw, Path):
+        raw = str(raw)
+    if isinstance(raw, str) and raw.strip():
+        return raw.strip()
+    raise _Invalid
+
+
+def _parse_system(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return raw if raw.strip() else None
+    raise _Invalid
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting. ``parse`` turns a raw value (string from a flag/REPL, or a TOML value) into the
+    typed value or raises; ``expected`` completes the message "<name> must be …"."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    parse: Callable[[object], Any] = field(repr=False)
+    expected: str
+    env: str | None = None
+    sampling: bool = False  # may be changed with /set in a running chat
+    optional: bool = False  # may be unset (None)
+
+    def validate(self, raw: object) -> Any:
+        """The typed value, or UsageError with a one-line message naming the valid range."""
+        try:
+            return self.parse(raw)
+        except _Invalid:
+            raise UsageError(f"{self.name} must be {self.expected}, got '{_show(raw)}'") from None
+
+
+SPECS: dict[str, SettingSpec] = {
+    spec.name: spec
+    for spec in (
+        SettingSpec(
+            "model", str, "vivo-ai/BlueLM-7B-Chat",
+            "Model id on the hub, or a local checkpoint directory.",
+            _parse_model, "a model id (e.g. vivo-ai/BlueLM-7B-Chat) or a local directory", env="BLUELM_MODEL",
+        ),
+        SettingSpec(
+            "source", str, "huggingface", "Where to download the model from: huggingface or modelscope.",
+            _choice("huggingface", "modelscope"), "'huggingface' or 'modelscope'",
+        ),
+        SettingSpec(
+            "device", str, "auto", "auto, cuda, cuda:N or cpu.",
+            _parse_device, "'auto', 'cuda', 'cuda:N' (N = GPU index) or 'cpu'",
+        ),
+        SettingSpec(
+            "dtype", str, "auto", "Weights dtype: auto, bfloat16, float16 or float32.",
+            _choice("auto", "bfloat16", "float16", "float32"), "'auto', 'bfloat16', 'float16' or 'float32'",
+        ),
+        SettingSpec(
+            "max_new_tokens", int, 512, "Most tokens generated per answer.",
+            _int_at_least(1), "a whole number of at least 1", sampling=True,
+        ),
+        SettingSpec(
+            "temperature", float, 0.7, "Sampling temperature; 0 = greedy.",
+            _float_in(0.0, 2.0), "a number from 0 to 2 (0 = greedy)", sampling=True,
+        ),
+        SettingSpec(
+            "top_p", float, 0.9, "Nucleus sampling: keep the smallest token set with this much probability.",
+            _float_in(0.0, 1.0, lo_open=True), "a number greater than 0 and at most 1", sampling=True,
+        ),
+        SettingSpec(
+            "top_k", int, 0, "Keep only the K most likely tokens; 0 disables.",
+            _int_at_least(0), "a whole number of at least 0 (0 disables it)", sampling=True,
+        ),
+        SettingSpec(
+            "repetition_penalty", float, 1.1, "Penalty for repeating tokens; 1.0 = none.",
+            _float_in(1.0, 2.0), "a number from 1.0 to 2.0 (1.0 = no penalty)", sampling=True,
+        ),
+        SettingSpec(
+            "seed", int, None, "Random seed for reproducible sampling; unset = random.",
+            _optional(_int_at_least(0)), "a whole number of at least 0, or 'none' for a random seed",
+            sampling=True, optional=True,
+        ),
+        SettingSpec(
+            "system", str, None, "Text placed before the first turn (BlueLM has no system role).",
+            _parse_system, "text", sampling=True, optional=True,
+        ),
+        SettingSpec(
+            "compile", bool, True, "Use the torch.compile fast path on CUDA.",
+            _parse_bool, "true or false",
+        ),
+    )
+}
+
+SETTING_NAMES: tuple[str, ...] = tuple(SPECS)
+SAMPLING_KEYS: tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.sampling)
+# The keys of SamplingSettings (the sampling keys minus ``system``, which is part of the prompt).
+GENERATION_KEYS: tuple[str, ...] = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+SOURCE_FLAG = "flag"
+SOURCE_DEFAULT = "default"
+SOURCE_CHECKPOINT = "checkpoint generation_config.json"
+
+
+def _unknown(name: object) -> UsageError:
+    return UsageError(f"unknown setting '{name}'; known settings: {', '.join(SETTING_NAMES)}")
+
+
+def get_spec(name: str) -> SettingSpec:
+    try:
+        return SPECS[name]
+    except (KeyError, TypeError):
+        raise _unknown(name) from None
+
+
+def parse_setting(name: str, raw: object) -> Any:
+    """Validate one setting from a string (flag, ``/set``) or an already typed value (TOML).
+
+    Raises UsageError: ``temperature must be a number from 0 to 2 (0 = greedy), got '-1'``.
+    """
+    return get_spec(name).validate(raw)
+
+
+def parse_sampling_setting(name: str, raw: object) -> Any:
+    """Like :func:`parse_setting`, for ``/set`` in a running chat: only :data:`SAMPLING_KEYS` may change."""
+    spec = get_spec(name)
+    if not spec.sampling:
+        raise UsageError(
+            f"{name} can't be changed in a running chat; restart with --{name.replace('_', '-')}"
+            f" (settings /set can change: {', '.join(SAMPLING_KEYS)})"
+        )
+    return spec.validate(raw)
+
+
+# --------------------------------------------------------------------------- config file
+def _config_source(path: Path) -> str:
+    return f"config file {path}"
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The validated settings in a TOML config file; a missing file gives ``{}``.
+
+    Invalid TOML, an unknown key or a bad value raise BlueLMError naming the file (and line or key).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except IsADirectoryError:
+        raise BlueLMError(f"config file {path} is a directory; remove it or point BLUELM_HOME elsewhere") from None
+    except OSError as exc:
+        raise BlueLMError(f"cannot read config file {path}: {exc.strerror or exc}; check its permissions") from None
+    try:
+        table = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BlueLMError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BlueLMError(f"config file {path} is not valid TOML: {exc}; fix that line") from None
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in SPECS:
+            raise BlueLMError(
+                f"config file {path}: unknown setting '{key}'; known settings: {', '.join(SETTING_NAMES)}"
+            )
+        try:
+            values[key] = parse_setting(key, raw)
+        except UsageError as exc:
+            raise BlueLMError(f"config file {path}, key '{key}': {exc}") from None
+    return values
+
+
+# --------------------------------------------------------------------------- resolution
+@dataclass(frozen=True)
+class ResolvedValue:
+    value: Any
+    source: str
+
+
+class ResolvedSettings:
+    """Every setting's value and where it came from. ``resolved.temperature`` or
+    ``resolved["temperature"]`` give the value, ``resolved.source_of("temperature")`` where it came from
+    (``resolved.source`` is the *setting* "source", huggingface or modelscope)."""
+
+    def __init__(self, entries: Mapping[str, ResolvedValue]):
+        missing = set(SPECS) - set(entries)
+        if missing:
+            raise ValueError(f"missing settings: {sorted(missing)}")
+        self._entries: dict[str, ResolvedValue] = {name: entries[name] for name in SPECS}
+
+    def __getitem__(self, name: str) -> Any:
+        return self._entries[name].value
+
+    def __getattr__(self, name: str) -> Any:
+        entries = self.__dict__.get("_entries")
+        if entries is not None and name in entries:
+            return entries[name].value
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={e.value!r} [{e.source}]" for n, e in self._entries.items())
+        return f"ResolvedSettings({inner})"
+
+    def source_of(self, name: str) -> str:
+        return self._entries[name].source
+
+    def entry(self, name: str) -> ResolvedValue:
+        return self._entries[name]
+
+    def values(self) -> dict[str, Any]:
+        return {name: entry.value for name, entry in self._entries.items()}
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings.from_resolved(self)
+
+    def apply_checkpoint_defaults(self, gen_config: Mapping[str, Any] | None) -> list[str]:
+        """Take the checkpoint's generation_config.json values for settings still at their built-in
+        default. ``do_sample: false`` there means greedy (temperature 0). Values outside our ranges
+        are ignored. Changes this object in place; returns the names that changed."""
+        if not gen_config:
+            return []
+        candidates: dict[str, Any] = {}
+        for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+            if gen_config.get(key) is not None:
+                candidates[key] = gen_config[key]
+        if gen_config.get("do_sample") is False:
+            candidates["temperature"] = 0.0
+        changed = []
+        for key, raw in candidates.items():
+            if self._entries[key].source != SOURCE_DEFAULT:
+                continue
+            try:
+                value = parse_setting(key, raw)
+            except UsageError:
+                continue
+            self._entries[key] = ResolvedValue(value, SOURCE_CHECKPOINT)
+            changed.append(key)
+        return changed
+
+
+def resolve_settings(
+    flags: Mapping[str, object | None],
+    env: Mapping[str, str],
+    config_file: Path,
+) -> ResolvedSettings:
+    """Combine flags (None = not given) > env > config file > built-in default, remembering sources.
+
+    Bad flags raise UsageError; a bad config file raises BlueLMError.
+    """
+    for name in flags:
+        get_spec(name)
+    config = load_config_file(config_file)
+    entries: dict[str, ResolvedValue] = {}
+    for name, spec in SPECS.items():
+        raw_flag = flags.get(name)
+        if raw_flag is not None:
+            entries[name] = ResolvedValue(spec.validate(raw_flag), SOURCE_FLAG)
+            continue
+        if spec.env and env.get(spec.env, "").strip():
+            try:
+                value = spec.validate(env[spec.env])
+            except UsageError as exc:
+                raise UsageError(f"environment variable {spec.env}: {exc}") from None
+            entries[name] = ResolvedValue(value, f"env {spec.env}")
+            continue
+        if name in config:
+            entries[name] = ResolvedValue(config[name], _config_source(Path(config_file)))
+            continue
+        entries[name] = ResolvedValue(spec.default, SOURCE_DEFAULT)
+    return ResolvedSettings(entries)
+
+
+def describe(resolved: ResolvedSettings) -> list[tuple[str, Any, str]]:
+    """(name, value, source) for every setting, in table order, for ``bluelm config``."""
+    return [(name, resolved[name], resolved.source_of(name)) for name in SPECS]
+
+
+# --------------------------------------------------------------------------- sampling
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What the engine needs to generate one answer. Validated on construction."""
+
+    max_new_tokens: int = SPECS["max_new_tokens"].default  # type: ignore[assignment]
+    temperature: float = SPECS["temperature"].default  # type: ignore[assignment]
+    top_p: float = SPECS["top_p"].default  # type: ignore[assignment]
+    top_k: int = SPECS["top_k"].default  # type: ignore[assignment]
+    repetition_penalty: float = SPECS["repetition_penalty"].default  # type: ignore[assignment]
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            object.__setattr__(self, f.name, parse_setting(f.name, getattr(self, f.name)))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def replace(self, **changes: object) -> SamplingSettings:
+        """A copy with some values changed; raw strings are accepted. Raises UsageError."""
+        for key in changes:
+            if key not in GENERATION_KEYS:
+                if key in SPECS:
+                    raise UsageError(f"{key} is not a sampling setting; sampling settings: {', '.join(GENERATION_KEYS)}")
+                raise _unknown(key)
+        current = self.as_dict()
+        current.update({key: parse_setting(key, raw) for key, raw in changes.items()})
+        return SamplingSettings(**current)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_resolved(cls, resolved: ResolvedSettings) -> SamplingSettings:
+        return cls(**{key: resolved[key] for key in GENERATION_KEYS})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SamplingSettings:
+        """From a dict such as ``Session.sampling``; missing keys take built-in defaults, other keys are ignored."""
+        return cls(**{key: values[key] for key in GENERATION_KEYS if key in values})
