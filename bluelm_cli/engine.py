@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -305,20 +305,25 @@ class GenerationStream:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
-    def __iter__(self) -> Iterator[str]:
-        while True:
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        # Not a generator on purpose: a KeyboardInterrupt raised while waiting must leave the stream
+        # usable, so the caller can stop() and go on draining the partial answer.
+        while self.result is None:
             try:
                 # A timeout keeps the consuming thread responsive to Ctrl-C on every platform.
                 kind, payload = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
             if kind == "delta":
-                yield payload  # type: ignore[misc]
-            elif kind == "done":
+                return payload  # type: ignore[return-value]
+            if kind == "done":
                 self.result = payload  # type: ignore[assignment]
-                return
-            else:
-                raise payload  # type: ignore[misc]
+                break
+            raise payload  # type: ignore[misc]
+        raise StopIteration
 
     def finish(self) -> GenerationResult:
         """Drain the stream (discarding deltas) and return the result; used after stop()."""
