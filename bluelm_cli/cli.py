@@ -1,0 +1,430 @@
+"""The `bluelm` command line: options → settings, commands → engine, errors → one line and an exit status.
+
+Heavy modules (torch, transformers, the engine) are imported inside the commands that need them, so
+`bluelm --help`, `--version` and option errors start instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from bluelm_cli import __version__
+from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
+from bluelm_cli.paths import UserPaths, user_paths
+from bluelm_cli.settings import ResolvedSettings, describe, resolve_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from bluelm_cli.engine import ChatEngine
+    from bluelm_cli.loading import LoadedModel
+
+
+class _BlueLMGroup(TyperGroup):
+    """Runs commands without click's standalone error printing: every error is one `Error: …` line."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv
+        extra.pop("standalone_mode", None)
+        try:
+            status = super().main(args=argv, prog_name=prog_name or "bluelm", standalone_mode=False, **extra)
+        except click.exceptions.UsageError as error:
+            command = error.ctx.command_path if error.ctx else "bluelm"
+            _print_error(f"{error.format_message()} (see '{command} --help')")
+            status = ExitStatus.USAGE
+        except click.exceptions.Abort:
+            status = ExitStatus.INTERRUPTED
+        except BlueLMError as error:
+            if debug:
+                traceback.print_exc()
+            _print_error(str(error))
+            status = error.exit_status
+        except KeyboardInterrupt:
+            status = ExitStatus.INTERRUPTED
+        except BrokenPipeError:
+            _silence_closed_stdout()
+            status = ExitStatus.OK
+        except Exception as error:  # noqa: BLE001 - the last resort keeps the one-line promise
+            if debug:
+                traceback.print_exc()
+            _print_error(f"{type(error).__name__}: {error} (run again with --debug for the traceback)")
+            status = ExitStatus.ERROR
+        sys.exit(int(status or 0))
+
+
+app = typer.Typer(
+    cls=_BlueLMGroup,
+    name="bluelm",
+    help="Chat with vivo's BlueLM-7B models from a terminal.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"bluelm-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", help="Show the version and exit.", callback=_version_callback, is_eager=True)
+    ] = False,
+) -> None:
+    """Chat with vivo's BlueLM-7B models from a terminal."""
+
+
+# -------------------------------------------------------------------------------------- shared options
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder [env BLUELM_MODEL; default vivo-ai/BlueLM-7B-Chat].", show_default=False)]
+SourceOpt = Annotated[Optional[str], typer.Option(help="Download from huggingface or modelscope.", show_default=False)]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cuda, cuda:N or cpu.", show_default=False)]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.", show_default=False)]
+MaxNewOpt = Annotated[Optional[str], typer.Option("--max-new-tokens", "-n", help="Most tokens per answer [512].", show_default=False)]
+TemperatureOpt = Annotated[Optional[str], typer.Option("--temperature", "-t", help="0 to 2; 0 = greedy.", show_default=False)]
+TopPOpt = Annotated[Optional[str], typer.Option("--top-p", help="Nucleus sampling, 0 < p <= 1.", show_default=False)]
+TopKOpt = Annotated[Optional[str], typer.Option("--top-k", help="Keep the K likeliest tokens; 0 = off.", show_default=False)]
+RepetitionOpt = Annotated[Optional[str], typer.Option("--repetition-penalty", help="1.0 to 2.0 [1.1].", show_default=False)]
+SeedOpt = Annotated[Optional[str], typer.Option(help="Seed for reproducible sampling.", show_default=False)]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="Text placed before the first turn (BlueLM has no system role).", show_default=False)]
+CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="CUDA fast path: static cache + compiled decode step [on].", show_default=False)]
+Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="8-bit weights via bitsandbytes (CUDA).")]
+Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and token statistics on stderr.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+def _resolve(**flags: object) -> tuple[ResolvedSettings, UserPaths]:
+    paths = user_paths()
+    return resolve_settings(flags, os.environ, paths.config_file), paths
+
+
+def _stderr_console() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _print_error(message: str) -> None:
+    sys.stderr.write(f"Error: {message}\n")
+    sys.stderr.flush()
+
+
+def _silence_closed_stdout() -> None:
+    # The reader went away (`| head`): further writes, including the interpreter's final flush, must not raise.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def _quantization(load_in_8bit: bool, load_in_4bit: bool) -> str | None:
+    if load_in_8bit and load_in_4bit:
+        raise UsageError("choose one of --load-in-8bit and --load-in-4bit")
+    return "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
+
+
+def _load(settings: ResolvedSettings, quantization: str | None, console: Console) -> LoadedModel:
+    """Load the model with a status line on stderr, then say how long it took."""
+    from bluelm_cli.loading import load_model
+
+    started = time.perf_counter()
+    with console.status(f"Loading {settings['model']}…", spinner="dots") as status:
+        loaded = load_model(
+            settings["model"],
+            source=settings["source"],
+            device=settings["device"],
+            dtype=settings["dtype"],
+            quantization=quantization,
+            on_status=lambda text: status.update(text + "…"),
+            on_warning=lambda text: console.print(f"[yellow]Warning:[/] {text}"),
+        )
+    settings.apply_checkpoint_defaults(loaded.generation_defaults)
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    console.print(
+        f"[dim]Loaded {loaded.model_id} on {loaded.device} ({dtype}, context {loaded.context_length}) "
+        f"in {time.perf_counter() - started:.1f} s[/]"
+    )
+    return loaded
+
+
+def _engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console) -> ChatEngine:
+    from bluelm_cli.engine import ChatEngine
+    from bluelm_cli.fastpath import make_runner
+
+    runner = make_runner(loaded, enabled=bool(settings["compile"]), on_status=lambda text: console.print(f"[dim]{text}[/]"))
+    return ChatEngine(loaded, runner=runner)
+
+
+# ---------------------------------------------------------------------------------------------- ask
+def _read_prompt(argument: str | None) -> str:
+    """stdin (when piped) first, then a blank line, then the argument."""
+    parts: list[str] = []
+    if not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"standard input is not valid UTF-8 (byte {error.start}); convert it first, e.g. with iconv -t UTF-8") from None
+        if text.strip():
+            parts.append(text.strip("\n"))
+    if argument and argument.strip():
+        parts.append(argument)
+    if not parts:
+        raise UsageError("nothing to ask: give a prompt as an argument or on standard input, e.g. bluelm ask '你好'")
+    return "\n\n".join(parts)
+
+
+@app.command()
+def ask(
+    prompt: Annotated[Optional[str], typer.Argument(help="The question. Piped standard input comes first, then a blank line, then this.", show_default=False)] = None,
+    model: ModelOpt = None,
+    source: SourceOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: SeedOpt = None,
+    system: SystemOpt = None,
+    compile: CompileOpt = None,
+    load_in_8bit: Load8Opt = False,
+    load_in_4bit: Load4Opt = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain text even on a terminal.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, finish reason, tokens, timings.")] = False,
+    truncate: Annotated[bool, typer.Option("--truncate", help="Trim a prompt that is too long from the front instead of refusing it.")] = False,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> int:
+    """Answer one question (no history) and exit. Plain text when piped, rendered Markdown on a terminal."""
+    settings, _ = _resolve(
+        model=model, source=source, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+        seed=seed, system=system, compile=compile,
+    )
+    quantization = _quantization(load_in_8bit, load_in_4bit)
+    question = _read_prompt(prompt)
+    errors = _stderr_console()
+    loaded = _load(settings, quantization, errors)
+    engine = _engine(loaded, settings, errors)
+    sampling = settings.sampling()
+    stream = _start_ask_stream(engine, settings["system"], question, sampling, truncate, errors)
+    result = _show_ask(stream, raw=raw or as_json, quiet=as_json)
+    if as_json:
+        sys.stdout.write(json.dumps(_result_json(result), ensure_ascii=False) + "\n")
+    if verbose:
+        errors.print(_stats_line(result), style="dim")
+    sys.stdout.flush()
+    if result.finish_reason == "interrupted":
+        errors.print("[dim]Interrupted.[/]")
+        return ExitStatus.INTERRUPTED
+    return ExitStatus.OK
+
+
+def _start_ask_stream(engine: ChatEngine, system: str | None, question: str, sampling: Any, truncate: bool, errors: Console) -> Any:
+    from bluelm_cli.engine import ContextOverflowError
+
+    try:
+        return engine.stream(system, [], question, sampling)
+    except ContextOverflowError as overflow:
+        if not truncate:
+            raise BlueLMError(f"{overflow} (or pass --truncate to keep only its end)") from None
+        ids = engine.tokenizer.encode_plain(question)
+        keep = overflow.fits
+        # Decoding a cut and re-encoding can shift a token or two; shave until the text fits.
+        while keep > 0:
+            trimmed = engine.tokenizer.decode(ids[-keep:], skip_special_tokens=True)
+            try:
+                stream = engine.stream(system, [], trimmed, sampling)
+            except ContextOverflowError:
+                keep -= max(1, keep // 100)
+                continue
+            errors.print(f"[yellow]Note:[/] the prompt was {overflow.message_tokens} tokens; kept its last {keep} (--truncate)")
+            return stream
+        raise BlueLMError("no room is left for the prompt; lower --max-new-tokens") from None
+
+
+def _show_ask(stream: Any, *, raw: bool, quiet: bool) -> Any:
+    from rich.console import Console
+
+    from bluelm_cli.render import StreamRenderer
+    from bluelm_cli.streaming import show_stream
+
+    if quiet:
+        return show_stream(stream, _NullRenderer())
+    console = Console(highlight=False)
+    renderer = StreamRenderer(console, markdown=not raw)
+    renderer.start()
+    try:
+        result = show_stream(stream, renderer)
+    except BrokenPipeError:
+        stream.stop()
+        raise
+    if not result.text.endswith("\n") and (raw or not console.is_terminal):
+        sys.stdout.write("\n")
+    return result
+
+
+class _NullRenderer:
+    def feed(self, delta: str) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    return {
+        "answer": result.text,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": result.new_tokens,
+        "ttft_s": round(result.ttft_s, 4),
+        "decode_tok_s": round(result.decode_tok_s, 2),
+    }
+
+
+def _stats_line(result: Any) -> str:
+    return (
+        f"{result.prompt_tokens} prompt tokens ({result.reused_tokens} reused), {result.new_tokens} new, "
+        f"first token {result.ttft_s * 1000:.0f} ms, {result.decode_tok_s:.1f} tok/s, finish: {result.finish_reason}, "
+        f"context {result.context_tokens}/{result.context_limit}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- chat
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    source: SourceOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepetitionOpt = None,
+    seed: SeedOpt = None,
+    system: SystemOpt = None,
+    compile: CompileOpt = None,
+    load_in_8bit: Load8Opt = False,
+    load_in_4bit: Load4Opt = False,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a session: NAME, or 'last' for the most recent.", show_default=False)] = None,
+    session_name: Annotated[Optional[str], typer.Option("--session", help="Start a new session with this name.", show_default=False)] = None,
+    verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> int:
+    """Chat in the terminal: multi-turn, streaming, /help for commands. Reads lines when stdin is piped."""
+    from bluelm_cli.paths import ensure_dir
+    from bluelm_cli.session import Session, validate_session_name
+
+    settings, paths = _resolve(
+        model=model, source=source, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+        seed=seed, system=system, compile=compile,
+    )
+    quantization = _quantization(load_in_8bit, load_in_4bit)
+    if resume is not None and session_name is not None:
+        raise UsageError("use either --resume or --session, not both")
+    if session_name is not None:
+        validate_session_name(session_name)
+    errors = _stderr_console()
+    resumed: Session | None = None
+    if resume is not None:
+        resumed = Session.resume(paths.sessions_dir, None if resume in ("", "last") else resume)
+    loaded = _load(settings, quantization, errors)
+    engine = _engine(loaded, settings, errors)
+    if resumed is not None:
+        session = resumed
+        for key, value in _explicit_sampling(settings).items():
+            session.set_setting(key, value)
+    else:
+        ensure_dir(paths.sessions_dir)
+        session = Session.new(
+            paths.sessions_dir,
+            name=session_name,
+            model_id=loaded.model_id,
+            system=settings["system"],
+            sampling=settings.sampling(),
+        )
+    from rich.console import Console
+
+    from bluelm_cli.repl import run_chat
+
+    return run_chat(engine, session, console=Console(highlight=False), paths=paths, verbose=verbose, resumed=resumed is not None)
+
+
+def _explicit_sampling(settings: ResolvedSettings) -> dict[str, Any]:
+    """Sampling values the user gave on this command line; they override a resumed session's."""
+    from bluelm_cli.settings import SAMPLING_KEYS
+
+    return {key: settings[key] for key in SAMPLING_KEYS if settings.source_of(key) == "flag"}
+
+
+# ---------------------------------------------------------------------------------- config, sessions
+@app.command("config")
+def show_config(
+    model: ModelOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    debug: DebugOpt = False,
+) -> int:
+    """Show the effective settings, where each came from, and the user paths."""
+    settings, paths = _resolve(model=model)
+    rows = describe(settings)
+    path_rows = {
+        "config_file": str(paths.config_file),
+        "sessions_dir": str(paths.sessions_dir),
+        "history_file": str(paths.history_file),
+    }
+    if as_json:
+        payload = {"settings": {name: {"value": value, "source": source} for name, value, source in rows}, "paths": path_rows}
+        typer.echo(json.dumps(payload, ensure_ascii=False, indent=2))
+        return ExitStatus.OK
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, source in rows:
+        shown = "(unset)" if value is None else json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        typer.echo(f"{name:<{width}}  {shown:<28}  {source}")
+    typer.echo("")
+    exists = "" if paths.config_file.exists() else "  (not created yet)"
+    typer.echo(f"config file   {paths.config_file}{exists}")
+    typer.echo(f"sessions      {paths.sessions_dir}")
+    typer.echo(f"history       {paths.history_file}")
+    return ExitStatus.OK
+
+
+@app.command()
+def sessions(debug: DebugOpt = False) -> int:
+    """List saved chat sessions, most recent first (continue one with `bluelm chat --resume NAME`)."""
+    from bluelm_cli.session import list_sessions
+
+    paths = user_paths()
+    found = list_sessions(paths.sessions_dir)
+    if not found:
+        typer.echo(f"No sessions yet in {paths.sessions_dir}.")
+        return ExitStatus.OK
+    width = max(len(info.name) for info in found)
+    for info in found:
+        when = info.last_used.astimezone().strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"{info.name:<{width}}  {info.turns:>4} turns  {when}")
+    return ExitStatus.OK
+
+
+def main() -> None:
+    app()
