@@ -116,7 +116,7 @@ def _resolve(**flags: object) -> tuple[ResolvedSettings, UserPaths]:
 def _stderr_console() -> Console:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _print_error(message: str) -> None:

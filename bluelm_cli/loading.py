@@ -184,11 +184,18 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_tokenizer(folder: Path) -> BlueLMTokenizer:
+    import sentencepiece
+
+    model_path = folder / "tokenizer.model"
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+    except Exception:
+        raise BlueLMError(f"{model_path} is not a valid SentencePiece model (damaged or truncated); download it again") from None
     try:
         return BlueLMTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as error:
         raise BlueLMError(
-            f"{folder / 'tokenizer.model'} could not be read as a SentencePiece model ({_first_line(error)}); download it again"
+            f"the tokenizer in {folder} could not be loaded ({_first_line(error)}); download the checkpoint again"
         ) from None
 
 
@@ -209,7 +216,7 @@ def load_model(
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
     if target.type == "cpu" and on_warning:
-        on_warning("no CUDA GPU in use; BlueLM-7B on the CPU answers slowly (a few tokens a second at best)")
+        on_warning("no CUDA GPU found; running on the CPU, which is slow for a 7B model")
     if quantization and target.type != "cuda":
         raise BlueLMError(f"--load-in-{quantization} needs a CUDA GPU (bitsandbytes); drop it to run on the CPU")
 
@@ -238,16 +245,19 @@ def load_model(
             f"out of GPU memory while loading {model} in {str(torch_dtype).removeprefix('torch.')}; "
             "free the GPU, or use --load-in-8bit / --load-in-4bit (about 8 / 5 GB)"
         ) from None
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as error:
-        if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
-            raise BlueLMError(f"out of memory while loading {model}; try --load-in-4bit or a smaller --dtype") from None
-        raise BlueLMError(f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again") from None
     except Exception as error:
         import pickle
 
-        if isinstance(error, pickle.UnpicklingError):
-            raise BlueLMError(f"the weights in {folder} are damaged or not plain tensors ({_first_line(error)}); download the checkpoint again") from None
-        raise
+        from safetensors import SafetensorError
+
+        if not isinstance(error, (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)):
+            raise
+        if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
+            raise BlueLMError(f"out of memory while loading {model}; try --load-in-4bit or a smaller --dtype") from None
+        problem = _weight_file_problem(folder)
+        if problem:
+            raise BlueLMError(problem) from None
+        raise BlueLMError(f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again") from None
     missing = [key for key in info.get("missing_keys", []) if "rotary_emb" not in key]
     if missing:
         raise BlueLMError(
@@ -267,6 +277,43 @@ def load_model(
         load_seconds=time.perf_counter() - started,
         quantization=quantization,
     )
+
+
+def _weight_file_problem(folder: Path) -> str | None:
+    """After loading failed: the message naming the weight file that is missing, damaged or unsafe, if one is."""
+    import pickle
+
+    files: list[Path] = []
+    for index_name in WEIGHT_INDEXES:
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return f"{index} is not a valid weight index; download the checkpoint again"
+        for name in names:
+            if not (folder / name).is_file():
+                return f"the weights in {folder} are incomplete: {name}, listed in {index_name}, is missing; download the checkpoint again"
+        files += [folder / name for name in names]
+    files += [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    for path in files:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt"):
+                    pass
+            else:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            return (
+                f"{path} holds Python objects besides tensors, which bluelm-cli refuses to unpickle (they could run code); "
+                "download the checkpoint again from a trusted source"
+            )
+        except Exception:
+            return f"{path} is damaged (truncated or not a weights file); download the checkpoint again"
+    return None
 
 
 def _bitsandbytes_config(quantization: str, compute_dtype: torch.dtype) -> Any:
