@@ -76,6 +76,12 @@ class BlueLMConfig(PreTrainedConfig):
             factor = float(self.rope_parameters.get("factor", 1.0))
         return int(self.max_position_embeddings * factor)
 
+    def _validate_ntkmixed_rope_parameters(self, rope_parameters: dict[str, Any], ignore_keys: Any = None) -> None:
+        # Found by name by transformers' registered rope validator (which calls the base class's
+        # `validate_rope`, not the override below); without it every 32K config logs "Missing validation
+        # function ... 'ntkmixed'". `_standard_rope_parameters` has already checked the fields.
+        return None
+
     def validate_rope(self) -> None:
         # transformers has no validator for BlueLM's own "ntkmixed" type; `_standard_rope_parameters`
         # already checked the fields, so skip the generic one (it would only warn).
