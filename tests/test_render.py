@@ -1,0 +1,468 @@
+"""Tests for the streaming Markdown renderer.
+
+Streamed output goes through a tiny terminal model (cursor up, erase line, carriage return,
+a screen of fixed height above which the cursor cannot go), so that what a real terminal would
+keep in its scrollback can be compared cell by cell, styles included, with a one-shot render.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from bluelm_cli.render import StreamRenderer, render_markdown, wants_plain_output
+
+WIDTH = 60
+HEIGHT = 10
+FAST = float("inf")  # redraw on every delta: the hardest case for the live region
+
+_ESCAPE = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+
+Cell = tuple[str, str]
+
+
+class Terminal:
+    """Just enough of a VT100 to replay what rich writes."""
+
+    def __init__(self, height: int) -> None:
+        self.height = height
+        self.lines: list[list[Cell]] = [[]]
+        self.row = 0
+        self.col = 0
+        self.style = ""
+        self.cursor_visible = True
+        self.clamped = 0  # cursor-up requests that hit the top of the screen
+
+    def write(self, data: str) -> None:
+        pos = 0
+        for match in _ESCAPE.finditer(data):
+            self._text(data[pos : match.start()])
+            pos = match.end()
+            params, command = match.group(1), match.group(2)
+            if command is None:  # OSC 8 hyperlink: no visible effect
+                continue
+            if command == "m":
+                self.style = "" if params in ("", "0") else params
+            elif command == "A":
+                top = max(0, len(self.lines) - self.height)
+                target = self.row - int(params or 1)
+                if target < top:
+                    self.clamped += 1
+                self.row = max(top, target)
+            elif command == "K":
+                assert params == "2", params
+                self.lines[self.row] = []
+            elif params == "?25" and command in "lh":
+                self.cursor_visible = command == "h"
+            else:
+                raise AssertionError(f"unexpected escape {match.group(0)!r}")
+        self._text(data[pos:])
+
+    def _text(self, text: str) -> None:
+        for char in text:
+            if char == "\n":
+                self.row += 1
+                self.col = 0
+                if self.row == len(self.lines):
+                    self.lines.append([])
+            elif char == "\r":
+                self.col = 0
+            else:
+                line = self.lines[self.row]
+                cell = (char, self.style)
+                if self.col < len(line):
+                    line[self.col] = cell
+                else:
+                    line.extend([(" ", "")] * (self.col - len(line)) + [cell])
+                self.col += 1
+
+    def screen(self) -> list[list[Cell]]:
+        lines = list(self.lines)
+        while lines and not lines[-1]:
+            lines.pop()
+        return lines
+
+    def text(self) -> str:
+        return "\n".join("".join(char for char, _ in line).rstrip() for line in self.screen())
+
+
+def make_console(width: int = WIDTH, height: int = HEIGHT) -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    console = Console(
+        file=out, width=width, height=height, force_terminal=True, color_system="truecolor", legacy_windows=False
+    )
+    return console, out
+
+
+def one_shot(text: str, width: int = WIDTH, height: int = HEIGHT) -> Terminal:
+    console, out = make_console(width, height)
+    render_markdown(console, text)
+    terminal = Terminal(height)
+    terminal.write(out.getvalue())
+    return terminal
+
+
+def chunks(text: str, sizes: Iterable[int]) -> Iterator[str]:
+    pos = 0
+    for size in sizes:
+        if pos >= len(text):
+            return
+        yield text[pos : pos + size]
+        pos += size
+    if pos < len(text):
+        yield text[pos:]
+
+
+def stream(deltas: Iterable[str], width: int = WIDTH, height: int = HEIGHT, rate: float = FAST) -> tuple[Terminal, str]:
+    console, out = make_console(width, height)
+    with StreamRenderer(console, max_refresh_per_second=rate) as renderer:
+        for delta in deltas:
+            renderer.feed(delta)
+    terminal = Terminal(height)
+    terminal.write(out.getvalue())
+    return terminal, out.getvalue()
+
+
+def assert_same_as_one_shot(text: str, deltas: Iterable[str], width: int = WIDTH, height: int = HEIGHT) -> None:
+    streamed, _ = stream(deltas, width, height)
+    expected = one_shot(text, width, height)
+    assert streamed.text() == expected.text()
+    assert streamed.screen() == expected.screen()  # styles (syntax highlighting) too
+    assert streamed.clamped == 0, "live region was taller than the screen"
+    assert streamed.cursor_visible
+
+
+@pytest.fixture(autouse=True)
+def real_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest sets TERM=unknown, which rich treats as dumb; these tests need a real one."""
+    monkeypatch.setenv("TERM", "xterm-256color")
+
+
+HEADINGS = """# Title
+
+Some *emphasis*, **strong** text, `inline code` and a [link](https://example.com).
+A second line of the same paragraph that is long enough to wrap around the console width.
+
+## Section
+
+Another paragraph.
+Setext heading
+--------------
+
+---
+
+> A quote
+continued lazily
+
+> Another quote
+"""
+
+LISTS = """Bullets:
+
+- one
+- two
+  - nested
+- three
+
+Loose list:
+
+- first item
+
+- second item
+
+  with a second paragraph
+
+- third item
+
+1. alpha
+2. beta
+
+3. gamma after a blank line
+
+Interrupting paragraph.
+
+4. delta restarts at four
+5. epsilon
+10. ten
+"""
+
+CODE = '''Here is Python:
+
+```python
+def greet(name: str) -> str:
+    """Say hello."""
+
+    return f"Hello, {name}!"
+```
+
+And a tilde fence:
+
+~~~bash
+echo "hi"
+~~~
+
+    indented code
+
+    more indented code
+After.
+'''
+
+PARTIAL_FENCE = '''Start:
+
+```python
+for i in range(3):
+    print(i)
+'''
+
+TABLE = """| Model | Params | Context |
+|-------|-------:|:-------:|
+| BlueLM-7B-Chat | 7B | 2K |
+| BlueLM-7B-Chat-32K | 7B | 32K |
+
+Text after the table.
+"""
+
+CHINESE = """# 你好，世界
+
+蓝心大模型是 vivo 自主研发的大语言模型，支持中文和英文。这一段文字很长，需要在控制台宽度处换行显示。
+
+- 第一项：**加粗**
+- 第二项：`代码`
+
+| 名称 | 说明 |
+|------|------|
+| 模型 | 蓝心 |
+"""
+
+REFERENCES = """[home]: https://example.com/home "Home"
+
+See [the home page][home] and [home].
+
+<div>
+raw html
+</div>
+
+Final line with trailing spaces  
+and a hard break.
+"""
+
+LONG = "\n".join(
+    f"## Part {i}\n\nParagraph {i} " + "word " * 30 + f"\n\n- item {i}a\n- item {i}b\n\n```python\nx = {i}\nprint(x)\n```\n"
+    for i in range(12)
+)
+
+DOCUMENTS = {
+    "headings": HEADINGS,
+    "lists": LISTS,
+    "code": CODE,
+    "partial-fence": PARTIAL_FENCE,
+    "table": TABLE,
+    "chinese": CHINESE,
+    "references": REFERENCES,
+    "long": LONG,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTS))
+def test_char_by_char_equals_one_shot(name: str) -> None:
+    text = DOCUMENTS[name]
+    # The long one only grows the terminal model's work; it is fed char by char elsewhere too.
+    assert_same_as_one_shot(text, iter(text) if name != "long" else chunks(text, [1, 9] * len(text)))
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTS))
+def test_token_sized_deltas_equal_one_shot(name: str) -> None:
+    text = DOCUMENTS[name]
+    assert_same_as_one_shot(text, chunks(text, [3, 4] * len(text)))
+
+
+def test_long_answer_taller_than_screen_has_no_duplicates() -> None:
+    streamed, raw = stream(chunks(LONG, [4] * len(LONG)), height=HEIGHT)
+    expected = one_shot(LONG)
+    assert len(expected.screen()) > 5 * HEIGHT
+    assert streamed.text() == expected.text()
+    headings = [line for line in streamed.text().splitlines() if "Part" in line]
+    assert len(headings) == len(set(headings)) == 12
+    assert streamed.clamped == 0
+    assert "\x1b[1A" in raw  # the live region really was used
+
+
+def test_long_code_block_taller_than_screen() -> None:
+    text = "```python\n" + "".join(f"value_{i} = {i} * 2  # 注释 {i}\n" for i in range(40)) + "```\n\nDone.\n"
+    assert_same_as_one_shot(text, chunks(text, [7] * len(text)))
+
+
+def test_throttled_rate_still_equals_one_shot() -> None:
+    streamed, _ = stream(chunks(LONG, [3] * len(LONG)), rate=15.0)
+    assert streamed.text() == one_shot(LONG).text()
+    assert streamed.clamped == 0
+
+
+@pytest.mark.parametrize("width", [24, 100])
+def test_other_widths(width: int) -> None:
+    text = CHINESE + LISTS
+    assert_same_as_one_shot(text, chunks(text, [3] * len(text)), width=width)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(["headings", "lists", "code", "partial-fence", "table", "chinese", "references"]),
+    sizes=st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=400),
+)
+def test_random_chunking_equals_one_shot(name: str, sizes: list[int]) -> None:
+    text = DOCUMENTS[name]
+    assert_same_as_one_shot(text, chunks(text, sizes))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from(list("ab 1.-*#>`~|\n\n\n    中")), max_size=120),
+    sizes=st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=120),
+)
+def test_arbitrary_markdownish_text_equals_one_shot(text: str, sizes: list[int]) -> None:
+    assert_same_as_one_shot(text, chunks(text, sizes))
+
+
+@pytest.mark.parametrize("cut", [5, 40, 120, 260, 400])
+def test_interrupted_stream_renders_what_was_received(cut: int) -> None:
+    text = CODE + LONG
+    console, out = make_console()
+    renderer = StreamRenderer(console, max_refresh_per_second=FAST)
+    renderer.start()
+    received = ""
+    for delta in chunks(text, [3] * len(text)):
+        if len(received) >= cut:
+            break  # what a KeyboardInterrupt in the caller's loop amounts to
+        renderer.feed(delta)
+        received += delta
+    renderer.finish()
+    renderer.finish()  # idempotent
+    renderer.feed("ignored after finish")
+    assert renderer.text == received
+    terminal = Terminal(HEIGHT)
+    terminal.write(out.getvalue())
+    assert terminal.text() == one_shot(received).text()
+    assert terminal.cursor_visible
+    assert terminal.clamped == 0
+
+
+def test_interrupted_inside_code_block_taller_than_screen() -> None:
+    received = "Intro.\n\n```python\n" + "".join(f"print({i})\n" for i in range(3 * HEIGHT)) + "print("
+    streamed, _ = stream(chunks(received, [3] * len(received)))
+    assert streamed.text() == one_shot(received).text()
+    assert streamed.clamped == 0
+    assert streamed.cursor_visible
+
+
+def test_exception_inside_context_manager_still_finishes() -> None:
+    console, out = make_console()
+    with pytest.raises(KeyboardInterrupt):
+        with StreamRenderer(console, max_refresh_per_second=FAST) as renderer:
+            renderer.feed("# Hi\n\nsome ")
+            raise KeyboardInterrupt
+    terminal = Terminal(HEIGHT)
+    terminal.write(out.getvalue())
+    assert terminal.text() == one_shot("# Hi\n\nsome ").text()
+    assert terminal.cursor_visible
+
+
+def test_spinner_shows_until_first_delta_and_vanishes() -> None:
+    console, out = make_console()
+    renderer = StreamRenderer(console)
+    renderer.start()
+    assert "thinking" in out.getvalue()
+    renderer.feed("Hello")
+    renderer.finish()
+    terminal = Terminal(HEIGHT)
+    terminal.write(out.getvalue())
+    assert terminal.text() == "Hello"
+    assert terminal.cursor_visible
+
+
+def test_finish_without_any_delta_leaves_nothing() -> None:
+    console, out = make_console()
+    with StreamRenderer(console):
+        pass
+    terminal = Terminal(HEIGHT)
+    terminal.write(out.getvalue())
+    assert terminal.text() == ""
+    assert terminal.cursor_visible
+
+
+def test_text_property_tracks_everything_fed() -> None:
+    console, _ = make_console()
+    with StreamRenderer(console, max_refresh_per_second=FAST) as renderer:
+        for delta in chunks(LISTS, [5] * len(LISTS)):
+            renderer.feed(delta)
+            assert LISTS.startswith(renderer.text)
+    assert renderer.text == LISTS
+
+
+DELTAS = ["# He", "llo", "\n\n", "```py", "thon\nx = 1\n", "```\n", "中文", "\x1b? no: ", "raw"]
+
+
+def _plain_stream(console: Console, out: io.StringIO, **kwargs: bool) -> str:
+    with StreamRenderer(console, **kwargs) as renderer:
+        for delta in DELTAS:
+            renderer.feed(delta)
+            assert out.getvalue() == renderer.text  # flushed as it comes
+    return out.getvalue()
+
+
+def test_plain_mode_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=WIDTH)
+    assert wants_plain_output(console)
+    assert _plain_stream(console, out) == "".join(DELTAS)
+
+
+def test_plain_mode_with_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    console, out = make_console()
+    assert wants_plain_output(console)
+    assert _plain_stream(console, out) == "".join(DELTAS)
+
+
+@pytest.mark.parametrize("term", ["dumb", "unknown"])
+def test_plain_mode_on_dumb_terminal(monkeypatch: pytest.MonkeyPatch, term: str) -> None:
+    monkeypatch.setenv("TERM", term)
+    console, out = make_console()
+    assert wants_plain_output(console)
+    assert _plain_stream(console, out) == "".join(DELTAS)
+
+
+def test_raw_mode_on_a_terminal() -> None:
+    console, out = make_console()
+    assert not wants_plain_output(console)
+    output = _plain_stream(console, out, markdown=False)
+    assert output == "".join(DELTAS)
+    assert output.count("\x1b") == 1  # only the one inside a delta: nothing added
+
+
+def test_plain_mode_adds_no_escape_codes() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=WIDTH)
+    with StreamRenderer(console) as renderer:
+        for delta in chunks(CODE + CHINESE, [3] * 1000):
+            renderer.feed(delta)
+    assert out.getvalue() == CODE + CHINESE
+    assert "\x1b" not in out.getvalue()
+
+
+def test_render_markdown_matches_rich() -> None:
+    console, out = make_console()
+    render_markdown(console, CODE, code_theme="ansi_dark")
+    streamed_console, streamed_out = make_console()
+    with StreamRenderer(streamed_console, code_theme="ansi_dark", max_refresh_per_second=FAST) as renderer:
+        for delta in chunks(CODE, [4] * len(CODE)):
+            renderer.feed(delta)
+    expected, streamed = Terminal(HEIGHT), Terminal(HEIGHT)
+    expected.write(out.getvalue())
+    streamed.write(streamed_out.getvalue())
+    assert streamed.screen() == expected.screen()
