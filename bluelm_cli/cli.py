@@ -15,9 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer >= 0.22 parses with its own copy of click, whose exceptions are not click's
+    from typer._click.exceptions import UsageError as _ClickUsageError
+    from typer.exceptions import Abort as _ClickAbort
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import Abort as _ClickAbort  # type: ignore[assignment]
+    from click.exceptions import UsageError as _ClickUsageError  # type: ignore[assignment]
 
 from bluelm_cli import __version__
 from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
@@ -40,11 +46,16 @@ class _BlueLMGroup(TyperGroup):
         extra.pop("standalone_mode", None)
         try:
             status = super().main(args=argv, prog_name=prog_name or "bluelm", standalone_mode=False, **extra)
-        except click.exceptions.UsageError as error:
-            command = error.ctx.command_path if error.ctx else "bluelm"
-            _print_error(f"{error.format_message()} (see '{command} --help')")
+        except _ClickUsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError":
+                # No arguments: the help is the message (plain click) or already printed (rich); not an error line.
+                if error.format_message().strip():
+                    sys.stdout.write(error.format_message().rstrip("\n") + "\n")
+            else:
+                command = error.ctx.command_path if error.ctx else "bluelm"
+                _print_error(f"{error.format_message()} (see '{command} --help')")
             status = ExitStatus.USAGE
-        except click.exceptions.Abort:
+        except _ClickAbort:
             status = ExitStatus.INTERRUPTED
         except BlueLMError as error:
             if debug:
@@ -62,6 +73,13 @@ class _BlueLMGroup(TyperGroup):
             _print_error(f"{type(error).__name__}: {error} (run again with --debug for the traceback)")
             status = ExitStatus.ERROR
         sys.exit(int(status or 0))
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # typer itself would exit 1; a reader that went away (`| head`) is no error
+            _silence_closed_stdout()
+            return ExitStatus.OK
 
 
 app = typer.Typer(
@@ -276,6 +294,11 @@ def _show_ask(stream: Any, *, raw: bool, quiet: bool) -> Any:
         result = show_stream(stream, renderer)
     except BrokenPipeError:
         stream.stop()
+        try:  # wait out the worker's last step: exiting while it runs a torch op aborts the process (SIGABRT)
+            for _ in stream:
+                pass
+        except Exception:  # noqa: BLE001 - the closed pipe is what gets reported
+            pass
         raise
     if not result.text.endswith("\n") and (raw or not console.is_terminal):
         sys.stdout.write("\n")
