@@ -13,11 +13,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -55,6 +55,9 @@ class PromptPlan:
     ids: list[int]
     dropped_turns: int  # oldest history turns left out so that prompt + max_new_tokens fit
     max_new_tokens: int
+    # </s> and [|Human|]: are suppressed until the answer has this many tokens (generate()'s
+    # min_new_tokens); `bluelm bench` sets it to max_new_tokens so every turn decodes the same count.
+    min_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,51 @@ class GenerationResult:
     context_limit: int
 
 
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values live in a buffer that grows by doubling.
+
+    DynamicLayer concatenates on every step, copying (and allocating) the whole layer's cache per token:
+    O(context) work a token that dominated CPU decoding at 2K context. Here an append writes in place;
+    `keys`/`values` are views of the first `length` rows, so crop() (a slice) works unchanged.
+    """
+
+    def __init__(self, max_capacity: int | None = None) -> None:
+        super().__init__()
+        self.max_capacity = max_capacity  # the context window: never reserve rows past it
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):  # type: ignore[override]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        end = length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            capacity = max(256, 2 * (self._key_buffer.shape[-2] if self._key_buffer is not None else 0))
+            if self.max_capacity:
+                capacity = min(capacity, self.max_capacity)
+            capacity = max(capacity, end)
+            self._key_buffer = self._grow(self._key_buffer, key_states, length, capacity)
+            self._value_buffer = self._grow(self._value_buffer, value_states, length, capacity)
+        self._key_buffer[:, :, length:end] = key_states
+        self._value_buffer[:, :, length:end] = value_states  # type: ignore[index]
+        self.keys = self._key_buffer[:, :, :end]
+        self.values = self._value_buffer[:, :, :end]  # type: ignore[index]
+        return self.keys, self.values
+
+    @staticmethod
+    def _grow(old: torch.Tensor | None, states: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+        batch, heads, _, head_dim = states.shape
+        buffer = torch.empty((batch, heads, capacity, head_dim), dtype=states.dtype, device=states.device)
+        if old is not None and length:
+            buffer[:, :, :length] = old[:, :, :length]
+        return buffer
+
+
 class StepRunner:
     """Runs the model one call at a time over a cache. The CUDA fast path swaps in a compiled decode step."""
 
@@ -80,7 +128,11 @@ class StepRunner:
         self.model = model
 
     def new_cache(self) -> Cache:
-        return DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):
+            limit = getattr(self.model.config, "context_length", None)
+            cache.layers = [_GrowingLayer(limit) for _ in cache.layers]
+        return cache
 
     def prefill(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
@@ -160,17 +212,25 @@ class ChatEngine:
         history: Sequence[HistoryTurn],
         message: str,
         settings: SamplingSettings,
+        *,
+        min_new_tokens: int = 0,
     ) -> GenerationStream:
-        """Start answering `message` after `history`. Raises ContextOverflowError before starting if it can't fit."""
-        plan = self.plan(system, history, message, settings.max_new_tokens)
-        return GenerationStream(self, plan, settings)
+        """Start answering `message` after `history`. Raises ContextOverflowError before starting if it can't fit.
 
-    def stream_ids(self, prompt_ids: list[int], settings: SamplingSettings) -> GenerationStream:
+        `min_new_tokens`: the answer cannot end (</s> or [|Human|]:) before it has this many tokens.
+        """
+        plan = self.plan(system, history, message, settings.max_new_tokens)
+        return GenerationStream(self, replace(plan, min_new_tokens=min_new_tokens), settings)
+
+    def stream_ids(
+        self, prompt_ids: list[int], settings: SamplingSettings, *, min_new_tokens: int = 0
+    ) -> GenerationStream:
         """Continue arbitrary prompt ids (used by `ask --truncate` and benchmarks)."""
         budget = self.context_limit - settings.max_new_tokens
         if len(prompt_ids) > budget:
             raise ContextOverflowError(len(prompt_ids), budget)
-        return GenerationStream(self, PromptPlan(list(prompt_ids), 0, settings.max_new_tokens), settings)
+        plan = PromptPlan(list(prompt_ids), 0, settings.max_new_tokens, min_new_tokens)
+        return GenerationStream(self, plan, settings)
 
     def _generate(
         self,
@@ -223,7 +283,10 @@ class ChatEngine:
         answer_ids: list[int] = []
         finish = FINISH_LENGTH
         first_token_at = last_token_at = 0.0
+        stop_ids = torch.tensor([self._eos_id, self._human_id], dtype=torch.long, device=self.device)
         while True:
+            if len(answer_ids) < plan.min_new_tokens:
+                logits = logits.index_fill(-1, stop_ids, float("-inf"))
             token = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
             now = time.perf_counter()
             if not answer_ids and not first_token_at:

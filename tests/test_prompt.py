@@ -1,0 +1,151 @@
+"""BlueLM's chat format: golden prompt text and golden ids on the tiny checkpoint's tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bluelm_cli.loading import load_tokenizer
+from bluelm_cli.modeling import BlueLMTokenizer
+from bluelm_cli.prompt import HistoryTurn, build_prompt_ids, prompt_text, user_segment
+from bluelm_cli.tiny_checkpoint import train_tokenizer
+
+GREETING = "你好，有什么可以帮助你吗？"  # the web demo's display-only greeting
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BlueLMTokenizer:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(folder)
+    return load_tokenizer(Path(folder))
+
+
+def build(tokenizer: BlueLMTokenizer, system: str | None, history: list[HistoryTurn], message: str):
+    return build_prompt_ids(
+        tokenizer.encode_plain,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        system=system,
+        history=history,
+        message=message,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ text
+def test_golden_text_without_system() -> None:
+    assert prompt_text(None, [("u1", "a1")], "u2") == "<s>[|Human|]:u1[|AI|]:a1</s>[|Human|]:u2[|AI|]:"
+
+
+def test_golden_text_with_system_before_first_human() -> None:
+    assert prompt_text("SYS", [("u1", "a1")], "u2") == "<s>SYS[|Human|]:u1[|AI|]:a1</s>[|Human|]:u2[|AI|]:"
+
+
+def test_golden_text_first_turn() -> None:
+    assert prompt_text(None, [], "u1") == "<s>[|Human|]:u1[|AI|]:"
+    assert prompt_text("SYS", [], "u1") == "<s>SYS[|Human|]:u1[|AI|]:"
+    assert prompt_text("", [], "u1") == "<s>[|Human|]:u1[|AI|]:"
+
+
+def test_golden_text_many_turns() -> None:
+    history = [("u1", "a1"), ("u2", "a2"), ("u3", "a3")]
+    assert prompt_text("S", history, "u4") == (
+        "<s>S[|Human|]:u1[|AI|]:a1</s>[|Human|]:u2[|AI|]:a2</s>[|Human|]:u3[|AI|]:a3</s>[|Human|]:u4[|AI|]:"
+    )
+
+
+def test_no_greeting_in_the_prompt() -> None:
+    # There is no API for a greeting: an empty history starts straight with the user's turn.
+    for system in (None, ""):
+        text = prompt_text(system, [], "hello")
+        assert text.startswith("<s>[|Human|]:")
+        assert GREETING not in text
+        assert "[|AI|]:" not in text[: text.index("[|Human|]:")]
+
+
+def test_user_segment() -> None:
+    assert user_segment("u") == "[|Human|]:u[|AI|]:"
+    assert user_segment("u", "SYS") == "SYS[|Human|]:u[|AI|]:"
+
+
+# ------------------------------------------------------------------------------------------------- ids
+ANSWER_IDS = [336, 383, 389, 366, 391, 494, 484, 510, 498, 446, 437, 383, 511, 392]
+
+
+def test_golden_ids_without_system(tokenizer: BlueLMTokenizer) -> None:
+    prompt = build(tokenizer, None, [HistoryTurn("你好", ANSWER_IDS)], "Hello, who are you?")
+    assert prompt.ids == [
+        1,
+        336, 4, 383, 389, 5,
+        336, 383, 389, 366, 391, 494, 484, 510, 498, 446, 437, 383, 511, 392,
+        2,
+        336, 4, 427, 266, 317, 363, 280, 347, 338, 263, 290, 336, 368, 302, 386, 5,
+    ]  # fmt: skip
+    assert prompt.turn_starts == [1]
+    assert prompt.message_start == 21
+
+
+def test_golden_ids_with_system(tokenizer: BlueLMTokenizer) -> None:
+    prompt = build(tokenizer, "You are helpful.", [HistoryTurn("你好", ANSWER_IDS)], "Hello, who are you?")
+    assert prompt.ids == [
+        1,
+        336, 95, 302, 263, 290, 336, 347, 266, 355, 353, 346, 345, 350, 4, 383, 389, 5,
+        336, 383, 389, 366, 391, 494, 484, 510, 498, 446, 437, 383, 511, 392,
+        2,
+        336, 4, 427, 266, 317, 363, 280, 347, 338, 263, 290, 336, 368, 302, 386, 5,
+    ]  # fmt: skip
+    assert prompt.turn_starts == [1]
+    assert prompt.message_start == 33
+
+
+def test_chat_tags_are_single_ids(tokenizer: BlueLMTokenizer) -> None:
+    human = tokenizer.sp_model.piece_to_id("[|Human|]:")
+    ai = tokenizer.sp_model.piece_to_id("[|AI|]:")
+    assert (human, ai) == (4, 5)
+    assert tokenizer.encode_plain("[|Human|]:u1[|AI|]:").count(human) == 1
+    assert tokenizer.encode_plain("[|Human|]:u1[|AI|]:").count(ai) == 1
+
+
+@pytest.mark.parametrize("system", [None, "SYS prompt."])
+def test_id_structure(tokenizer: BlueLMTokenizer, system: str | None) -> None:
+    # Answers go in verbatim, deliberately ids that re-tokenizing their text would never give.
+    answers = [[7, 8, 9, 100], [599, 3, 42]]
+    history = [HistoryTurn("first question", answers[0]), HistoryTurn("第二个问题", answers[1])]
+    prompt = build(tokenizer, system, history, "third? </s> <s>")
+    segments = [
+        tokenizer.encode_plain(user_segment("first question", system)),
+        tokenizer.encode_plain(user_segment("第二个问题")),
+        tokenizer.encode_plain(user_segment("third? </s> <s>")),
+    ]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    expected = [bos] + segments[0] + answers[0] + [eos] + segments[1] + answers[1] + [eos] + segments[2]
+    assert prompt.ids == expected
+    assert prompt.ids[0] == bos and prompt.ids.count(bos) == 1
+    assert prompt.turn_starts == [1, 1 + len(segments[0]) + len(answers[0]) + 1]
+    assert prompt.message_start == len(expected) - len(segments[2])
+    # Each answer is followed by exactly one EOS, and the typed "</s>" stays plain text.
+    assert [i for i, token in enumerate(prompt.ids) if token == eos] == [
+        1 + len(segments[0]) + len(answers[0]),
+        prompt.message_start - 1,
+    ]
+    assert prompt.ids[-1] == tokenizer.sp_model.piece_to_id("[|AI|]:")
+
+
+def test_system_goes_only_with_the_first_turn(tokenizer: BlueLMTokenizer) -> None:
+    history = [HistoryTurn("a", [10]), HistoryTurn("b", [11])]
+    with_system = build(tokenizer, "SYS", history, "c")
+    without = build(tokenizer, None, history, "c")
+    system_ids = tokenizer.encode_plain(user_segment("a", "SYS"))
+    plain_ids = tokenizer.encode_plain(user_segment("a"))
+    assert with_system.ids[1 : 1 + len(system_ids)] == system_ids
+    assert with_system.ids[1 + len(system_ids) :] == without.ids[1 + len(plain_ids) :]
+    # No history: the system prompt goes with the message.
+    alone = build(tokenizer, "SYS", [], "c")
+    assert alone.ids == [tokenizer.bos_token_id] + tokenizer.encode_plain(user_segment("c", "SYS"))
+    assert alone.turn_starts == [] and alone.message_start == 1
+
+
+def test_empty_history_has_no_greeting_ids(tokenizer: BlueLMTokenizer) -> None:
+    prompt = build(tokenizer, None, [], "hello")
+    assert prompt.ids == [tokenizer.bos_token_id] + tokenizer.encode_plain("[|Human|]:hello[|AI|]:")
+    assert prompt.ids[:3] == [1, 336, 4]  # <s> ▁ [|Human|]:
