@@ -46,6 +46,9 @@ from bluelm_cli.loading import LoadedModel
 from bluelm_cli.prompt import HistoryTurn
 from bluelm_cli.settings import SamplingSettings
 
+# Shapes for random-weights runs: the published 7B, and a ~26M-parameter model for CPU ratios.
+CPU_25M: dict[str, int] = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                               num_key_value_heads=8, max_position_embeddings=2048)
 FOLLOW_UP_TOKENS = 32
 WARMUP_PROMPT_TOKENS = 24
 WARMUP_NEW_TOKENS = 4
@@ -506,3 +509,12 @@ def format_report(report: BenchReport) -> str:
     if report.answers_match is not None:
         lines.append(f"{'engine and generate() answers identical':<42} {'yes' if report.answers_match else 'no'}")
     return "\n".join(lines)
+
+
+def _shapes() -> dict[str, dict[str, int]]:
+    from bluelm_cli.tiny_checkpoint import PUBLISHED_7B
+
+    return {"7b": dict(PUBLISHED_7B), "cpu25m": CPU_25M}
+
+
+SHAPES: dict[str, dict[str, int]] = _shapes()

@@ -449,5 +449,52 @@ def sessions(debug: DebugOpt = False) -> int:
     return ExitStatus.OK
 
 
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    source: SourceOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    compile: CompileOpt = None,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
+    shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B) or cpu25m (26M parameters).")] = "7b",
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.")] = 256,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens decoded every turn.")] = 64,
+    turns: Annotated[int, typer.Option(min=1, help="Turns in the conversation.")] = 16,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also measure plain model.generate() re-encoding the history each turn, and print ratios.")] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Run the conversation N times; keep each turn's best figures.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `turns` list.")] = False,
+    debug: DebugOpt = False,
+) -> int:
+    """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""
+    from bluelm_cli.bench import SHAPES, format_report, random_weights_model, run_bench
+    from bluelm_cli.engine import ChatEngine
+    from bluelm_cli.loading import pick_device, pick_dtype
+
+    settings, _ = _resolve(model=model, source=source, device=device, dtype=dtype, compile=compile)
+    errors = _stderr_console()
+    if random_weights:
+        folder = Path(settings["model"]).expanduser()
+        if settings.source_of("model") != "default" and folder.exists():
+            shapes: Any = folder
+        elif shape in SHAPES:
+            shapes = SHAPES[shape]
+        else:
+            raise UsageError(f"unknown shape '{shape}'; use one of {', '.join(SHAPES)}")
+        target = pick_device(settings["device"])
+        with errors.status(f"Building a random-weights model ({shape if shapes is not folder else folder}) on {target}…"):
+            loaded = random_weights_model(shapes, target, pick_dtype(settings["dtype"], target))
+        label = f"random weights, {shape if shapes is not folder else folder} shapes"
+    else:
+        loaded = _load(settings, None, errors)
+        label = loaded.model_id
+    engine = _engine(loaded, settings, errors)
+    with errors.status("Running the benchmark conversation…"):
+        report = run_bench(engine, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
+                           baseline=baseline, model_label=label, repeats=repeats)
+    typer.echo(report.to_json() if as_json else format_report(report))
+    return ExitStatus.OK
+
+
 def main() -> None:
     app()

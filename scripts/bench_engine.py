@@ -17,8 +17,7 @@ from bluelm_cli.bench import format_report, random_weights_model, run_bench
 from bluelm_cli.engine import ChatEngine
 
 # ~25M parameters: hidden 512, 8 layers, 8 heads, intermediate 1376, tiny tokenizer's vocab (640 rows).
-CPU_25M = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-               num_key_value_heads=8, max_position_embeddings=2048)
+from bluelm_cli.bench import CPU_25M  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
