@@ -2,8 +2,9 @@
 
 OSC 52 asks the *terminal emulator* to set its clipboard, so it works over SSH and inside tmux or
 screen, where no local clipboard tool could reach the user's desktop. Terminals that don't support it
-ignore the sequence silently; tmux needs ``set -g set-clipboard on`` (the default in recent versions)
-or passthrough, which is why the sequence is wrapped when ``TMUX`` or a screen ``TERM`` is set.
+ignore the sequence silently. Inside tmux the sequence is sent both plain (tmux sets its own buffer and
+the outer terminal's clipboard with ``set -g set-clipboard on``) and wrapped for passthrough (``set -g
+allow-passthrough on``); inside screen it is wrapped for passthrough.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def osc52_sequence(text: str, env: Mapping[str, str] = os.environ) -> str:
     payload = base64.b64encode(text.encode("utf-8")).decode("ascii")
     sequence = f"{_ESC}]52;c;{payload}{_BEL}"
     if env.get("TMUX"):
-        # tmux passthrough: DCS tmux; <sequence with every ESC doubled> ST
-        return f"{_ESC}Ptmux;{sequence.replace(_ESC, _ESC + _ESC)}{_ST}"
+        # tmux takes the plain sequence itself with `set-clipboard on`; the DCS-wrapped copy reaches the
+        # outer terminal where `allow-passthrough on` is set instead. Setting the clipboard twice is harmless.
+        return f"{sequence}{_ESC}Ptmux;{sequence.replace(_ESC, _ESC + _ESC)}{_ST}"
     if env.get("TERM", "").startswith("screen"):
         return f"{_ESC}P{sequence}{_ST}"
     return sequence

@@ -30,7 +30,7 @@ from rich.text import Text
 
 from bluelm_cli.clipboard import copy_to_clipboard
 from bluelm_cli.commands import COMMANDS, ChatCompleter, find_command, unknown_command_message
-from bluelm_cli.engine import ChatEngine, GenerationResult
+from bluelm_cli.engine import ChatEngine, GenerationResult, GenerationStream
 from bluelm_cli.errors import BlueLMError, ExitStatus
 from bluelm_cli.paths import UserPaths, ensure_dir
 from bluelm_cli.prompt import HistoryTurn
@@ -241,14 +241,7 @@ class ChatRepl:
         stream = self.engine.stream(self.session.system, history, message, self.session.sampling_settings())
         if retry:
             self.session.pop_last_for_retry()  # only once the new answer has really started
-        renderer = StreamRenderer(self.console, markdown=self.interactive)
-        renderer.start()
-        try:
-            result = show_stream(stream, renderer)
-        except KeyboardInterrupt:
-            # Ctrl-C landed just outside show_stream's own handling: stop all the same, keep the turn.
-            stream.stop()
-            result = stream.finish()
+        result = self._show(stream)
         self._record(message, result)
         if not self.interactive or wants_plain_output(self.console):
             if result.text and not result.text.endswith("\n"):
@@ -268,6 +261,18 @@ class ChatRepl:
         if self.interactive:
             self.console.print()
         return result
+
+    def _show(self, stream: GenerationStream) -> GenerationResult:
+        """Stream the answer to the screen; Ctrl-C stops it and the partial answer is returned."""
+        renderer = StreamRenderer(self.console, markdown=self.interactive)
+        try:
+            renderer.start()
+            return show_stream(stream, renderer)
+        except KeyboardInterrupt:
+            # Ctrl-C landed just outside show_stream's own handling: stop all the same, keep the turn.
+            stream.stop()
+            renderer.finish()
+            return stream.finish()
 
     def _record(self, message: str, result: GenerationResult) -> None:
         turn = Turn(

@@ -522,7 +522,9 @@ def test_script_mode_refuses_copy(engine: ChatEngine, session: Session, paths: U
 def test_osc52_sequences() -> None:
     encoded = base64.b64encode("héllo".encode()).decode()
     assert osc52_sequence("héllo", {}) == f"\x1b]52;c;{encoded}\x07"
-    assert osc52_sequence("x", {"TMUX": "/tmp/tmux-0/default,1,0"}) == "\x1bPtmux;\x1b\x1b]52;c;eA==\x07\x1b\\"
+    assert osc52_sequence("x", {"TMUX": "/tmp/tmux-0/default,1,0"}) == (
+        "\x1b]52;c;eA==\x07" "\x1bPtmux;\x1b\x1b]52;c;eA==\x07\x1b\\"
+    )
     assert osc52_sequence("x", {"TERM": "screen-256color"}) == "\x1bP\x1b]52;c;eA==\x07\x1b\\"
     stream = io.StringIO()
     copy_to_clipboard("x", stream, {})

@@ -1,0 +1,172 @@
+"""`bluelm chat` end to end in a real pseudo-terminal (pexpect) with a tiny real checkpoint.
+
+What a user does: type a message and watch it stream, stop a long answer with Ctrl-C and keep
+chatting, /save, /reset, /exit; and a session killed by SIGHUP mid-conversation comes back whole
+with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "> "
+TIMEOUT = 60  # generous: model loading on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("tiny"), TinySpec())
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "bluelm"
+
+
+def spawn(checkpoint: Path, home: Path, *args: str, max_new_tokens: int = 40, prompt: bool = True) -> pexpect.spawn:
+    """Start `bluelm chat` and wait for the banner (and, unless told otherwise, the first prompt)."""
+    env = {
+        **os.environ,
+        "BLUELM_HOME": str(home),
+        "HF_HOME": str(home.parent / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "TERM": "xterm-256color",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "bluelm_cli", "chat", "--model", str(checkpoint), "--temperature", "0",
+         "--max-new-tokens", str(max_new_tokens), *args],
+        env=env,
+        dimensions=(40, 120),
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=TIMEOUT,
+    )
+    child.expect("BlueLM chat")
+    if prompt:
+        wait_for_prompt(child)
+    return child
+
+
+def wait_for_prompt(child: pexpect.spawn) -> None:
+    child.expect_exact(PROMPT)
+
+
+def send(child: pexpect.spawn, line: str) -> None:
+    """Type a line and press Enter (a carriage return, as a terminal sends)."""
+    child.send(line + "\r")
+
+
+def journal_turns(home: Path, name: str) -> list[dict]:
+    lines = (home / "sessions" / f"{name}.jsonl").read_text("utf-8").splitlines()
+    return [record for record in map(json.loads, lines) if record["type"] == "turn"]
+
+
+def finish(child: pexpect.spawn) -> int:
+    send(child, "/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def test_chat_streams_stops_saves_resets_and_exits(checkpoint: Path, home: Path, tmp_path: Path) -> None:
+    child = spawn(checkpoint, home, "--session", "e2e", max_new_tokens=2000)
+    try:
+        # 1. A short answer streams in, then the prompt returns.
+        send(child, "/set max_new_tokens 40")
+        child.expect_exact("max_new_tokens = 40")
+        send(child, "hello there")
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        (first,) = journal_turns(home, "e2e")
+        assert first["user"] == "hello there" and len(first["answer_ids"]) == 40
+
+        # 2. A long answer is stopped by Ctrl-C; the partial answer is kept, marked, and chatting goes on.
+        send(child, "/set max_new_tokens 1900")
+        child.expect_exact("max_new_tokens = 1900")
+        send(child, "tell me a very long story")
+        child.expect_exact("thinking")  # the spinner: the answer has started
+        child.sendintr()
+        child.expect_exact("[interrupted]", timeout=10)
+        wait_for_prompt(child)
+        interrupted = journal_turns(home, "e2e")[-1]
+        assert interrupted["finish_reason"] == "interrupted"
+        assert 0 < len(interrupted["answer_ids"]) < 1900
+        send(child, "/set max_new_tokens 40")
+        send(child, "and now a short one")
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        assert [t["user"] for t in journal_turns(home, "e2e")] == [
+            "hello there", "tell me a very long story", "and now a short one"
+        ]
+
+        # 3. /save writes the conversation; /reset starts over.
+        target = tmp_path / "saved.json"
+        send(child, f"/save {target}")
+        child.expect_exact("Saved to")
+        wait_for_prompt(child)
+        saved = json.loads(target.read_text("utf-8"))
+        assert [t["user"] for t in saved["turns"]] == [
+            "hello there", "tell me a very long story", "and now a short one"
+        ]
+        assert saved["turns"][1]["finish_reason"] == "interrupted"
+        assert saved["model_id"] == str(checkpoint) and saved["sampling"]["max_new_tokens"] == 40
+        send(child, "/reset")
+        child.expect_exact("New conversation; settings kept.")
+        wait_for_prompt(child)
+        send(child, "/show")
+        child.expect(r"0 turns, 0 in the context")
+        wait_for_prompt(child)
+
+        # 4. /exit ends with status 0.
+        assert finish(child) == 0
+    finally:
+        child.close(force=True)
+
+
+def test_sighup_mid_conversation_then_resume_shows_every_turn(checkpoint: Path, home: Path) -> None:
+    child = spawn(checkpoint, home, "--session", "hup")
+    messages = ["first question", "second question"]
+    try:
+        for message in messages:
+            send(child, message)
+            child.expect(r"\[cut off at max_new_tokens")
+            wait_for_prompt(child)
+        child.send("a message being typed")  # not sent: the hangup comes first
+        child.kill(signal.SIGHUP)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    turns = journal_turns(home, "hup")
+    assert [t["user"] for t in turns] == messages
+
+    for resume, follow_up in ((["--resume", "hup"], "third question"), (["--resume", "last"], "fourth question")):
+        child = spawn(checkpoint, home, *resume, prompt=False)
+        try:
+            child.expect_exact(f"Resumed session hup: {len(messages)} earlier turns")
+            for message in messages:  # the earlier turns are replayed, in order, each with its answer
+                child.expect_exact(message)
+                child.expect_exact("[cut off at max_new_tokens")
+            wait_for_prompt(child)
+            send(child, follow_up)
+            child.expect(r"\[cut off at max_new_tokens")
+            wait_for_prompt(child)
+            assert finish(child) == 0
+        finally:
+            child.close(force=True)
+        messages.append(follow_up)
+        assert [t["user"] for t in journal_turns(home, "hup")] == messages
