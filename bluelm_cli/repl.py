@@ -239,8 +239,11 @@ class ChatRepl:
             turns = turns[:-1]
         history = [HistoryTurn(t.user, t.answer_ids) for t in turns]
         stream = self.engine.stream(self.session.system, history, message, self.session.sampling_settings())
-        if retry:
-            self.session.pop_last_for_retry()  # only once the new answer has really started
+        if retry:  # only now that the new answer has really started
+            try:
+                self.session.pop_last_for_retry()
+            except BlueLMError as exc:  # removed in memory; only the journal failed
+                self.error(str(exc))
         result = self._show(stream)
         self._record(message, result)
         if not self.interactive or wants_plain_output(self.console):

@@ -12,7 +12,6 @@ import io
 import json
 import stat
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
