@@ -41,7 +41,7 @@ class _BlueLMGroup(TyperGroup):
     """Runs commands without click's standalone error printing: every error is one `Error: …` line."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
-        argv = list(sys.argv[1:] if args is None else args)
+        argv = _bare_resume_means_last(list(sys.argv[1:] if args is None else args))
         debug = "--debug" in argv
         extra.pop("standalone_mode", None)
         try:
@@ -80,6 +80,14 @@ class _BlueLMGroup(TyperGroup):
         except BrokenPipeError:  # typer itself would exit 1; a reader that went away (`| head`) is no error
             _silence_closed_stdout()
             return ExitStatus.OK
+
+
+def _bare_resume_means_last(argv: list[str]) -> list[str]:
+    """`bluelm chat --resume` alone continues the most recent session (click options can't have optional values)."""
+    for index, arg in enumerate(argv):
+        if arg == "--resume" and (index + 1 == len(argv) or argv[index + 1].startswith("-")):
+            return argv[: index + 1] + ["last"] + argv[index + 1 :]
+    return argv
 
 
 app = typer.Typer(
@@ -349,7 +357,7 @@ def chat(
     compile: CompileOpt = None,
     load_in_8bit: Load8Opt = False,
     load_in_4bit: Load4Opt = False,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="Continue a session: NAME, or 'last' for the most recent.", show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", metavar="[NAME]", help="Continue the most recent session, or the one named NAME.", show_default=False)] = None,
     session_name: Annotated[Optional[str], typer.Option("--session", help="Start a new session with this name.", show_default=False)] = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,

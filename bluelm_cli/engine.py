@@ -164,6 +164,10 @@ class ChatEngine:
         """Tokens the KV cache holds now (the conversation so far, as the model has read it)."""
         return len(self._cached_ids)
 
+    def history_tokens(self, system: str | None, history: Sequence[HistoryTurn]) -> int:
+        """Context positions a conversation occupies before the next message (the UI's "context used")."""
+        return self.encode_prompt(system, history, "").message_start
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode_plain(text))
 

@@ -22,6 +22,8 @@ class HistoryTurn:
 
     user: str
     answer_ids: Sequence[int]
+    # Only used when `answer_ids` is empty (a conversation saved without ids): then the text is encoded.
+    answer: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def build_prompt_ids(
     for index, turn in enumerate(history):
         turn_starts.append(len(ids))
         ids += encode(user_segment(turn.user, system if index == 0 else None))
-        ids += list(turn.answer_ids)
+        ids += list(turn.answer_ids) if turn.answer_ids or not turn.answer else encode(turn.answer)
         ids.append(eos_id)
     message_start = len(ids)
     ids += encode(user_segment(message, system if not history else None))

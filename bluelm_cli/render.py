@@ -25,6 +25,15 @@ from typing import Any
 from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
+
+# C0 controls other than tab and newline, DEL and C1 controls: a model can emit them (ESC sequences
+# included), and written raw they would move the cursor, recolour or retitle the user's terminal.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe_for_terminal(text: str) -> str:
+    """Text with terminal control characters shown as U+FFFD; what goes to a pipe is never altered."""
+    return _TERMINAL_CONTROLS.sub("\ufffd", text)
 from rich.markdown import Markdown, UnknownElement
 from rich.segment import Segment
 from rich.spinner import Spinner
@@ -170,6 +179,8 @@ class StreamRenderer:
         """Add a piece of the answer; redraws at most at the configured rate."""
         if not delta or self._finished:
             return
+        if self._console.is_terminal:
+            delta = safe_for_terminal(delta)
         if self._plain:
             self._console.file.write(delta)
             self._console.file.flush()

@@ -152,7 +152,7 @@ class ChatRepl:
         rows: list[tuple[str, str]] = [
             ("model", f"{loaded.model_id} ({loaded.device}, {str(loaded.dtype).removeprefix('torch.')})"),
             ("session", f"{self.session.name} · {len(self.session.turns)} turns, {active} in the context"),
-            ("context", f"{self.engine.tokens_in_use} / {self.engine.context_limit} tokens in use"),
+            ("context", f"{self._context_used()} / {self.engine.context_limit} tokens in use"),
             ("system", "(unset)" if not self.session.system else repr(self.session.system)),
         ]
         rows += [(key, "(unset)" if settings[key] is None else str(settings[key])) for key in GENERATION_KEYS]
@@ -160,6 +160,9 @@ class ChatRepl:
         width = max(len(name) for name, _ in rows)
         for name, value in rows:
             self.console.print(Text.assemble((f"{name:<{width}}", "bold"), f"  {value}"))
+
+    def _context_used(self) -> int:
+        return self.engine.history_tokens(self.session.system, _history(self.session.active_turns()))
 
     def show_turns(self, turns: Sequence[Turn]) -> None:
         """Replay finished turns (resume, /load) as they looked when they were answered."""
@@ -237,8 +240,7 @@ class ChatRepl:
         turns = self.session.active_turns()
         if retry and turns and turns[-1] is self.session.turns[-1]:
             turns = turns[:-1]
-        history = [HistoryTurn(t.user, t.answer_ids) for t in turns]
-        stream = self.engine.stream(self.session.system, history, message, self.session.sampling_settings())
+        stream = self.engine.stream(self.session.system, _history(turns), message, self.session.sampling_settings())
         if retry:  # only now that the new answer has really started
             try:
                 self.session.pop_last_for_retry()
@@ -387,3 +389,8 @@ def _open_history(repl: ChatRepl, path: Path) -> History:
         repl.warn(f"the prompt history is not kept: cannot write {path} ({reason})")
         return InMemoryHistory()
     return FileHistory(str(path))
+
+
+def _history(turns: Sequence[Turn]) -> list[HistoryTurn]:
+    """What the engine needs of the recorded turns: user text and the answer's generated ids."""
+    return [HistoryTurn(turn.user, turn.answer_ids, turn.answer) for turn in turns]

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from bluelm_cli.render import StreamRenderer, render_markdown, wants_plain_output
+from bluelm_cli.render import StreamRenderer, render_markdown, safe_for_terminal, wants_plain_output
 
 WIDTH = 60
 HEIGHT = 10
@@ -426,7 +426,7 @@ def test_plain_mode_with_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_COLOR", "1")
     console, out = make_console()
     assert wants_plain_output(console)
-    assert _plain_stream(console, out) == "".join(DELTAS)
+    assert _plain_stream(console, out) == safe_for_terminal("".join(DELTAS))
 
 
 @pytest.mark.parametrize("term", ["dumb", "unknown"])
@@ -434,15 +434,16 @@ def test_plain_mode_on_dumb_terminal(monkeypatch: pytest.MonkeyPatch, term: str)
     monkeypatch.setenv("TERM", term)
     console, out = make_console()
     assert wants_plain_output(console)
-    assert _plain_stream(console, out) == "".join(DELTAS)
+    # Still a terminal: control characters from the model are neutralised, nothing else changes.
+    assert _plain_stream(console, out) == safe_for_terminal("".join(DELTAS))
 
 
 def test_raw_mode_on_a_terminal() -> None:
     console, out = make_console()
     assert not wants_plain_output(console)
     output = _plain_stream(console, out, markdown=False)
-    assert output == "".join(DELTAS)
-    assert output.count("\x1b") == 1  # only the one inside a delta: nothing added
+    assert output == safe_for_terminal("".join(DELTAS))
+    assert "\x1b" not in output  # the model's own ESC is neutralised and nothing is added
 
 
 def test_plain_mode_adds_no_escape_codes() -> None:
@@ -466,3 +467,23 @@ def test_render_markdown_matches_rich() -> None:
     expected.write(out.getvalue())
     streamed.write(streamed_out.getvalue())
     assert streamed.screen() == expected.screen()
+
+
+def test_control_characters_never_reach_a_terminal() -> None:
+    from bluelm_cli.render import safe_for_terminal
+
+    assert safe_for_terminal("a\x1b[2Jb\tc\r\nd\x07\x9b") == "a\ufffd[2Jb\tc\ufffd\nd\ufffd\ufffd"
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=40, no_color=True)
+    renderer = StreamRenderer(console, markdown=False)
+    renderer.feed("clear\x1b[2J screen\x1b]0;title\x07")
+    renderer.finish()
+    assert "\x1b[2J" not in out.getvalue() and "\x1b]0;" not in out.getvalue()
+
+
+def test_control_characters_pass_through_a_pipe_untouched() -> None:
+    out = io.StringIO()
+    renderer = StreamRenderer(Console(file=out, force_terminal=False, width=40), markdown=True)
+    renderer.feed("raw\x1b[1mbytes\x07")
+    renderer.finish()
+    assert out.getvalue() == "raw\x1b[1mbytes\x07"

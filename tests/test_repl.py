@@ -369,7 +369,10 @@ def test_set_system_and_show(engine: ChatEngine, session: Session, paths: UserPa
     assert session.system == "You are terse."
     assert "system = 'You are terse.'" in result.out
     assert f"{engine.loaded.model_id} (cpu, float32)" in result.out
-    assert f"{engine.tokens_in_use} / 2048 tokens in use" in result.out
+    # Context used = the conversation so far, closing </s> included: what the stats line reports too.
+    used = session.turns[-1]
+    expected = 1 + len(engine.tokenizer.encode_plain("You are terse.[|Human|]:hi[|AI|]:")) + len(used.answer_ids) + 1
+    assert f"{expected} / 2048 tokens in use" in result.out
     assert "temperature" in result.out and "max_new_tokens" in result.out
 
 
