@@ -28,7 +28,7 @@ except ImportError:  # older typer runs on click itself
 from bluelm_cli import __version__
 from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.settings import ResolvedSettings, describe, resolve_settings
+from bluelm_cli.settings import SETTING_NAMES, ResolvedSettings, describe, resolve_settings
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -134,7 +134,12 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and to
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 
 
-def _resolve(**flags: object) -> tuple[ResolvedSettings, UserPaths]:
+def _setting_flags(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The shared setting options among a command's arguments (None = not given on the command line)."""
+    return {name: value for name, value in arguments.items() if name in SETTING_NAMES}
+
+
+def _resolve(flags: dict[str, Any]) -> tuple[ResolvedSettings, UserPaths]:
     paths = user_paths()
     return resolve_settings(flags, os.environ, paths.config_file), paths
 
@@ -240,11 +245,7 @@ def ask(
     debug: DebugOpt = False,
 ) -> int:
     """Answer one question (no history) and exit. Plain text when piped, rendered Markdown on a terminal."""
-    settings, _ = _resolve(
-        model=model, source=source, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-        seed=seed, system=system, compile=compile,
-    )
+    settings, _ = _resolve(_setting_flags(locals()))
     quantization = _quantization(load_in_8bit, load_in_4bit)
     question = _read_prompt(prompt)
     errors = _stderr_console()
@@ -366,11 +367,7 @@ def chat(
     from bluelm_cli.paths import ensure_dir
     from bluelm_cli.session import Session, validate_session_name
 
-    settings, paths = _resolve(
-        model=model, source=source, device=device, dtype=dtype, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-        seed=seed, system=system, compile=compile,
-    )
+    settings, paths = _resolve(_setting_flags(locals()))
     quantization = _quantization(load_in_8bit, load_in_4bit)
     if resume is not None and session_name is not None:
         raise UsageError("use either --resume or --session, not both")
@@ -417,7 +414,7 @@ def show_config(
     debug: DebugOpt = False,
 ) -> int:
     """Show the effective settings, where each came from, and the user paths."""
-    settings, paths = _resolve(model=model)
+    settings, paths = _resolve(_setting_flags(locals()))
     rows = describe(settings)
     path_rows = {
         "config_file": str(paths.config_file),
@@ -479,7 +476,7 @@ def bench(
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.loading import pick_device, pick_dtype
 
-    settings, _ = _resolve(model=model, source=source, device=device, dtype=dtype, compile=compile)
+    settings, _ = _resolve(_setting_flags(locals()))
     errors = _stderr_console()
     if random_weights:
         folder = Path(settings["model"]).expanduser()

@@ -11,9 +11,12 @@ end of stdin in script mode) end it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -54,6 +57,9 @@ _FINISH_NOTES = {
     "length": "[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]",
     "context": "[cut off: the context window is full; /reset starts a new conversation]",
 }
+
+
+_HANGUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGTERM") if hasattr(signal, name))
 
 
 def run_chat(
@@ -270,14 +276,37 @@ class ChatRepl:
     def _show(self, stream: GenerationStream) -> GenerationResult:
         """Stream the answer to the screen; Ctrl-C stops it and the partial answer is returned."""
         renderer = StreamRenderer(self.console, markdown=self.interactive)
+        with self._hangup_stops_answer():
+            try:
+                renderer.start()
+                return show_stream(stream, renderer)
+            except KeyboardInterrupt:
+                # Ctrl-C landed just outside show_stream's own handling: stop all the same, keep the turn.
+                stream.stop()
+                renderer.finish()
+                return stream.finish()
+            except OSError:
+                # The terminal went away (a dropped SSH connection): the answer so far is still recorded.
+                stream.stop()
+                return stream.finish()
+
+    @contextmanager
+    def _hangup_stops_answer(self) -> Iterator[None]:
+        """While an answer streams, SIGHUP/SIGTERM stop it like Ctrl-C, so it is journaled, and then end the chat."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop_and_exit(signum: int, frame: object) -> None:
+            self.exit_requested = True
+            raise KeyboardInterrupt
+
+        previous = {signum: signal.signal(signum, stop_and_exit) for signum in _HANGUP_SIGNALS}
         try:
-            renderer.start()
-            return show_stream(stream, renderer)
-        except KeyboardInterrupt:
-            # Ctrl-C landed just outside show_stream's own handling: stop all the same, keep the turn.
-            stream.stop()
-            renderer.finish()
-            return stream.finish()
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def _record(self, message: str, result: GenerationResult) -> None:
         turn = Turn(
@@ -327,7 +356,7 @@ def _message(text: str) -> str:
 
 def _stats_line(result: GenerationResult) -> str:
     return (
-        f"{result.new_tokens} tokens · first token {result.ttft_s:.2f} s · {result.decode_tok_s:.1f} tokens/s"
+        f"{result.new_tokens} tokens · first token {result.ttft_s * 1000:.0f} ms · {result.decode_tok_s:.1f} tokens/s"
         f" · context {result.context_tokens}/{result.context_limit}"
     )
 
