@@ -95,6 +95,7 @@ app = typer.Typer(
     name="bluelm",
     help="Chat with vivo's BlueLM-7B models from a terminal.",
     no_args_is_help=True,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
@@ -116,18 +117,18 @@ def _root(
 
 
 # -------------------------------------------------------------------------------------- shared options
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder [env BLUELM_MODEL; default vivo-ai/BlueLM-7B-Chat].", show_default=False)]
-SourceOpt = Annotated[Optional[str], typer.Option(help="Download from huggingface or modelscope.", show_default=False)]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cuda, cuda:N or cpu.", show_default=False)]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.", show_default=False)]
-MaxNewOpt = Annotated[Optional[str], typer.Option("--max-new-tokens", "-n", help="Most tokens per answer [512].", show_default=False)]
-TemperatureOpt = Annotated[Optional[str], typer.Option("--temperature", "-t", help="0 to 2; 0 = greedy.", show_default=False)]
-TopPOpt = Annotated[Optional[str], typer.Option("--top-p", help="Nucleus sampling, 0 < p <= 1.", show_default=False)]
-TopKOpt = Annotated[Optional[str], typer.Option("--top-k", help="Keep the K likeliest tokens; 0 = off.", show_default=False)]
-RepetitionOpt = Annotated[Optional[str], typer.Option("--repetition-penalty", help="1.0 to 2.0 [1.1].", show_default=False)]
-SeedOpt = Annotated[Optional[str], typer.Option(help="Seed for reproducible sampling.", show_default=False)]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="Text placed before the first turn (BlueLM has no system role).", show_default=False)]
-CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="CUDA fast path: static cache + compiled decode step [on].", show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder (env BLUELM_MODEL; default vivo-ai/BlueLM-7B-Chat).", metavar="ID|PATH", show_default=False)]
+SourceOpt = Annotated[Optional[str], typer.Option(help="Download from huggingface or modelscope.", metavar="NAME", show_default=False)]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cuda, cuda:N or cpu.", metavar="DEVICE", show_default=False)]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.", metavar="DTYPE", show_default=False)]
+MaxNewOpt = Annotated[Optional[str], typer.Option("--max-new-tokens", "-n", help="Most tokens per answer (512).", metavar="N", show_default=False)]
+TemperatureOpt = Annotated[Optional[str], typer.Option("--temperature", "-t", help="0 to 2; 0 = greedy (0.7).", metavar="T", show_default=False)]
+TopPOpt = Annotated[Optional[str], typer.Option("--top-p", help="Nucleus sampling, 0 < p <= 1 (0.9).", metavar="P", show_default=False)]
+TopKOpt = Annotated[Optional[str], typer.Option("--top-k", help="Keep the K likeliest tokens; 0 = off.", metavar="K", show_default=False)]
+RepetitionOpt = Annotated[Optional[str], typer.Option("--repetition-penalty", help="1.0 to 2.0 (1.1).", metavar="R", show_default=False)]
+SeedOpt = Annotated[Optional[str], typer.Option(help="Seed for reproducible sampling.", metavar="N", show_default=False)]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="Text placed before the first turn (BlueLM has no system role).", metavar="TEXT", show_default=False)]
+CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="CUDA fast path: static cache + compiled decode step (on).", show_default=False)]
 Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="8-bit weights via bitsandbytes (CUDA).")]
 Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and token statistics on stderr.")]
@@ -221,9 +222,9 @@ def _read_prompt(argument: str | None) -> str:
     return "\n\n".join(parts)
 
 
-@app.command()
+@app.command(short_help="Answer one question and exit; plain text when piped.")
 def ask(
-    prompt: Annotated[Optional[str], typer.Argument(help="The question. Piped standard input comes first, then a blank line, then this.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="The question. Piped standard input comes first, then a blank line, then this.", metavar="PROMPT", show_default=False)] = None,
     model: ModelOpt = None,
     source: SourceOpt = None,
     device: DeviceOpt = None,
@@ -342,7 +343,7 @@ def _stats_line(result: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------- chat
-@app.command()
+@app.command(short_help="Chat in the terminal: multi-turn, streaming, /help for commands.")
 def chat(
     model: ModelOpt = None,
     source: SourceOpt = None,
@@ -407,7 +408,7 @@ def _explicit_sampling(settings: ResolvedSettings) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- config, sessions
-@app.command("config")
+@app.command("config", short_help="Show the effective settings, their sources, and the paths.")
 def show_config(
     model: ModelOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -437,7 +438,7 @@ def show_config(
     return ExitStatus.OK
 
 
-@app.command()
+@app.command(short_help="List saved chat sessions, most recent first.")
 def sessions(debug: DebugOpt = False) -> int:
     """List saved chat sessions, most recent first (continue one with `bluelm chat --resume NAME`)."""
     from bluelm_cli.session import list_sessions
@@ -454,7 +455,7 @@ def sessions(debug: DebugOpt = False) -> int:
     return ExitStatus.OK
 
 
-@app.command()
+@app.command(short_help="Measure load, time to first token per turn, and decode speed.")
 def bench(
     model: ModelOpt = None,
     source: SourceOpt = None,
