@@ -124,6 +124,9 @@ class _GrowingLayer(DynamicLayer):
 class StepRunner:
     """Runs the model one call at a time over a cache. The CUDA fast path swaps in a compiled decode step."""
 
+    # Positions the runner's cache can hold, when it is preallocated; None = as many as the model allows.
+    max_positions: int | None = None
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
@@ -149,8 +152,9 @@ class ChatEngine:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = next(self.model.parameters()).device
-        self.context_limit = loaded.context_length
         self.runner = runner or StepRunner(self.model)
+        # A preallocated (static) cache may hold fewer positions than the checkpoint allows.
+        self.context_limit = min(loaded.context_length, self.runner.max_positions or loaded.context_length)
         self._cache: Cache | None = None
         self._cached_ids: list[int] = []
         self._lock = threading.Lock()

@@ -25,6 +25,7 @@ class CompiledRunner(StepRunner):
     def __init__(self, model: torch.nn.Module, max_cache_len: int, *, mode: str | None = "reduce-overhead", backend: str = "inductor") -> None:
         super().__init__(model)
         self.max_cache_len = max_cache_len
+        self.max_positions = max_cache_len
         device = next(model.parameters()).device
         # Inputs live in fixed buffers: a CUDA graph replays reads from the same addresses every time.
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -70,6 +71,24 @@ class CompiledRunner(StepRunner):
         self._rewind(cache)
 
 
+def kv_bytes_per_token(config: object, dtype: torch.dtype) -> int:
+    """Keys and values of one position over every layer (0.5 MiB for BlueLM-7B in bf16)."""
+    heads = getattr(config, "num_key_value_heads")
+    head_dim = getattr(config, "head_dim")
+    layers = getattr(config, "num_hidden_layers")
+    return 2 * layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def static_cache_length(context_length: int, bytes_per_token: int, free_bytes: int, *, headroom: float = 0.75) -> int:
+    """Positions to preallocate: the whole context when it fits in `headroom` of free memory, else what does.
+
+    A 32K BlueLM needs 16 GiB of bf16 KV cache; next to 15 GB of weights on a 24 GB card, the static
+    cache must shrink (the chat's context shrinks with it) rather than fail to allocate.
+    """
+    affordable = int(free_bytes * headroom) // max(1, bytes_per_token)
+    return max(0, min(context_length, affordable // 256 * 256))
+
+
 def make_runner(
     loaded: LoadedModel,
     *,
@@ -82,7 +101,16 @@ def make_runner(
     if on_status:
         on_status("Compiling the decode step for this GPU (once per start; --no-compile skips it)…")
     try:
-        runner = CompiledRunner(loaded.model, loaded.context_length)
+        free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
+        per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+        positions = static_cache_length(loaded.context_length, per_token, free_bytes)
+        if positions < min(loaded.context_length, 1024):
+            if on_status:
+                on_status("Warning: too little free GPU memory for a static KV cache; using the eager path")
+            return StepRunner(loaded.model)
+        if positions < loaded.context_length and on_status:
+            on_status(f"The KV cache holds {positions} of the model's {loaded.context_length} positions (free GPU memory)")
+        runner = CompiledRunner(loaded.model, positions)
         runner.warm_up()
         return runner
     except Exception as error:  # noqa: BLE001 - any compiler failure must fall back, never crash

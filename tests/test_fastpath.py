@@ -55,6 +55,7 @@ def test_compile_failure_falls_back_to_eager(loaded: LoadedModel, monkeypatch: p
             raise RuntimeError("inductor exploded\nmore detail")
 
     monkeypatch.setattr(fastpath, "CompiledRunner", Broken)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
     on_cuda = dataclasses.replace(loaded, device=torch.device("cuda"))
     messages: list[str] = []
     runner = make_runner(on_cuda, on_status=messages.append)
@@ -76,3 +77,23 @@ def test_cuda_graph_decode_equals_eager(tmp_path: Path) -> None:
     runner = make_runner(loaded)
     assert isinstance(runner, CompiledRunner)
     assert conversation(ChatEngine(loaded, runner=runner)) == conversation(ChatEngine(loaded))
+
+
+def test_static_cache_is_sized_to_free_memory() -> None:
+    from bluelm_cli.fastpath import kv_bytes_per_token, static_cache_length
+    from bluelm_cli.modeling import BlueLMConfig
+
+    config = BlueLMConfig()  # the published 7B shapes
+    per_token = kv_bytes_per_token(config, torch.bfloat16)
+    assert per_token == 512 * 1024  # 0.5 MiB a token, as BLUELM.md says
+    gib = 1024**3
+    assert static_cache_length(2048, per_token, 8 * gib) == 2048  # the 2K chat model: whole context
+    assert static_cache_length(32768, per_token, 8 * gib) == 12288  # 32K model on a 24 GB card: 6 GiB of cache
+    assert static_cache_length(32768, per_token, 40 * gib) == 32768
+    assert static_cache_length(2048, per_token, 0) == 0
+
+
+def test_engine_context_follows_a_smaller_static_cache(loaded: LoadedModel) -> None:
+    runner = CompiledRunner(loaded.model, 128, mode=None, backend="eager")
+    engine = ChatEngine(loaded, runner=runner)
+    assert engine.context_limit == 128 < loaded.context_length
