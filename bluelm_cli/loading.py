@@ -69,6 +69,22 @@ def resolve_model_folder(model: str, source: str = "huggingface", on_status: Cal
 
 
 def _download_from_hub(repo_id: str, on_status: Callable[[str], None] | None) -> Path:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry chatter would bury our one-line error
+    all_weights = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
+    cached = _complete_cached_snapshot(repo_id, _METADATA_PATTERNS + all_weights)
+    if cached is not None:
+        return cached  # a complete copy is cached: start without touching the network
+    if on_status:
+        on_status(f"Fetching {repo_id} from the Hugging Face Hub (cache: {constants.HF_HUB_CACHE})")
+    # The small files first: it fails fast when offline or the id is wrong, before any listing retries.
+    _snapshot(repo_id, _METADATA_PATTERNS)
+    return _snapshot(repo_id, _METADATA_PATTERNS + _hub_weight_patterns(repo_id))
+
+
+def _snapshot(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -77,15 +93,8 @@ def _download_from_hub(repo_id: str, on_status: Callable[[str], None] | None) ->
         RevisionNotFoundError,
     )
 
-    weight_patterns = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
     try:
-        weight_patterns = _hub_weight_patterns(repo_id)
-    except Exception:  # offline or unreachable: snapshot_download below reports it properly
-        pass
-    if on_status:
-        on_status(f"Fetching {repo_id} from the Hugging Face Hub (cache: {constants.HF_HUB_CACHE})")
-    try:
-        path = snapshot_download(repo_id, allow_patterns=_METADATA_PATTERNS + weight_patterns)
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError:
         raise BlueLMError(f"{repo_id} is gated on the Hugging Face Hub; accept its license there and run `hf auth login`") from None
     except RepositoryNotFoundError:
@@ -102,16 +111,39 @@ def _download_from_hub(repo_id: str, on_status: Callable[[str], None] | None) ->
             f"could not download {repo_id}: the Hugging Face Hub is unreachable and nothing is cached; "
             "check the network (or set HF_ENDPOINT to a mirror), or pass a local folder with --model"
         ) from None
-    return Path(path)
+    except OSError as error:  # disk full, permissions in HF_HOME
+        raise BlueLMError(f"could not store {repo_id} in the Hugging Face cache ({_first_line(error)})") from None
+
+
+def _complete_cached_snapshot(repo_id: str, patterns: list[str]) -> Path | None:
+    """The cached snapshot of `repo_id` when it holds a whole checkpoint (an interrupted download does not)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        check_checkpoint_folder(folder)
+    except Exception:  # not cached, or cached only in part
+        return None
+    for index_name in WEIGHT_INDEXES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return None
+            if not all((folder / shard).is_file() for shard in shards):
+                return None
+    return folder
 
 
 def _hub_weight_patterns(repo_id: str) -> list[str]:
     """Download one weight format only: safetensors when the repo has them, else the .bin shards."""
-    from huggingface_hub import constants, list_repo_files
+    from huggingface_hub import list_repo_files
 
-    if constants.HF_HUB_OFFLINE:
-        raise RuntimeError("offline")
-    files = list_repo_files(repo_id)
+    try:
+        files = list_repo_files(repo_id)
+    except Exception:  # listing failed though the small files came: take whatever the repo has
+        return ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json"]
     if any(name.endswith(".safetensors") for name in files):
         return ["*.safetensors", "*.safetensors.index.json"]
     return ["*.bin", "*.bin.index.json"]

@@ -255,3 +255,45 @@ def test_load_model_in_bfloat16(checkpoints: dict[str, Path]) -> None:
 
 def test_default_model_is_the_chat_checkpoint() -> None:
     assert DEFAULT_MODEL == "vivo-ai/BlueLM-7B-Chat"
+
+
+def _fake_hub_cache(cache: Path, repo_id: str, source: Path, *, drop: str | None = None) -> Path:
+    """The layout huggingface_hub keeps: refs/main → a commit, and a snapshot folder with the files."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.name != drop and not path.name.endswith(".py"):
+            (snapshot / path.name).write_bytes(path.read_bytes())
+    return snapshot
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_a_fully_cached_hub_id_loads_without_the_network(
+    tmp_path: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, offline: bool
+) -> None:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = _fake_hub_cache(cache, "vivo-ai/BlueLM-7B-Chat", tiny_folder)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # any network use would fail
+    assert resolve_model_folder("vivo-ai/BlueLM-7B-Chat") == snapshot
+    assert load_model("vivo-ai/BlueLM-7B-Chat").folder == snapshot
+
+
+def test_a_partly_cached_hub_id_is_not_used_offline(tmp_path: Path, tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    shard = "pytorch_model-00002-of-00002.bin"
+    assert (tiny_folder / shard).is_file()
+    _fake_hub_cache(cache, "vivo-ai/BlueLM-7B-Chat", tiny_folder, drop=shard)  # an interrupted download
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BlueLMError, match="incomplete|not in the Hugging Face cache"):
+        load_model("vivo-ai/BlueLM-7B-Chat")
