@@ -151,7 +151,9 @@ class ChatEngine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.device = next(self.model.parameters()).device
+        # Where the logits come out: with layers spread over several GPUs (accelerate's device map) that is
+        # the last one, and sampling state lives beside them; accelerate moves input ids to the first.
+        self.device = self.model.get_output_embeddings().weight.device
         self.runner = runner or StepRunner(self.model)
         # A preallocated (static) cache may hold fewer positions than the checkpoint allows.
         self.context_limit = min(loaded.context_length, self.runner.max_positions or loaded.context_length)
