@@ -108,15 +108,20 @@ class BlueLMTokenizer(SentencePieceBackend):
 class StreamDetokenizer:
     """Turns generated ids into text deltas that never contain a broken character.
 
-    A Chinese character or an emoji split across byte-fallback pieces appears whole, once; the leading
-    SentencePiece space is handled exactly as `decode` handles it, because each delta is cut from a
-    decode of the whole answer so far: the concatenated deltas equal `decode(ids)` by construction.
+    A Chinese character or an emoji split across byte-fallback pieces appears whole, once. Each step
+    decodes only a short window of ids: it starts at the previous emission point, so the window's first
+    piece has already been shown and SentencePiece's stripping of a leading space applies equally to the
+    window and to its already-shown part; the delta is the difference. Decoding the whole answer every
+    token instead would cost O(answer length) a token (0.7 ms at 4000 tokens).
     """
 
     def __init__(self, tokenizer: BlueLMTokenizer) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
-        self._emitted = ""
+        self._emitted: list[str] = []
+        self._window = 0  # ids[_window:] are decoded each step
+        self._shown = 0  # ids[_window:_shown] have been emitted ...
+        self._shown_text = ""  # ... and decode to this
 
     @property
     def ids(self) -> list[int]:
@@ -124,25 +129,32 @@ class StreamDetokenizer:
 
     @property
     def text(self) -> str:
-        return self._emitted
+        return "".join(self._emitted)
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
         """Add one id; return the text that is now certain (possibly empty)."""
         self._ids.append(token_id)
-        decoded = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        decoded = self._decode(self._window)
         # A trailing U+FFFD means a multi-byte character is still arriving: hold it back.
-        if decoded.endswith("\ufffd") or not decoded.startswith(self._emitted):
+        if decoded.endswith("\ufffd") or not decoded.startswith(self._shown_text):
             return ""
-        delta = decoded[len(self._emitted) :]
-        self._emitted = decoded
-        return delta
+        return self._emit(decoded)
 
     def flush(self) -> str:
         """Emit whatever is left once the answer has ended (even a genuinely invalid byte, as U+FFFD)."""
-        decoded = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        if not decoded.startswith(self._emitted):
+        decoded = self._decode(self._window)
+        if not decoded.startswith(self._shown_text):
             # Cannot happen for SentencePiece, whose decode of a prefix is a prefix; kept as a guard.
             return ""
-        delta = decoded[len(self._emitted) :]
-        self._emitted = decoded
+        return self._emit(decoded)
+
+    def _emit(self, decoded: str) -> str:
+        delta = decoded[len(self._shown_text) :]
+        self._emitted.append(delta)
+        # Slide the window: it now starts at the last emission point, whose text is already shown.
+        self._window, self._shown = self._shown, len(self._ids)
+        self._shown_text = self._decode(self._window, self._shown)
         return delta
