@@ -122,17 +122,9 @@ def _complete_cached_snapshot(repo_id: str, patterns: list[str]) -> Path | None:
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
         check_checkpoint_folder(folder)
+        _indexed_shards(folder)
     except Exception:  # not cached, or cached only in part
         return None
-    for index_name in WEIGHT_INDEXES:
-        index = folder / index_name
-        if index.is_file():
-            try:
-                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-            except (ValueError, KeyError, TypeError, AttributeError):
-                return None
-            if not all((folder / shard).is_file() for shard in shards):
-                return None
     return folder
 
 
@@ -216,16 +208,16 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------------------ loading
 def load_tokenizer(folder: Path) -> BlueLMTokenizer:
-    import sentencepiece
-
     model_path = folder / "tokenizer.model"
-    try:
-        sentencepiece.SentencePieceProcessor(model_file=str(model_path))
-    except Exception:
-        raise BlueLMError(f"{model_path} is not a valid SentencePiece model (damaged or truncated); download it again") from None
     try:
         return BlueLMTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as error:
+        import sentencepiece
+
+        try:  # tell a damaged SentencePiece file apart from another tokenizer problem
+            sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        except Exception:
+            raise BlueLMError(f"{model_path} is not a valid SentencePiece model (damaged or truncated); download it again") from None
         raise BlueLMError(
             f"the tokenizer in {folder} could not be loaded ({_first_line(error)}); download the checkpoint again"
         ) from None
@@ -244,7 +236,7 @@ def load_model(
     """Resolve, check and load a BlueLM checkpoint. Raises BlueLMError with a user-facing message."""
     started = time.perf_counter()
     folder = resolve_model_folder(model, source, on_status)
-    config_dict = check_checkpoint_folder(folder)
+    check_checkpoint_folder(folder)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
     if target.type == "cpu" and on_warning:
@@ -311,11 +303,9 @@ def load_model(
     )
 
 
-def _weight_file_problem(folder: Path) -> str | None:
-    """After loading failed: the message naming the weight file that is missing, damaged or unsafe, if one is."""
-    import pickle
-
-    files: list[Path] = []
+def _indexed_shards(folder: Path) -> list[Path]:
+    """Every shard the folder's weight indexes name; BlueLMError for an invalid index or a missing shard."""
+    shards: list[Path] = []
     for index_name in WEIGHT_INDEXES:
         index = folder / index_name
         if not index.is_file():
@@ -323,11 +313,24 @@ def _weight_file_problem(folder: Path) -> str | None:
         try:
             names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            return f"{index} is not a valid weight index; download the checkpoint again"
+            raise BlueLMError(f"{index} is not a valid weight index; download the checkpoint again") from None
         for name in names:
             if not (folder / name).is_file():
-                return f"the weights in {folder} are incomplete: {name}, listed in {index_name}, is missing; download the checkpoint again"
-        files += [folder / name for name in names]
+                raise BlueLMError(
+                    f"the weights in {folder} are incomplete: {name}, listed in {index_name}, is missing; download the checkpoint again"
+                )
+        shards += [folder / name for name in names]
+    return shards
+
+
+def _weight_file_problem(folder: Path) -> str | None:
+    """After loading failed: the message naming the weight file that is missing, damaged or unsafe, if one is."""
+    import pickle
+
+    try:
+        files = _indexed_shards(folder)
+    except BlueLMError as problem:
+        return str(problem)
     files += [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
     for path in files:
         try:
