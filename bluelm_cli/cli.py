@@ -175,21 +175,24 @@ def _load(settings: ResolvedSettings, quantization: str | None, console: Console
     """Load the model with a status line on stderr, then say how long it took."""
     from bluelm_cli.loading import load_model
 
+    from rich.markup import escape
+
     started = time.perf_counter()
-    with console.status(f"Loading {settings['model']}…", spinner="dots") as status:
+    # Paths and ids may hold "[…]", which rich would take for markup: every interpolation is escaped.
+    with console.status(f"Loading {escape(settings['model'])}…", spinner="dots") as status:
         loaded = load_model(
             settings["model"],
             source=settings["source"],
             device=settings["device"],
             dtype=settings["dtype"],
             quantization=quantization,
-            on_status=lambda text: status.update(text + "…"),
-            on_warning=lambda text: console.print(f"[yellow]Warning:[/] {text}"),
+            on_status=lambda text: status.update(escape(text) + "…"),
+            on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(text)}"),
         )
     settings.apply_checkpoint_defaults(loaded.generation_defaults)
     dtype = str(loaded.dtype).removeprefix("torch.")
     console.print(
-        f"[dim]Loaded {loaded.model_id} on {loaded.device} ({dtype}, context {loaded.context_length}) "
+        f"[dim]Loaded {escape(loaded.model_id)} on {loaded.device} ({dtype}, context {loaded.context_length}) "
         f"in {time.perf_counter() - started:.1f} s[/]"
     )
     return loaded
@@ -199,7 +202,9 @@ def _engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console) -
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.fastpath import make_runner
 
-    runner = make_runner(loaded, enabled=bool(settings["compile"]), on_status=lambda text: console.print(f"[dim]{text}[/]"))
+    from rich.markup import escape
+
+    runner = make_runner(loaded, enabled=bool(settings["compile"]), on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
     return ChatEngine(loaded, runner=runner)
 
 
