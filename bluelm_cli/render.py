@@ -39,7 +39,7 @@ from rich.segment import Segment
 from rich.spinner import Spinner
 from rich.text import Text
 
-__all__ = ["StreamRenderer", "render_markdown", "wants_plain_output"]
+__all__ = ["StreamRenderer", "render_markdown", "safe_for_terminal", "wants_plain_output"]
 
 # Configured exactly like the parser inside rich.markdown.Markdown, so block boundaries agree.
 _PARSER = MarkdownIt().enable("strikethrough").enable("table")
@@ -59,6 +59,8 @@ def wants_plain_output(console: Console) -> bool:
 
 def render_markdown(console: Console, text: str, code_theme: str = "monokai") -> None:
     """Print ``text`` as Markdown in one go (what a finished stream leaves in the scrollback)."""
+    if console.is_terminal:
+        text = safe_for_terminal(text)
     console.print(Markdown(text, code_theme=code_theme))
 
 

@@ -37,7 +37,7 @@ from bluelm_cli.engine import ChatEngine, GenerationResult, GenerationStream
 from bluelm_cli.errors import BlueLMError, ExitStatus
 from bluelm_cli.paths import UserPaths, ensure_dir
 from bluelm_cli.prompt import HistoryTurn
-from bluelm_cli.render import StreamRenderer, render_markdown, wants_plain_output
+from bluelm_cli.render import StreamRenderer, render_markdown, safe_for_terminal, wants_plain_output
 from bluelm_cli.session import Session, Turn
 from bluelm_cli.settings import GENERATION_KEYS
 from bluelm_cli.streaming import show_stream
@@ -198,7 +198,7 @@ class ChatRepl:
         if not text:
             self.note("(empty answer)")
         elif wants_plain_output(self.console):
-            self.console.print(Text(text))
+            self.console.print(Text(safe_for_terminal(text) if self.console.is_terminal else text))
         else:
             render_markdown(self.console, text)
 

@@ -487,3 +487,10 @@ def test_control_characters_pass_through_a_pipe_untouched() -> None:
     renderer.feed("raw\x1b[1mbytes\x07")
     renderer.finish()
     assert out.getvalue() == "raw\x1b[1mbytes\x07"
+
+
+def test_one_shot_render_neutralises_control_characters_on_a_terminal() -> None:
+    # A resumed conversation is replayed with render_markdown: it must be as safe as the live stream.
+    out = io.StringIO()
+    render_markdown(Console(file=out, force_terminal=True, width=40), "clear\x1b[2J screen")
+    assert "\x1b[2J" not in out.getvalue() and "\ufffd[2J" in out.getvalue()
