@@ -45,6 +45,7 @@ from bluelm_cli.engine import ChatEngine, GenerationResult
 from bluelm_cli.loading import LoadedModel
 from bluelm_cli.prompt import HistoryTurn
 from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.tokenizer import HUMAN_TAG
 
 # Shapes for random-weights runs: the published 7B, and a ~26M-parameter model for CPU ratios.
 CPU_25M: dict[str, int] = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -165,7 +166,7 @@ def _generate_turn(engine: ChatEngine, ids: list[int], new_tokens: int) -> tuple
     model = engine.model
     input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
     streamer = _TimingStreamer()
-    stop_ids = [engine.tokenizer.eos_token_id, engine.tokenizer.sp_model.piece_to_id("[|Human|]:")]
+    stop_ids = [engine.tokenizer.eos_token_id, engine.tokenizer.sp_model.piece_to_id(HUMAN_TAG)]
     _synchronize(engine.device)
     started = time.perf_counter()
     with torch.inference_mode():
