@@ -14,7 +14,7 @@ A bench conversation
 
 What is measured per turn (`TurnRecord`)
 -----------------------------------------
-* `ttft_s`: time to the first answer token: building the prompt ids (`ChatEngine.plan`) + cropping the
+* `ttft_s`: time to the first answer token: building the prompt ids (``fit_prompt`) + cropping the
   cache + prefilling the new suffix + sampling. For generate(): from the call to the first token its
   streamer receives (full-history prefill included).
 * `decode_tok_s`: (new_tokens - 1) / (time from the first to the last token), i.e. steady decoding speed
@@ -42,10 +42,9 @@ from typing import Any
 import torch
 
 from bluelm_cli.engine import ChatEngine, GenerationResult
-from bluelm_cli.loading import LoadedModel
-from bluelm_cli.prompt import HistoryTurn
+from bluelm_cli.loading import LoadedModel, dtype_name
+from bluelm_cli.prompt import HUMAN_TAG, HistoryTurn, PromptPlan, fit_prompt
 from bluelm_cli.settings import SamplingSettings
-from bluelm_cli.tokenizer import HUMAN_TAG
 
 # Shapes for random-weights runs: the published 7B, and a ~26M-parameter model for CPU ratios.
 CPU_25M: dict[str, int] = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
@@ -131,14 +130,18 @@ def _settings(new_tokens: int) -> SamplingSettings:
     return SamplingSettings(max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
 
 
+def _plan(engine: ChatEngine, history: list[HistoryTurn], message: str, new_tokens: int) -> PromptPlan:
+    return fit_prompt(engine.encoder, None, history, message, context_limit=engine.context_limit, max_new_tokens=new_tokens)
+
+
 def _engine_turn(
     engine: ChatEngine, history: list[HistoryTurn], message: str, new_tokens: int
 ) -> tuple[GenerationResult, float, int]:
     settings = _settings(new_tokens)
     started = time.perf_counter()
-    plan = engine.plan(None, history, message, new_tokens)
+    plan = _plan(engine, history, message, new_tokens)
     plan_s = time.perf_counter() - started
-    stream = engine.stream_ids(plan.ids, settings, min_new_tokens=new_tokens)
+    stream = engine.stream(plan, settings, min_new_tokens=new_tokens)
     for _ in stream:
         pass
     assert stream.result is not None
@@ -208,7 +211,7 @@ class _Conversation:
         engine, new_tokens = self.engine, self.new_tokens
         number = len(self.records) + 1
         if self.use_generate:
-            plan = engine.plan(None, self.history, message, new_tokens)
+            plan = _plan(engine, self.history, message, new_tokens)
             answer, ttft, decode = _in_worker_thread(_generate_turn, engine, plan.ids, new_tokens)
             record = TurnRecord(number, len(plan.ids), 0, len(plan.ids), len(answer), ttft, decode, plan.dropped_turns)
             dropped = plan.dropped_turns
@@ -266,7 +269,7 @@ def _warm_up(engine: ChatEngine, baseline: bool) -> None:
         engine.reset()
         _engine_turn(engine, [], message, WARMUP_NEW_TOKENS)
     if baseline:
-        ids = engine.plan(None, [], message, WARMUP_NEW_TOKENS).ids
+        ids = _plan(engine, [], message, WARMUP_NEW_TOKENS).ids
         for _ in range(2):
             _in_worker_thread(_generate_turn, engine, ids, WARMUP_NEW_TOKENS)
     engine.reset()
@@ -330,7 +333,7 @@ def run_bench(
     return BenchReport(
         model=model_label or loaded.model_id,
         device=_device_name(device),
-        dtype=str(loaded.dtype).removeprefix("torch."),
+        dtype=dtype_name(loaded.dtype),
         load_s=loaded.load_seconds,
         prefill_tok_s=first.prefill_tokens / first.ttft_s if first.ttft_s > 0 else 0.0,
         ttft_s=first.ttft_s,

@@ -27,12 +27,16 @@ except ImportError:  # older typer runs on click itself
 
 from bluelm_cli import __version__
 from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
+from bluelm_cli.finish import FinishReason
 from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.settings import SETTING_NAMES, ResolvedSettings, describe, resolve_settings
+from bluelm_cli.cli_options import MODEL_SETTINGS, setting_options
+from bluelm_cli.settings import ResolvedSettings, describe, resolve_settings
+from bluelm_cli.stats import result_json, stats_line
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from bluelm_cli.chat import Chat, TurnStream
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.loading import LoadedModel
 
@@ -117,27 +121,11 @@ def _root(
 
 
 # -------------------------------------------------------------------------------------- shared options
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Hub id or local folder (env BLUELM_MODEL; default vivo-ai/BlueLM-7B-Chat).", metavar="ID|PATH", show_default=False)]
-SourceOpt = Annotated[Optional[str], typer.Option(help="Download from huggingface or modelscope.", metavar="NAME", show_default=False)]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto, cuda, cuda:N or cpu.", metavar="DEVICE", show_default=False)]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, bfloat16, float16 or float32.", metavar="DTYPE", show_default=False)]
-MaxNewOpt = Annotated[Optional[str], typer.Option("--max-new-tokens", "-n", help="Most tokens per answer (512).", metavar="N", show_default=False)]
-TemperatureOpt = Annotated[Optional[str], typer.Option("--temperature", "-t", help="0 to 2; 0 = greedy (0.7).", metavar="T", show_default=False)]
-TopPOpt = Annotated[Optional[str], typer.Option("--top-p", help="Nucleus sampling, 0 < p <= 1 (0.9).", metavar="P", show_default=False)]
-TopKOpt = Annotated[Optional[str], typer.Option("--top-k", help="Keep the K likeliest tokens; 0 = off.", metavar="K", show_default=False)]
-RepetitionOpt = Annotated[Optional[str], typer.Option("--repetition-penalty", help="1.0 to 2.0 (1.1).", metavar="R", show_default=False)]
-SeedOpt = Annotated[Optional[str], typer.Option(help="Seed for reproducible sampling.", metavar="N", show_default=False)]
-SystemOpt = Annotated[Optional[str], typer.Option("--system", "-s", help="Text placed before the first turn (BlueLM has no system role).", metavar="TEXT", show_default=False)]
-CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="CUDA fast path: static cache + compiled decode step (on).", show_default=False)]
+# Options that are not settings; the settings' options come from the settings table (cli_options).
 Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="8-bit weights via bitsandbytes (CUDA).")]
 Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and token statistics on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-
-
-def _setting_flags(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The shared setting options among a command's arguments (None = not given on the command line)."""
-    return {name: value for name, value in arguments.items() if name in SETTING_NAMES}
 
 
 def _resolve(flags: dict[str, Any]) -> tuple[ResolvedSettings, UserPaths]:
@@ -173,9 +161,9 @@ def _quantization(load_in_8bit: bool, load_in_4bit: bool) -> str | None:
 
 def _load(settings: ResolvedSettings, quantization: str | None, console: Console) -> LoadedModel:
     """Load the model with a status line on stderr, then say how long it took."""
-    from bluelm_cli.loading import load_model
-
     from rich.markup import escape
+
+    from bluelm_cli.loading import dtype_name, load_model
 
     started = time.perf_counter()
     # Paths and ids may hold "[…]", which rich would take for markup: every interpolation is escaped.
@@ -190,7 +178,7 @@ def _load(settings: ResolvedSettings, quantization: str | None, console: Console
             on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(text)}"),
         )
     settings.apply_checkpoint_defaults(loaded.generation_defaults)
-    dtype = str(loaded.dtype).removeprefix("torch.")
+    dtype = dtype_name(loaded.dtype)
     console.print(
         f"[dim]Loaded {escape(loaded.model_id)} on {loaded.device} ({dtype}, context {loaded.context_length}) "
         f"in {time.perf_counter() - started:.1f} s[/]"
@@ -228,20 +216,11 @@ def _read_prompt(argument: str | None) -> str:
 
 
 @app.command(short_help="Answer one question and exit; plain text when piped.")
+@setting_options(*MODEL_SETTINGS)
 def ask(
     prompt: Annotated[Optional[str], typer.Argument(help="The question. Piped standard input comes first, then a blank line, then this.", metavar="PROMPT", show_default=False)] = None,
-    model: ModelOpt = None,
-    source: SourceOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    repetition_penalty: RepetitionOpt = None,
-    seed: SeedOpt = None,
-    system: SystemOpt = None,
-    compile: CompileOpt = None,
+    *,
+    flags: dict[str, Any],
     load_in_8bit: Load8Opt = False,
     load_in_4bit: Load4Opt = False,
     raw: Annotated[bool, typer.Option("--raw", help="Plain text even on a terminal.")] = False,
@@ -251,57 +230,60 @@ def ask(
     debug: DebugOpt = False,
 ) -> int:
     """Answer one question (no history) and exit. Plain text when piped, rendered Markdown on a terminal."""
-    settings, _ = _resolve(_setting_flags(locals()))
+    settings, _ = _resolve(flags)
     quantization = _quantization(load_in_8bit, load_in_4bit)
     question = _read_prompt(prompt)
     errors = _stderr_console()
     loaded = _load(settings, quantization, errors)
-    engine = _engine(loaded, settings, errors)
-    sampling = settings.sampling()
-    stream = _start_ask_stream(engine, settings["system"], question, sampling, truncate, errors)
-    result = _show_ask(stream, raw=raw or as_json, quiet=as_json)
+    chat = _one_shot_chat(_engine(loaded, settings, errors), settings, loaded.model_id)
+    stream = _start_ask(chat, question, truncate)
+    if stream.plan.truncated_from is not None:
+        errors.print(
+            f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
+            f"kept its last {stream.plan.truncated_to} (--truncate)"
+        )
+    _show_ask(stream, raw=raw or as_json, quiet=as_json)
+    result = chat.commit(stream).result
     if as_json:
-        sys.stdout.write(json.dumps(_result_json(result), ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(result_json(result), ensure_ascii=False) + "\n")
     if verbose:
-        errors.print(_stats_line(result), style="dim")
+        errors.print(stats_line(result), style="dim", markup=False)
     sys.stdout.flush()
-    if result.finish_reason == "interrupted":
+    if result.finish_reason is FinishReason.INTERRUPTED:
         errors.print("[dim]Interrupted.[/]")
         return ExitStatus.INTERRUPTED
     return ExitStatus.OK
 
 
-def _start_ask_stream(engine: ChatEngine, system: str | None, question: str, sampling: Any, truncate: bool, errors: Console) -> Any:
-    from bluelm_cli.engine import ContextOverflowError
+def _one_shot_chat(engine: ChatEngine, settings: ResolvedSettings, model_id: str) -> Chat:
+    """A conversation of one turn that is not journaled (`bluelm ask`)."""
+    from bluelm_cli.chat import Chat
+    from bluelm_cli.session import Session
+
+    session = Session(name="ask", model_id=model_id, system=settings["system"], sampling=settings.sampling().as_dict())
+    return Chat(engine, session)
+
+
+def _start_ask(chat: Chat, question: str, truncate: bool) -> TurnStream:
+    from bluelm_cli.prompt import ContextOverflowError
 
     try:
-        return engine.stream(system, [], question, sampling)
+        return chat.send(question, truncate=truncate)
     except ContextOverflowError as overflow:
-        if not truncate:
-            raise BlueLMError(f"{overflow} (or pass --truncate to keep only its end)") from None
-        ids = engine.tokenizer.encode_plain(question)
-        keep = overflow.fits
-        # Decoding a cut and re-encoding can shift a token or two; shave until the text fits.
-        while keep > 0:
-            trimmed = engine.tokenizer.decode(ids[-keep:], skip_special_tokens=True)
-            try:
-                stream = engine.stream(system, [], trimmed, sampling)
-            except ContextOverflowError:
-                keep -= max(1, keep // 100)
-                continue
-            errors.print(f"[yellow]Note:[/] the prompt was {overflow.message_tokens} tokens; kept its last {keep} (--truncate)")
-            return stream
-        raise BlueLMError("no room is left for the prompt; lower --max-new-tokens") from None
+        if truncate:
+            raise BlueLMError("no room is left for the prompt; lower --max-new-tokens") from None
+        raise BlueLMError(f"{overflow} (or pass --truncate to keep only its end)") from None
 
 
-def _show_ask(stream: Any, *, raw: bool, quiet: bool) -> Any:
+def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> None:
     from rich.console import Console
 
     from bluelm_cli.render import StreamRenderer
     from bluelm_cli.streaming import show_stream
 
     if quiet:
-        return show_stream(stream, _NullRenderer())
+        show_stream(stream, _NullRenderer())
+        return
     console = Console(highlight=False)
     renderer = StreamRenderer(console, markdown=not raw)
     renderer.start()
@@ -317,7 +299,6 @@ def _show_ask(stream: Any, *, raw: bool, quiet: bool) -> Any:
         raise
     if not result.text.endswith("\n") and (raw or not console.is_terminal):
         sys.stdout.write("\n")
-    return result
 
 
 class _NullRenderer:
@@ -328,40 +309,12 @@ class _NullRenderer:
         pass
 
 
-def _result_json(result: Any) -> dict[str, Any]:
-    return {
-        "answer": result.text,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "new_tokens": result.new_tokens,
-        "ttft_s": round(result.ttft_s, 4),
-        "decode_tok_s": round(result.decode_tok_s, 2),
-    }
-
-
-def _stats_line(result: Any) -> str:
-    return (
-        f"{result.prompt_tokens} prompt tokens ({result.reused_tokens} reused), {result.new_tokens} new, "
-        f"first token {result.ttft_s * 1000:.0f} ms, {result.decode_tok_s:.1f} tok/s, finish: {result.finish_reason}, "
-        f"context {result.context_tokens}/{result.context_limit}"
-    )
-
-
 # --------------------------------------------------------------------------------------------- chat
 @app.command(short_help="Chat in the terminal: multi-turn, streaming, /help for commands.")
+@setting_options(*MODEL_SETTINGS)
 def chat(
-    model: ModelOpt = None,
-    source: SourceOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    repetition_penalty: RepetitionOpt = None,
-    seed: SeedOpt = None,
-    system: SystemOpt = None,
-    compile: CompileOpt = None,
+    *,
+    flags: dict[str, Any],
     load_in_8bit: Load8Opt = False,
     load_in_4bit: Load4Opt = False,
     resume: Annotated[Optional[str], typer.Option("--resume", metavar="[NAME]", help="Continue the most recent session, or the one named NAME.", show_default=False)] = None,
@@ -373,7 +326,7 @@ def chat(
     from bluelm_cli.paths import ensure_dir
     from bluelm_cli.session import Session, validate_session_name
 
-    settings, paths = _resolve(_setting_flags(locals()))
+    settings, paths = _resolve(flags)
     quantization = _quantization(load_in_8bit, load_in_4bit)
     if resume is not None and session_name is not None:
         raise UsageError("use either --resume or --session, not both")
@@ -400,9 +353,11 @@ def chat(
         )
     from rich.console import Console
 
+    from bluelm_cli.chat import Chat
     from bluelm_cli.repl import run_chat
 
-    return run_chat(engine, session, console=Console(highlight=False), paths=paths, verbose=verbose, resumed=resumed is not None)
+    return run_chat(Chat(engine, session), console=Console(highlight=False), paths=paths, verbose=verbose,
+                    resumed=resumed is not None)
 
 
 def _explicit_sampling(settings: ResolvedSettings) -> dict[str, Any]:
@@ -414,13 +369,15 @@ def _explicit_sampling(settings: ResolvedSettings) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- config, sessions
 @app.command("config", short_help="Show the effective settings, their sources, and the paths.")
+@setting_options("model")
 def show_config(
-    model: ModelOpt = None,
+    *,
+    flags: dict[str, Any],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     debug: DebugOpt = False,
 ) -> int:
     """Show the effective settings, where each came from, and the user paths."""
-    settings, paths = _resolve(_setting_flags(locals()))
+    settings, paths = _resolve(flags)
     rows = describe(settings)
     path_rows = {
         "config_file": str(paths.config_file),
@@ -461,12 +418,10 @@ def sessions(debug: DebugOpt = False) -> int:
 
 
 @app.command(short_help="Measure load, time to first token per turn, and decode speed.")
+@setting_options("model", "source", "device", "dtype", "compile")
 def bench(
-    model: ModelOpt = None,
-    source: SourceOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    compile: CompileOpt = None,
+    *,
+    flags: dict[str, Any],
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
     shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B) or cpu25m (26M parameters).")] = "7b",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.")] = 256,
@@ -482,7 +437,7 @@ def bench(
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.loading import pick_device, pick_dtype
 
-    settings, _ = _resolve(_setting_flags(locals()))
+    settings, _ = _resolve(flags)
     errors = _stderr_console()
     if random_weights:
         folder = Path(settings["model"]).expanduser()

@@ -1,9 +1,10 @@
 """The chat's slash commands: ONE table that dispatch, ``/help`` and Tab completion all read.
 
 Each :class:`Command` names its handler, its one-line help and the completer for its argument, so a
-new command is one entry in :data:`COMMANDS` and nothing else. Handlers get the running
-:class:`~bluelm_cli.repl.ChatRepl` and the argument text; they report problems by raising
-:class:`~bluelm_cli.errors.BlueLMError` (the REPL prints ``Error: …`` and goes on).
+new command is one entry in :data:`COMMANDS` and nothing else. Handlers see only a narrow
+:class:`CommandContext` (the chat service, its output, the user paths), never the REPL; they return an
+outcome for the loop (an answer to show, or exit) and report problems by raising
+:class:`~bluelm_cli.errors.BlueLMError` (the loop prints ``Error: …`` and goes on).
 """
 
 from __future__ import annotations
@@ -12,22 +13,56 @@ import difflib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, Union
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter, WordCompleter
 from prompt_toolkit.document import Document
 
+from bluelm_cli.chat import Chat, TurnStream
+from bluelm_cli.clipboard import copy_to_clipboard
 from bluelm_cli.errors import BlueLMError, UsageError
-from bluelm_cli.paths import ensure_dir
+from bluelm_cli.output import ChatOutput
+from bluelm_cli.paths import UserPaths, ensure_dir
 from bluelm_cli.session import Session
-from bluelm_cli.settings import SAMPLING_KEYS, SPECS
+from bluelm_cli.settings import GENERATION_KEYS, SAMPLING_KEYS, SPECS
 
-if TYPE_CHECKING:
-    from bluelm_cli.repl import ChatRepl
+__all__ = [
+    "COMMANDS", "ChatCompleter", "Command", "CommandContext", "ExitChat", "Outcome", "ShowAnswer",
+    "code_blocks", "find_command", "run_command", "unknown_command_message",
+]
 
-__all__ = ["COMMANDS", "ChatCompleter", "Command", "code_blocks", "find_command", "unknown_command_message"]
+# What /help says about the keys of the prompt (bound in repl.py).
+KEYS_HELP = (
+    "Enter sends · Alt-Enter (or Esc Enter) adds a line · a multi-line paste is one message",
+    "Ctrl-R searches earlier messages · Ctrl-X Ctrl-E edits the message in $EDITOR · Tab completes",
+    "Ctrl-C stops an answer or clears the line · Ctrl-D or /exit quits · //text sends a message starting with /",
+)
 
-Handler = Callable[["ChatRepl", str], None]
+
+class CommandContext(Protocol):
+    """What a command may use: the conversation, the output, the user's folders, the stats switch."""
+
+    chat: Chat
+    out: ChatOutput
+    paths: UserPaths
+    interactive: bool
+    show_stats: bool
+
+
+@dataclass(frozen=True)
+class ExitChat:
+    """End the chat."""
+
+
+@dataclass(frozen=True)
+class ShowAnswer:
+    """Stream this answer to the screen and commit it, as for a typed message."""
+
+    stream: TurnStream
+
+
+Outcome = Union[ExitChat, ShowAnswer, None]
+Handler = Callable[[CommandContext, str], Outcome]
 
 
 @dataclass(frozen=True)
@@ -41,78 +76,97 @@ class Command:
 
 
 # ------------------------------------------------------------------------------------------- handlers
-def _help(repl: ChatRepl, args: str) -> None:
-    repl.show_help()
+def _help(ctx: CommandContext, args: str) -> Outcome:
+    ctx.out.rows([(command.usage, command.help) for command in COMMANDS])
+    for line in KEYS_HELP:
+        ctx.out.note(line)
+    return None
 
 
-def _reset(repl: ChatRepl, args: str) -> None:
-    repl.session.reset()
-    repl.note("New conversation; settings kept.")
+def _reset(ctx: CommandContext, args: str) -> Outcome:
+    ctx.chat.reset()
+    ctx.out.note("New conversation; settings kept.")
+    return None
 
 
-def _save(repl: ChatRepl, args: str) -> None:
+def _save(ctx: CommandContext, args: str) -> Outcome:
+    session = ctx.chat.session
     if args:
         path = Path(_unquote(args)).expanduser()
     else:
-        path = ensure_dir(repl.paths.sessions_dir) / f"{repl.session.name or 'chat'}.json"
-    written = repl.session.save(path)
-    repl.note(f"Saved to {written}")
+        path = ensure_dir(ctx.paths.sessions_dir) / f"{session.name or 'chat'}.json"
+    written = session.save(path)
+    ctx.out.note(f"Saved to {written}")
+    return None
 
 
-def _load(repl: ChatRepl, args: str) -> None:
+def _load(ctx: CommandContext, args: str) -> Outcome:
     if not args:
         raise UsageError("usage: /load PATH (a session saved with /save as .json)")
     path = Path(_unquote(args)).expanduser()
     loaded = Session.load(path)  # raises before anything changes: the current conversation stays intact
-    if loaded.model_id != repl.session.model_id:
-        repl.warn(f"{path} was saved with {loaded.model_id}; continuing with {repl.session.model_id}")
-    repl.session.adopt(loaded)
+    running = ctx.chat.session.model_id
+    if loaded.model_id != running:
+        ctx.out.warn(f"{path} was saved with {loaded.model_id}; continuing with {running}")
+    ctx.chat.adopt(loaded)
     count = len(loaded.turns)
-    repl.note(f"Loaded {count} turn{'s' if count != 1 else ''} from {path}")
-    if repl.interactive:
-        repl.show_turns(repl.session.turns)
+    ctx.out.note(f"Loaded {count} turn{'s' if count != 1 else ''} from {path}")
+    if ctx.interactive:
+        ctx.out.show_turns(ctx.chat.session.turns)
+    return None
 
 
-def _retry(repl: ChatRepl, args: str) -> None:
-    if not repl.session.turns:
-        raise BlueLMError("nothing to retry yet; send a message first")
-    repl.ask(repl.session.turns[-1].user, retry=True)
+def _retry(ctx: CommandContext, args: str) -> Outcome:
+    return ShowAnswer(ctx.chat.retry())
 
 
-def _undo(repl: ChatRepl, args: str) -> None:
-    turn = repl.session.undo()
-    if turn is None:
-        raise BlueLMError("nothing to undo; the conversation is empty")
-    repl.note(f"Removed the last exchange ({_preview(turn.user)})")
+def _undo(ctx: CommandContext, args: str) -> Outcome:
+    turn = ctx.chat.undo()
+    ctx.out.note(f"Removed the last exchange ({_preview(turn.user)})")
+    return None
 
 
-def _set(repl: ChatRepl, args: str) -> None:
+def _set(ctx: CommandContext, args: str) -> Outcome:
     key, _, value = args.partition(" ")
     value = value.strip()
     if not key or not value:
         raise UsageError(f"usage: /set KEY VALUE; keys: {', '.join(SAMPLING_KEYS)}")
     if key not in SPECS:
         hint = _did_you_mean(key, SAMPLING_KEYS)
-        raise UsageError(
-            f"unknown setting '{key}'{hint}; /set can change: {', '.join(SAMPLING_KEYS)}"
-        )
-    parsed = repl.session.set_setting(key, value)
-    repl.note(f"{key} = {_show_value(parsed)}")
+        raise UsageError(f"unknown setting '{key}'{hint}; /set can change: {', '.join(SAMPLING_KEYS)}")
+    parsed = ctx.chat.set_setting(key, value)
+    ctx.out.note(f"{key} = {_show_value(parsed)}")
+    return None
 
 
-def _show(repl: ChatRepl, args: str) -> None:
-    repl.show_state()
+def _show(ctx: CommandContext, args: str) -> Outcome:
+    chat = ctx.chat
+    info = chat.backend.info()
+    session = chat.session
+    settings = chat.sampling.as_dict()
+    active = len(session.active_turns())
+    rows: list[tuple[str, str]] = [
+        ("model", f"{info.model_id} ({info.device}, {info.dtype})"),
+        ("session", f"{session.name} · {_count(len(session.turns), 'turn')}, {active} in the context"),
+        ("context", f"{chat.context_used()} / {chat.context_limit} tokens in use"),
+        ("system", "(unset)" if not session.system else repr(session.system)),
+    ]
+    rows += [(key, "(unset)" if settings[key] is None else str(settings[key])) for key in GENERATION_KEYS]
+    rows.append(("stats", "on" if ctx.show_stats else "off"))
+    ctx.out.rows(rows)
+    return None
 
 
-def _copy(repl: ChatRepl, args: str) -> None:
-    if not repl.interactive:
+def _copy(ctx: CommandContext, args: str) -> Outcome:
+    if not ctx.interactive:
         raise BlueLMError("/copy needs a terminal: it asks the terminal to set the clipboard (OSC 52)")
-    if not repl.session.turns:
+    last = ctx.chat.last_turn()
+    if last is None:
         raise BlueLMError("there is no answer to copy yet")
-    answer = repl.session.turns[-1].answer
+    answer = last.answer
     if not args:
-        repl.copy(answer, "the last answer")
-        return
+        _to_clipboard(ctx, answer, "the last answer")
+        return None
     blocks = code_blocks(answer)
     try:
         number = int(args)
@@ -122,22 +176,33 @@ def _copy(repl: ChatRepl, args: str) -> None:
         raise BlueLMError("the last answer has no code blocks; /copy without a number copies the whole answer")
     if not 1 <= number <= len(blocks):
         raise BlueLMError(
-            f"the last answer has {len(blocks)} code block{'s' if len(blocks) != 1 else ''}; use a number from 1 to {len(blocks)}"
+            f"the last answer has {_count(len(blocks), 'code block')}; use a number from 1 to {len(blocks)}"
         )
-    repl.copy(blocks[number - 1], f"code block {number}")
+    _to_clipboard(ctx, blocks[number - 1], f"code block {number}")
+    return None
 
 
-def _stats(repl: ChatRepl, args: str) -> None:
+def _to_clipboard(ctx: CommandContext, text: str, what: str) -> None:
+    """Put ``text`` on the clipboard through the terminal (OSC 52)."""
+    try:
+        copy_to_clipboard(text, ctx.out.console.file)
+    except ValueError as exc:
+        raise BlueLMError(str(exc)) from None
+    ctx.out.note(f"Copied {what} ({len(text)} characters) to the clipboard")
+
+
+def _stats(ctx: CommandContext, args: str) -> Outcome:
     choice = args.lower()
     if choice not in ("on", "off", ""):
         raise UsageError("usage: /stats on|off")
     if choice:
-        repl.show_stats = choice == "on"
-    repl.note(f"Stats {'on' if repl.show_stats else 'off'}")
+        ctx.show_stats = choice == "on"
+    ctx.out.note(f"Stats {'on' if ctx.show_stats else 'off'}")
+    return None
 
 
-def _exit(repl: ChatRepl, args: str) -> None:
-    repl.exit_requested = True
+def _exit(ctx: CommandContext, args: str) -> Outcome:
+    return ExitChat()
 
 
 # ------------------------------------------------------------------------------------------ completers
@@ -181,6 +246,18 @@ _BY_NAME: dict[str, Command] = {name: c for c in COMMANDS for name in (c.name, *
 
 def find_command(name: str) -> Command | None:
     return _BY_NAME.get(name)
+
+
+def run_command(ctx: CommandContext, line: str) -> Outcome:
+    """Run ``/name args`` (the line as typed, with its slash). Raises BlueLMError for an unknown name."""
+    name, _, args = line[1:].partition(" ")
+    if "\n" in name:  # "/cmd" followed by more lines: still a command, the rest is its argument
+        name, _, rest = name.partition("\n")
+        args = f"{rest} {args}"
+    command = find_command(name)
+    if command is None:
+        raise BlueLMError(unknown_command_message(name))
+    return command.run(ctx, args.strip())
 
 
 def unknown_command_message(name: str) -> str:
@@ -230,6 +307,10 @@ def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     return text
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _preview(text: str, width: int = 50) -> str:

@@ -3,8 +3,8 @@
 A new turn prefills only what is new: the longest common prefix with the cached ids is reused and the
 cache is cropped there on divergence (undo, retry, edited history, another system prompt), never
 thrown away. Generation runs in a worker thread; the caller iterates text deltas and may call `stop()`
-from any thread. The engine knows nothing about terminals: the REPL, `bluelm ask` and `bluelm bench`
-all drive it.
+from any thread. It takes prompt ids (the chat service fits the conversation into them) and knows
+nothing about terminals; it is the local :class:`~bluelm_cli.chat.Backend`, and `bluelm bench` drives it too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -26,52 +26,25 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from bluelm_cli.errors import BlueLMError
-from bluelm_cli.loading import LoadedModel
-from bluelm_cli.prompt import HistoryTurn, PromptIds, build_prompt_ids
+from bluelm_cli.backend import BackendInfo
+from bluelm_cli.finish import FinishReason
+from bluelm_cli.loading import LoadedModel, dtype_name
+from bluelm_cli.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.settings import SamplingSettings
-from bluelm_cli.tokenizer import HUMAN_TAG, StreamDetokenizer
-
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-FINISH_INTERRUPTED = "interrupted"
-FINISH_CONTEXT = "context"
-
-
-class ContextOverflowError(BlueLMError):
-    """The new message alone does not fit the context window."""
-
-    def __init__(self, message_tokens: int, fits: int) -> None:
-        self.message_tokens = message_tokens
-        self.fits = fits
-        super().__init__(
-            f"the message is {message_tokens} tokens but at most {fits} fit in the context window "
-            "(with room for the answer); shorten it or lower max_new_tokens"
-        )
-
-
-@dataclass(frozen=True)
-class PromptPlan:
-    ids: list[int]
-    dropped_turns: int  # oldest history turns left out so that prompt + max_new_tokens fit
-    max_new_tokens: int
-    # </s> and [|Human|]: are suppressed until the answer has this many tokens (generate()'s
-    # min_new_tokens); `bluelm bench` sets it to max_new_tokens so every turn decodes the same count.
-    min_new_tokens: int = 0
+from bluelm_cli.tokenizer import StreamDetokenizer
 
 
 @dataclass(frozen=True)
 class GenerationResult:
     text: str
     answer_ids: list[int]  # as generated, without the closing </s> (or the [|Human|]: the model began)
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     reused_tokens: int
     prefill_tokens: int
     new_tokens: int
     ttft_s: float
     decode_tok_s: float
-    dropped_turns: int
     context_tokens: int  # tokens in the KV cache once the answer is closed with </s>
     context_limit: int
 
@@ -121,6 +94,15 @@ class _GrowingLayer(DynamicLayer):
         return buffer
 
 
+@dataclass(frozen=True)
+class TokenizerEncoder:
+    """The tokenizer as the prompt module sees it (a :class:`~bluelm_cli.prompt.PromptEncoder`)."""
+
+    encode_plain: Callable[[str], list[int]]
+    bos_id: int
+    eos_id: int
+
+
 class StepRunner:
     """Runs the model one call at a time over a cache. The CUDA fast path swaps in a compiled decode step."""
 
@@ -162,52 +144,26 @@ class ChatEngine:
         self._lock = threading.Lock()
         self._human_id = self.tokenizer.sp_model.piece_to_id(HUMAN_TAG)
         self._eos_id = self.tokenizer.eos_token_id
-        self._bos_id = self.tokenizer.bos_token_id
+        # The chat format is built by the pure prompt module; it needs only this much of the tokenizer.
+        self.encoder = TokenizerEncoder(self.tokenizer.encode_plain, self.tokenizer.bos_token_id, self._eos_id)
 
-    # ------------------------------------------------------------------------------------------ tokens
-    @property
-    def tokens_in_use(self) -> int:
-        """Tokens the KV cache holds now (the conversation so far, as the model has read it)."""
-        return len(self._cached_ids)
-
-    def history_tokens(self, system: str | None, history: Sequence[HistoryTurn]) -> int:
-        """Context positions a conversation occupies before the next message (the UI's "context used")."""
-        return self.encode_prompt(system, history, "").message_start
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode_plain(text))
-
-    def encode_prompt(self, system: str | None, history: Sequence[HistoryTurn], message: str) -> PromptIds:
-        return build_prompt_ids(
-            self.tokenizer.encode_plain,
-            bos_id=self._bos_id,
-            eos_id=self._eos_id,
-            system=system,
-            history=history,
-            message=message,
+    def info(self) -> BackendInfo:
+        loaded = self.loaded
+        return BackendInfo(
+            model_id=loaded.model_id,
+            device=str(loaded.device),
+            dtype=dtype_name(loaded.dtype),
+            context_limit=self.context_limit,
+            quantization=loaded.quantization,
         )
 
-    def plan(
-        self, system: str | None, history: Sequence[HistoryTurn], message: str, max_new_tokens: int
-    ) -> PromptPlan:
-        """The prompt ids, dropping the oldest whole turns until prompt + max_new_tokens fit the context."""
-        budget = self.context_limit - max_new_tokens
-        alone = self.encode_prompt(system, [], message)
-        if len(alone.ids) > budget:
-            overhead = len(alone.ids) - self.count_tokens(message)
-            raise ContextOverflowError(self.count_tokens(message), max(0, budget - overhead))
-        full = self.encode_prompt(system, history, message)
-        if len(full.ids) <= budget:
-            return PromptPlan(full.ids, 0, max_new_tokens)
-        # Turn lengths are known from the full encoding; only the first kept turn changes (it gains the system text).
-        for dropped in range(1, len(history) + 1):
-            kept_length = 1 + len(full.ids) - (full.turn_starts[dropped] if dropped < len(history) else full.message_start)
-            if kept_length + (self.count_tokens(system) if system else 0) + 2 > budget:
-                continue
-            candidate = self.encode_prompt(system, history[dropped:], message)
-            if len(candidate.ids) <= budget:
-                return PromptPlan(candidate.ids, dropped, max_new_tokens)
-        return PromptPlan(alone.ids, len(history), max_new_tokens)
+    @property
+    def cached_ids(self) -> tuple[int, ...]:
+        """The ids whose keys and values the KV cache holds now (the conversation as the model has read it)."""
+        return tuple(self._cached_ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encoder.encode_plain(text))
 
     def reset(self) -> None:
         """Forget the cache (the next turn prefills from scratch)."""
@@ -216,42 +172,28 @@ class ChatEngine:
             self._cached_ids = []
 
     # -------------------------------------------------------------------------------------- generation
-    def stream(
-        self,
-        system: str | None,
-        history: Sequence[HistoryTurn],
-        message: str,
-        settings: SamplingSettings,
-        *,
-        min_new_tokens: int = 0,
-    ) -> GenerationStream:
-        """Start answering `message` after `history`. Raises ContextOverflowError before starting if it can't fit.
+    def stream(self, plan: PromptPlan, settings: SamplingSettings, *, min_new_tokens: int = 0) -> GenerationStream:
+        """Start answering after `plan.ids`. Raises ContextOverflowError before starting if they can't fit.
 
-        `min_new_tokens`: the answer cannot end (</s> or [|Human|]:) before it has this many tokens.
+        `min_new_tokens`: the answer cannot end (</s> or [|Human|]:) before it has this many tokens
+        (generate()'s min_new_tokens; `bluelm bench` sets it so that every turn decodes the same count).
         """
-        plan = self.plan(system, history, message, settings.max_new_tokens)
-        return GenerationStream(self, replace(plan, min_new_tokens=min_new_tokens), settings)
-
-    def stream_ids(
-        self, prompt_ids: list[int], settings: SamplingSettings, *, min_new_tokens: int = 0
-    ) -> GenerationStream:
-        """Continue arbitrary prompt ids (used by `ask --truncate` and benchmarks)."""
         budget = self.context_limit - settings.max_new_tokens
-        if len(prompt_ids) > budget:
-            raise ContextOverflowError(len(prompt_ids), budget)
-        plan = PromptPlan(list(prompt_ids), 0, settings.max_new_tokens, min_new_tokens)
-        return GenerationStream(self, plan, settings)
+        if len(plan.ids) > budget:
+            raise ContextOverflowError(len(plan.ids), budget)
+        return GenerationStream(self, plan, settings, min_new_tokens)
 
     def _generate(
         self,
         plan: PromptPlan,
         settings: SamplingSettings,
+        min_new_tokens: int,
         stop_event: threading.Event,
         emit: Callable[[str], None],
     ) -> GenerationResult:
         with self._lock, torch.inference_mode():
             try:
-                return self._generate_locked(plan, settings, stop_event, emit)
+                return self._generate_locked(plan, settings, min_new_tokens, stop_event, emit)
             except BaseException:
                 # A failure mid-step can leave the cache half-written: start clean next time.
                 self._cache = None
@@ -262,6 +204,7 @@ class ChatEngine:
         self,
         plan: PromptPlan,
         settings: SamplingSettings,
+        min_new_tokens: int,
         stop_event: threading.Event,
         emit: Callable[[str], None],
     ) -> GenerationResult:
@@ -281,7 +224,7 @@ class ChatEngine:
         if settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         # The repetition penalty sees prompt and answer, as generate() does; a preallocated buffer avoids regrowth.
-        history_ids = torch.empty((1, len(ids) + plan.max_new_tokens + 1), dtype=torch.long, device=self.device)
+        history_ids = torch.empty((1, len(ids) + settings.max_new_tokens + 1), dtype=torch.long, device=self.device)
         history_ids[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         length = len(ids)
 
@@ -291,11 +234,11 @@ class ChatEngine:
 
         detokenizer = StreamDetokenizer(self.tokenizer)
         answer_ids: list[int] = []
-        finish = FINISH_LENGTH
+        finish = FinishReason.LENGTH
         first_token_at = last_token_at = 0.0
         stop_ids = torch.tensor([self._eos_id, self._human_id], dtype=torch.long, device=self.device)
         while True:
-            if len(answer_ids) < plan.min_new_tokens:
+            if len(answer_ids) < min_new_tokens:
                 logits = logits.index_fill(-1, stop_ids, float("-inf"))
             token = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
             now = time.perf_counter()
@@ -303,7 +246,7 @@ class ChatEngine:
                 first_token_at = now
             last_token_at = now
             if token in (self._eos_id, self._human_id):
-                finish = FINISH_STOP
+                finish = FinishReason.STOP
                 break
             answer_ids.append(token)
             history_ids[0, length] = token
@@ -312,18 +255,18 @@ class ChatEngine:
             if delta:
                 emit(delta)
             if stop_event.is_set():
-                finish = FINISH_INTERRUPTED
+                finish = FinishReason.INTERRUPTED
                 break
-            if len(answer_ids) >= plan.max_new_tokens:
-                finish = FINISH_LENGTH
+            if len(answer_ids) >= settings.max_new_tokens:
+                finish = FinishReason.LENGTH
                 break
             if length >= self.context_limit:
-                finish = FINISH_CONTEXT
+                finish = FinishReason.CONTEXT
                 break
             logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
             self._cached_ids.append(token)
             if stop_event.is_set():
-                finish = FINISH_INTERRUPTED
+                finish = FinishReason.INTERRUPTED
                 break
         tail = detokenizer.flush()
         if tail:
@@ -339,7 +282,6 @@ class ChatEngine:
             new_tokens=len(answer_ids),
             ttft_s=first_token_at - started,
             decode_tok_s=(len(answer_ids) - 1) / decode_seconds if len(answer_ids) > 1 and decode_seconds > 0 else 0.0,
-            dropped_turns=plan.dropped_turns,
             context_tokens=len(ids) + len(answer_ids) + 1,
             context_limit=self.context_limit,
         )
@@ -353,30 +295,31 @@ class GenerationStream:
     worker is re-raised in the iterating thread.
     """
 
-    def __init__(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings) -> None:
+    def __init__(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings, min_new_tokens: int = 0) -> None:
         self.plan = plan
         self.result: GenerationResult | None = None
+        self._outcome: tuple[str, object] | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[tuple[str, object]] = queue.Queue()
         self._thread = threading.Thread(
-            target=self._run, args=(engine, plan, settings), name="bluelm-generate", daemon=True
+            target=self._run, args=(engine, plan, settings, min_new_tokens), name="bluelm-generate", daemon=True
         )
         self._thread.start()
 
-    def _run(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings) -> None:
+    def _run(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings, min_new_tokens: int) -> None:
+        outcome: tuple[str, object]
         try:
-            result = engine._generate(plan, settings, self._stop, lambda delta: self._queue.put(("delta", delta)))
+            emit = lambda delta: self._queue.put(("delta", delta))  # noqa: E731
+            outcome = ("done", engine._generate(plan, settings, min_new_tokens, self._stop, emit))
         except BaseException as error:  # noqa: BLE001 - handed to the consuming thread
-            self._queue.put(("error", error))
-        else:
-            self._queue.put(("done", result))
+            outcome = ("error", error)
+        # Kept beside the queue too: a Ctrl-C landing between the consumer's get() and its handling of
+        # the item would otherwise lose the end of the stream, and draining would wait forever.
+        self._outcome = outcome
+        self._queue.put(outcome)
 
     def stop(self) -> None:
         self._stop.set()
-
-    @property
-    def stopped(self) -> bool:
-        return self._stop.is_set()
 
     def __iter__(self) -> GenerationStream:
         return self
@@ -389,7 +332,9 @@ class GenerationStream:
                 # A timeout keeps the consuming thread responsive to Ctrl-C on every platform.
                 kind, payload = self._queue.get(timeout=0.1)
             except queue.Empty:
-                continue
+                if self._outcome is None or not self._queue.empty():
+                    continue
+                kind, payload = self._outcome  # its queue item was lost to an interrupt
             if kind == "delta":
                 return payload  # type: ignore[return-value]
             if kind == "done":

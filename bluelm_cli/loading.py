@@ -179,6 +179,11 @@ def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------- device and dtype
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``bfloat16``, as users write it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -246,7 +251,7 @@ def load_model(
 
     tokenizer = load_tokenizer(folder)
     if on_status:
-        on_status(f"Loading {model} onto {target} as {str(torch_dtype).removeprefix('torch.')}")
+        on_status(f"Loading {model} onto {target} as {dtype_name(torch_dtype)}")
     config = BlueLMConfig.from_pretrained(str(folder))
     config.tokenizer_vocab_size = tokenizer.sp_model.get_piece_size()
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "trust_remote_code": False}
@@ -266,7 +271,7 @@ def load_model(
             network, info = BlueLMForCausalLM.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     except torch.cuda.OutOfMemoryError:
         raise BlueLMError(
-            f"out of GPU memory while loading {model} in {str(torch_dtype).removeprefix('torch.')}; "
+            f"out of GPU memory while loading {model} in {dtype_name(torch_dtype)}; "
             "free the GPU, or use --load-in-8bit / --load-in-4bit (about 8 / 5 GB)"
         ) from None
     except Exception as error:

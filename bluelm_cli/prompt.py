@@ -1,19 +1,36 @@
-"""A conversation in BlueLM's chat format, as text (for reading and golden tests) and as token ids.
+"""A conversation in BlueLM's chat format, as text and as token ids, and fitting it into the context.
 
 `<s>[|Human|]:{user 1}[|AI|]:{answer 1}</s>[|Human|]:{user 2}[|AI|]:` — the publisher's format. BlueLM
 has no system role: a system prompt is plain text placed before the first `[|Human|]:`. Answers enter
 the ids exactly as they were generated (never re-tokenized from text), each closed by `</s>`.
+
+Pure: no transformers, no torch. The tokenizer comes in as a :class:`PromptEncoder`, so the format and
+the context policy are golden-tested on their own and shared by the engine, the chat and the benchmark.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from bluelm_cli.tokenizer import AI_TAG, HUMAN_TAG
+from bluelm_cli.errors import BlueLMError
 
+HUMAN_TAG = "[|Human|]:"
+AI_TAG = "[|AI|]:"
 BOS_TEXT = "<s>"
 EOS_TEXT = "</s>"
+
+
+class PromptEncoder(Protocol):
+    """What prompt building needs of a tokenizer."""
+
+    bos_id: int
+    eos_id: int
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with no BOS, special-token text treated as plain characters."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,29 @@ class PromptIds:
     message_start: int
 
 
+@dataclass(frozen=True)
+class PromptPlan:
+    """The ids to run for one answer, and how the conversation was fitted into the context."""
+
+    ids: list[int]
+    dropped_turns: int = 0  # oldest history turns left out so that prompt + max_new_tokens fit
+    # The message was cut to its last tokens to fit (`bluelm ask --truncate`): its length before and after.
+    truncated_from: int | None = None
+    truncated_to: int | None = None
+
+
+class ContextOverflowError(BlueLMError):
+    """The new message alone does not fit the context window."""
+
+    def __init__(self, message_tokens: int, fits: int) -> None:
+        self.message_tokens = message_tokens
+        self.fits = fits
+        super().__init__(
+            f"the message is {message_tokens} tokens but at most {fits} fit in the context window "
+            "(with room for the answer); shorten it or lower max_new_tokens"
+        )
+
+
 def prompt_text(system: str | None, history: Sequence[tuple[str, str]], message: str) -> str:
     """The prompt as text, for display and golden tests: the string the publisher's demos build."""
     parts = [BOS_TEXT, system or ""]
@@ -49,25 +89,69 @@ def user_segment(user: str, system: str | None = None) -> str:
 
 
 def build_prompt_ids(
-    encode: Callable[[str], list[int]],
-    *,
-    bos_id: int,
-    eos_id: int,
-    system: str | None,
-    history: Sequence[HistoryTurn],
-    message: str,
+    encoder: PromptEncoder, system: str | None, history: Sequence[HistoryTurn], message: str
 ) -> PromptIds:
     """Ids of `<s>{system}[|Human|]:u1[|AI|]:` + answer ids + `</s>` … + `[|Human|]:{message}[|AI|]:`.
 
     Each user segment is encoded on its own, as the publisher's tokenizer does between special tokens.
     """
-    ids = [bos_id]
+    encode = encoder.encode_plain
+    ids = [encoder.bos_id]
     turn_starts: list[int] = []
     for index, turn in enumerate(history):
         turn_starts.append(len(ids))
         ids += encode(user_segment(turn.user, system if index == 0 else None))
         ids += list(turn.answer_ids) if turn.answer_ids or not turn.answer else encode(turn.answer)
-        ids.append(eos_id)
+        ids.append(encoder.eos_id)
     message_start = len(ids)
     ids += encode(user_segment(message, system if not history else None))
     return PromptIds(ids=ids, turn_starts=turn_starts, message_start=message_start)
+
+
+def history_tokens(encoder: PromptEncoder, system: str | None, history: Sequence[HistoryTurn]) -> int:
+    """Context positions a conversation occupies before the next message (the UI's "context used")."""
+    return build_prompt_ids(encoder, system, history, "").message_start
+
+
+def fit_prompt(
+    encoder: PromptEncoder,
+    system: str | None,
+    history: Sequence[HistoryTurn],
+    message: str,
+    *,
+    context_limit: int,
+    max_new_tokens: int,
+    truncate: bool = False,
+) -> PromptPlan:
+    """The prompt ids, dropping the oldest whole turns until prompt + max_new_tokens fit the context.
+
+    A message that can't fit even alone raises ContextOverflowError, or with `truncate` keeps only its
+    last tokens (cut as ids: re-encoding decoded text could shift a token at the cut).
+    """
+    budget = context_limit - max_new_tokens
+    alone = build_prompt_ids(encoder, system, [], message)
+    if len(alone.ids) > budget:
+        message_ids = encoder.encode_plain(message)
+        overhead = len(alone.ids) - len(message_ids)
+        fits = max(0, budget - overhead)
+        if not truncate or fits == 0:
+            raise ContextOverflowError(len(message_ids), fits)
+        head = [encoder.bos_id, *encoder.encode_plain(f"{system or ''}{HUMAN_TAG}")]
+        tail = encoder.encode_plain(AI_TAG)
+        keep = max(0, budget - len(head) - len(tail))
+        if keep == 0:
+            raise ContextOverflowError(len(message_ids), 0)
+        return PromptPlan(head + message_ids[-keep:] + tail, len(history), len(message_ids), keep)
+    full = build_prompt_ids(encoder, system, history, message)
+    if len(full.ids) <= budget:
+        return PromptPlan(full.ids, 0)
+    system_tokens = len(encoder.encode_plain(system)) if system else 0
+    # Turn lengths are known from the full encoding; only the first kept turn changes (it gains the system text).
+    for dropped in range(1, len(history) + 1):
+        kept_end = full.turn_starts[dropped] if dropped < len(history) else full.message_start
+        if 1 + len(full.ids) - kept_end + system_tokens + 2 > budget:
+            continue
+        candidate = build_prompt_ids(encoder, system, history[dropped:], message)
+        if len(candidate.ids) <= budget:
+            return PromptPlan(candidate.ids, dropped)
+    return PromptPlan(alone.ids, len(history))

@@ -181,6 +181,12 @@ class SettingSpec:
     env: str | None = None
     sampling: bool = False  # may be changed with /set in a running chat
     optional: bool = False  # may be unset (None)
+    metavar: str = "VALUE"  # in the command line's help
+    short: str | None = None  # a one-letter flag besides --the-name
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
     def validate(self, raw: object) -> Any:
         """The typed value, or UsageError with a one-line message naming the valid range."""
@@ -196,48 +202,48 @@ SPECS: dict[str, SettingSpec] = {
         SettingSpec(
             "model", str, "vivo-ai/BlueLM-7B-Chat",
             "Model id on the hub, or a local checkpoint directory.",
-            _parse_model, "a model id (e.g. vivo-ai/BlueLM-7B-Chat) or a local directory", env="BLUELM_MODEL",
+            _parse_model, "a model id (e.g. vivo-ai/BlueLM-7B-Chat) or a local directory", env="BLUELM_MODEL", metavar="ID|PATH", short="-m",
         ),
         SettingSpec(
             "source", str, "huggingface", "Where to download the model from: huggingface or modelscope.",
-            _choice("huggingface", "modelscope"), "'huggingface' or 'modelscope'",
+            _choice("huggingface", "modelscope"), "'huggingface' or 'modelscope'", metavar="NAME",
         ),
         SettingSpec(
             "device", str, "auto", "auto, cuda, cuda:N or cpu.",
-            _parse_device, "'auto', 'cuda', 'cuda:N' (N = GPU index) or 'cpu'",
+            _parse_device, "'auto', 'cuda', 'cuda:N' (N = GPU index) or 'cpu'", metavar="DEVICE",
         ),
         SettingSpec(
             "dtype", str, "auto", "Weights dtype: auto, bfloat16, float16 or float32.",
-            _choice("auto", "bfloat16", "float16", "float32"), "'auto', 'bfloat16', 'float16' or 'float32'",
+            _choice("auto", "bfloat16", "float16", "float32"), "'auto', 'bfloat16', 'float16' or 'float32'", metavar="DTYPE",
         ),
         SettingSpec(
             "max_new_tokens", int, 512, "Most tokens generated per answer.",
-            _int_at_least(1), "a whole number of at least 1", sampling=True,
+            _int_at_least(1), "a whole number of at least 1", sampling=True, metavar="N", short="-n",
         ),
         SettingSpec(
             "temperature", float, 0.7, "Sampling temperature; 0 = greedy.",
-            _float_in(0.0, 2.0), "a number from 0 to 2 (0 = greedy)", sampling=True,
+            _float_in(0.0, 2.0), "a number from 0 to 2 (0 = greedy)", sampling=True, metavar="T", short="-t",
         ),
         SettingSpec(
             "top_p", float, 0.9, "Nucleus sampling: keep the smallest token set with this much probability.",
-            _float_in(0.0, 1.0, lo_open=True), "a number greater than 0 and at most 1", sampling=True,
+            _float_in(0.0, 1.0, lo_open=True), "a number greater than 0 and at most 1", sampling=True, metavar="P",
         ),
         SettingSpec(
             "top_k", int, 0, "Keep only the K most likely tokens; 0 disables.",
-            _int_at_least(0), "a whole number of at least 0 (0 disables it)", sampling=True,
+            _int_at_least(0), "a whole number of at least 0 (0 disables it)", sampling=True, metavar="K",
         ),
         SettingSpec(
             "repetition_penalty", float, 1.1, "Penalty for repeating tokens; 1.0 = none.",
-            _float_in(1.0, 2.0), "a number from 1.0 to 2.0 (1.0 = no penalty)", sampling=True,
+            _float_in(1.0, 2.0), "a number from 1.0 to 2.0 (1.0 = no penalty)", sampling=True, metavar="R",
         ),
         SettingSpec(
             "seed", int, None, "Random seed for reproducible sampling; unset = random.",
             _optional(_int_at_least(0)), "a whole number of at least 0, or 'none' for a random seed",
-            sampling=True, optional=True,
+            sampling=True, optional=True, metavar="N",
         ),
         SettingSpec(
             "system", str, None, "Text placed before the first turn (BlueLM has no system role).",
-            _parse_system, "text", sampling=True, optional=True,
+            _parse_system, "text", sampling=True, optional=True, metavar="TEXT", short="-s",
         ),
         SettingSpec(
             "compile", bool, True, "Use the torch.compile fast path on CUDA.",

@@ -11,8 +11,9 @@ from typing import Any
 
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-HUMAN_TAG = "[|Human|]:"
-AI_TAG = "[|AI|]:"
+from bluelm_cli.prompt import AI_TAG, HUMAN_TAG
+
+__all__ = ["AI_TAG", "HUMAN_TAG", "BlueLMTokenizer", "StreamDetokenizer"]
 
 
 class BlueLMTokenizer(SentencePieceBackend):

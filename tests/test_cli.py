@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from bluelm_cli import __version__
 from bluelm_cli.cli import app
-from bluelm_cli.engine import ChatEngine, ContextOverflowError
+from bluelm_cli.engine import ChatEngine
+from bluelm_cli.prompt import ContextOverflowError, fit_prompt
 from bluelm_cli.loading import load_model
 from bluelm_cli.settings import SamplingSettings
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
@@ -68,7 +69,9 @@ def _plain_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def greedy_answer(engine: ChatEngine, prompt: str, max_new_tokens: int) -> tuple[str, int, str]:
     """(answer, prompt tokens, finish reason) at temperature 0, everything else at the built-in defaults."""
     engine.reset()  # a fresh prefill, exactly like a new `bluelm ask` process
-    result = engine.stream(None, [], prompt, SamplingSettings(max_new_tokens=max_new_tokens, temperature=0)).finish()
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0)
+    plan = fit_prompt(engine.encoder, None, [], prompt, context_limit=engine.context_limit, max_new_tokens=max_new_tokens)
+    result = engine.stream(plan, settings).finish()
     return result.text, result.prompt_tokens, result.finish_reason
 
 
@@ -147,8 +150,8 @@ def test_ask_verbose_statistics_go_to_stderr(tiny: Path, tiny_engine: ChatEngine
     assert result.stdout == expected + "\n"
     stats = [line for line in stderr_lines(result) if "prompt tokens" in line]
     assert len(stats) == 1
-    assert stats[0].startswith(f"{prompt_tokens} prompt tokens (0 reused), 6 new, first token ")
-    assert f"finish: {finish}, context " in stats[0] and stats[0].endswith("/2048")
+    assert stats[0].startswith(f"{prompt_tokens} prompt tokens (0 reused) · 6 new · first token ")
+    assert stats[0].endswith(f"/2048 · finish: {finish}") and finish == "length"
     assert "prompt tokens" not in result.stdout and "tok/s" not in result.stdout
 
 
@@ -227,7 +230,7 @@ def test_prompt_over_the_context_is_refused_with_the_token_counts(models: dict[s
     prompt = " ".join(f"word{i}" for i in range(150))
     engine = ChatEngine(load_model(str(small), device="cpu"))
     with pytest.raises(ContextOverflowError) as overflow:
-        engine.plan(None, [], prompt, 16)
+        fit_prompt(engine.encoder, None, [], prompt, context_limit=engine.context_limit, max_new_tokens=16)
     assert overflow.value.message_tokens == engine.count_tokens(prompt) > 128
     assert 0 < overflow.value.fits < 128 - 16
 

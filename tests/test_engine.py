@@ -10,20 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bluelm_cli.engine import (
-    FINISH_CONTEXT,
-    FINISH_INTERRUPTED,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    ChatEngine,
-    ContextOverflowError,
-    GenerationResult,
-    GenerationStream,
-    PromptPlan,
-    StepRunner,
-)
+from bluelm_cli.engine import ChatEngine, GenerationResult, GenerationStream, StepRunner
+from bluelm_cli.finish import FinishReason
 from bluelm_cli.loading import LoadedModel, load_model
-from bluelm_cli.prompt import HistoryTurn
+from bluelm_cli.prompt import ContextOverflowError, HistoryTurn, PromptIds, PromptPlan, build_prompt_ids, fit_prompt
 from bluelm_cli.settings import SamplingSettings
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 
@@ -112,9 +102,25 @@ class ScriptedRunner(StepRunner):
         return self._edit(logits)
 
 
+def plan(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str,
+         max_new_tokens: int) -> PromptPlan:
+    """The conversation fitted into the engine's context, as the chat service does it."""
+    return fit_prompt(engine.encoder, system, history, message, context_limit=engine.context_limit,
+                      max_new_tokens=max_new_tokens)
+
+
+def encode_prompt(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str) -> PromptIds:
+    return build_prompt_ids(engine.encoder, system, history, message)
+
+
+def start(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str,
+          settings: SamplingSettings, **kwargs: int) -> GenerationStream:
+    return engine.stream(plan(engine, system, history, message, settings.max_new_tokens), settings, **kwargs)
+
+
 def run(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str,
         settings: SamplingSettings = GREEDY, **kwargs: int) -> tuple[GenerationResult, str]:
-    stream = engine.stream(system, history, message, settings, **kwargs)
+    stream = start(engine, system, history, message, settings, **kwargs)
     deltas = "".join(stream)
     assert stream.result is not None
     return stream.result, deltas
@@ -140,7 +146,7 @@ def test_sixteen_turns_with_cache_reuse_equal_reencoding(loaded: LoadedModel) ->
     history: list[HistoryTurn] = []
     retokenized_differs = False
     for turn, message in enumerate(MESSAGES, start=1):
-        cached_before = engine.tokens_in_use
+        cached_before = len(engine.cached_ids)
         result, deltas = run(engine, system, history, message)
         reference.reset()
         expected, _ = run(reference, system, history, message)
@@ -148,7 +154,7 @@ def test_sixteen_turns_with_cache_reuse_equal_reencoding(loaded: LoadedModel) ->
         assert result.finish_reason == expected.finish_reason
         assert all(0 <= token < engine.tokenizer.sp_model.get_piece_size() for token in result.answer_ids)
         check_text(engine, result, deltas)
-        prompt_ids = engine.plan(system, history, message, GREEDY.max_new_tokens).ids
+        prompt_ids = plan(engine, system, history, message, GREEDY.max_new_tokens).ids
         assert result.prompt_tokens == len(prompt_ids)
         if turn == 1:
             assert result.reused_tokens == 0
@@ -166,9 +172,9 @@ def test_sixteen_turns_with_cache_reuse_equal_reencoding(loaded: LoadedModel) ->
     # and then the cache could not have been reused.
     assert retokenized_differs
     # An oracle independent of the engine's cache: transformers' generate() on the whole last prompt.
-    assert engine.tokens_in_use > 256  # the cache buffers grew at least once
+    assert len(engine.cached_ids) > 256  # the cache buffers grew at least once
     last = history.pop()
-    ids = engine.plan(system, history, last.user, GREEDY.max_new_tokens).ids
+    ids = plan(engine, system, history, last.user, GREEDY.max_new_tokens).ids
     with torch.inference_mode():
         out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=GREEDY.max_new_tokens, do_sample=False,
                                     eos_token_id=[2, 4], pad_token_id=3)
@@ -179,9 +185,9 @@ def test_prompt_holds_answer_ids_verbatim(loaded: LoadedModel) -> None:
     engine = ChatEngine(loaded)
     first, _ = run(engine, None, [], MESSAGES[0])
     history = [HistoryTurn(MESSAGES[0], first.answer_ids)]
-    ids = engine.plan(None, history, MESSAGES[1], GREEDY.max_new_tokens).ids
+    ids = plan(engine, None, history, MESSAGES[1], GREEDY.max_new_tokens).ids
     start = first.prompt_tokens
-    assert ids[:start] == engine.plan(None, [], MESSAGES[0], GREEDY.max_new_tokens).ids
+    assert ids[:start] == plan(engine, None, [], MESSAGES[0], GREEDY.max_new_tokens).ids
     assert ids[start : start + len(first.answer_ids)] == first.answer_ids
     assert ids[start + len(first.answer_ids)] == engine.tokenizer.eos_token_id
     second, _ = run(engine, None, history, MESSAGES[1])
@@ -217,7 +223,7 @@ def test_divergence_crops_to_common_prefix(loaded: LoadedModel, kind: str) -> No
     else:  # an earlier user message edited
         history = [history[0], replace(history[1], user="edited"), *history[2:]]
     cached = list(engine._cached_ids)
-    ids = engine.plan(system, history, message, GREEDY.max_new_tokens).ids
+    ids = plan(engine, system, history, message, GREEDY.max_new_tokens).ids
     result, _ = run(engine, system, history, message)
     assert result.reused_tokens == min(_common_prefix(cached, ids), len(ids) - 1)
     assert result.reused_tokens < len(cached)
@@ -241,9 +247,9 @@ def test_retry_of_identical_prompt_reuses_all_but_one_token(loaded: LoadedModel)
 def test_reset_forgets_the_cache(loaded: LoadedModel) -> None:
     engine = ChatEngine(loaded)
     run(engine, None, [], "hello")
-    assert engine.tokens_in_use > 0
+    assert len(engine.cached_ids) > 0
     engine.reset()
-    assert engine.tokens_in_use == 0
+    assert len(engine.cached_ids) == 0
     result, _ = run(engine, None, [], "hello")
     assert result.reused_tokens == 0
 
@@ -253,11 +259,11 @@ def test_stops_at_eos(loaded: LoadedModel) -> None:
     engine = ChatEngine(loaded, ScriptedRunner(loaded.model, force={3: loaded.tokenizer.eos_token_id}))
     settings = replace(GREEDY, max_new_tokens=20)
     result, deltas = run(engine, None, [], "hello", settings)
-    assert result.finish_reason == FINISH_STOP
+    assert result.finish_reason == FinishReason.STOP
     assert len(result.answer_ids) == 3 and result.new_tokens == 3
     assert loaded.tokenizer.eos_token_id not in result.answer_ids
     check_text(engine, result, deltas)
-    assert engine.tokens_in_use == result.prompt_tokens + 3
+    assert len(engine.cached_ids) == result.prompt_tokens + 3
     assert result.context_tokens == result.prompt_tokens + 3 + 1
     # The next turn continues from the whole answer, and still equals a fresh encoding.
     history = [HistoryTurn("hello", result.answer_ids)]
@@ -270,7 +276,7 @@ def test_stops_at_eos(loaded: LoadedModel) -> None:
 def test_stops_at_max_new_tokens(loaded: LoadedModel) -> None:
     engine = ChatEngine(loaded)
     result, _ = run(engine, None, [], "hello", replace(GREEDY, max_new_tokens=5))
-    assert result.finish_reason == FINISH_LENGTH
+    assert result.finish_reason == FinishReason.LENGTH
     assert result.new_tokens == 5 == len(result.answer_ids)
 
 
@@ -278,7 +284,7 @@ def test_stops_when_the_model_starts_a_human_turn(loaded: LoadedModel) -> None:
     human = loaded.tokenizer.sp_model.piece_to_id("[|Human|]:")
     engine = ChatEngine(loaded, ScriptedRunner(loaded.model, force={2: human}))
     result, deltas = run(engine, None, [], "hello", replace(GREEDY, max_new_tokens=20))
-    assert result.finish_reason == FINISH_STOP
+    assert result.finish_reason == FinishReason.STOP
     assert len(result.answer_ids) == 2 and human not in result.answer_ids
     assert "[|Human|]:" not in result.text
     check_text(engine, result, deltas)
@@ -289,20 +295,20 @@ def test_min_new_tokens_suppresses_the_stops(loaded: LoadedModel) -> None:
     human = loaded.tokenizer.sp_model.piece_to_id("[|Human|]:")
     engine = ChatEngine(loaded, ScriptedRunner(loaded.model, force={1: eos, 4: human, 9: eos}))
     result, _ = run(engine, None, [], "hello", replace(GREEDY, max_new_tokens=20), min_new_tokens=6)
-    assert result.finish_reason == FINISH_STOP
+    assert result.finish_reason == FinishReason.STOP
     assert len(result.answer_ids) == 9 and eos not in result.answer_ids and human not in result.answer_ids
-    stream = engine.stream_ids(engine.plan(None, [], "x", 12).ids, replace(GREEDY, max_new_tokens=12), min_new_tokens=12)
+    stream = engine.stream(plan(engine, None, [], "x", 12), replace(GREEDY, max_new_tokens=12), min_new_tokens=12)
     assert stream.finish().new_tokens == 12
 
 
 def test_stops_at_the_context_limit(loaded: LoadedModel) -> None:
     # plan() always leaves room for max_new_tokens, so only a plan made for a larger window reaches the end.
     engine = ChatEngine(loaded)
-    ids = engine.plan(None, [], "hello", 10).ids
+    ids = plan(engine, None, [], "hello", 10).ids
     engine.context_limit = len(ids) + 4
-    stream = GenerationStream(engine, PromptPlan(ids, 0, 10), replace(GREEDY, max_new_tokens=10))
+    stream = GenerationStream(engine, PromptPlan(ids), replace(GREEDY, max_new_tokens=10))
     result = stream.finish()
-    assert result.finish_reason == FINISH_CONTEXT
+    assert result.finish_reason == FinishReason.CONTEXT
     assert result.new_tokens == 4
     assert result.answer_ids == fresh(loaded, None, [], "hello", replace(GREEDY, max_new_tokens=4)).answer_ids
 
@@ -320,19 +326,19 @@ def test_drops_oldest_whole_turns_to_fit(loaded_small: LoadedModel, system: str 
     history = _long_history(engine, 8)
     message = "What did I ask first?"
     settings = replace(GREEDY, max_new_tokens=16)
-    full = engine.encode_prompt(system, history, message).ids
+    full = encode_prompt(engine, system, history, message).ids
     assert len(full) + 16 > 256
     expected_dropped = next(
-        d for d in range(len(history) + 1) if len(engine.encode_prompt(system, history[d:], message).ids) + 16 <= 256
+        d for d in range(len(history) + 1) if len(encode_prompt(engine, system, history[d:], message).ids) + 16 <= 256
     )
     assert 0 < expected_dropped < len(history)
+    assert plan(engine, system, history, message, 16).dropped_turns == expected_dropped
     result, _ = run(engine, system, history, message, settings)
-    assert result.dropped_turns == expected_dropped
     kept = history[expected_dropped:]
-    assert result.prompt_tokens == len(engine.encode_prompt(system, kept, message).ids)
+    assert result.prompt_tokens == len(encode_prompt(engine, system, kept, message).ids)
     assert result.prompt_tokens + 16 <= 256
+    assert plan(engine, system, kept, message, 16).dropped_turns == 0
     reference = fresh(loaded_small, system, kept, message, settings)
-    assert reference.dropped_turns == 0
     assert result.answer_ids == reference.answer_ids
 
 
@@ -342,14 +348,14 @@ def test_message_that_cannot_fit_raises_with_counts(loaded_small: LoadedModel) -
     tokens = engine.count_tokens(message)
     assert tokens > 256
     with pytest.raises(ContextOverflowError) as caught:
-        engine.stream(None, _long_history(engine, 2), message, replace(GREEDY, max_new_tokens=16))
+        start(engine, None, _long_history(engine, 2), message, replace(GREEDY, max_new_tokens=16))
     error = caught.value
     assert error.message_tokens == tokens
     assert 0 < error.fits < 256 - 16
     assert str(tokens) in str(error) and str(error.fits) in str(error)
     with pytest.raises(ContextOverflowError):
-        engine.stream_ids(list(range(250)), replace(GREEDY, max_new_tokens=16))
-    assert engine.tokens_in_use == 0  # nothing started
+        engine.stream(PromptPlan(list(range(250))), replace(GREEDY, max_new_tokens=16))
+    assert len(engine.cached_ids) == 0  # nothing started
 
 
 # ------------------------------------------------------------------------------------------------ threads
@@ -357,7 +363,7 @@ def test_stop_from_another_thread(loaded: LoadedModel) -> None:
     runner = ScriptedRunner(loaded.model, delay_s=0.02)
     engine = ChatEngine(loaded, runner)
     settings = replace(GREEDY, max_new_tokens=200)
-    stream = engine.stream(None, [], "tell me a long story", settings)
+    stream = start(engine, None, [], "tell me a long story", settings)
     stopped_at: list[float] = []
 
     def stopper() -> None:
@@ -372,8 +378,8 @@ def test_stop_from_another_thread(loaded: LoadedModel) -> None:
             thread.start()
             thread.join()
     result = stream.result
-    assert result is not None and stream.stopped
-    assert result.finish_reason == FINISH_INTERRUPTED
+    assert result is not None
+    assert result.finish_reason == FinishReason.INTERRUPTED
     assert 5 <= len(result.answer_ids) < 200
     # Within one step: at most the decode call already under way when stop() came.
     assert sum(started > stopped_at[0] for started in runner.decode_started) <= 1
@@ -388,11 +394,11 @@ def test_stop_from_another_thread(loaded: LoadedModel) -> None:
 
 def test_stop_then_finish_returns_the_partial_answer(loaded: LoadedModel) -> None:
     engine = ChatEngine(loaded, ScriptedRunner(loaded.model, delay_s=0.01))
-    stream = engine.stream(None, [], "hello", replace(GREEDY, max_new_tokens=500))
+    stream = start(engine, None, [], "hello", replace(GREEDY, max_new_tokens=500))
     time.sleep(0.1)
     stream.stop()
     result = stream.finish()
-    assert result.finish_reason == FINISH_INTERRUPTED
+    assert result.finish_reason == FinishReason.INTERRUPTED
     assert len(result.answer_ids) < 500
 
 
@@ -418,7 +424,7 @@ def _consume_with_timeout(stream: GenerationStream) -> BaseException | None:
 def test_worker_exception_reaches_the_caller(loaded: LoadedModel, step: int) -> None:
     runner = ScriptedRunner(loaded.model, raise_at=step)
     engine = ChatEngine(loaded, runner)
-    error = _consume_with_timeout(engine.stream(None, [], "hello", replace(GREEDY, max_new_tokens=10)))
+    error = _consume_with_timeout(start(engine, None, [], "hello", replace(GREEDY, max_new_tokens=10)))
     assert isinstance(error, RuntimeError) and f"boom at step {step}" in str(error)
     # The engine is usable afterwards, from a clean cache.
     runner.raise_at = None
@@ -458,7 +464,7 @@ def test_top_k_limits_choices(loaded: LoadedModel) -> None:
     # With top_k=2, every sampled token is one of the two best under the model at that point.
     engine = ChatEngine(loaded)
     result = fresh(loaded, None, [], "hello", replace(SAMPLED, top_k=2, temperature=2.0, max_new_tokens=12))
-    ids = engine.plan(None, [], "hello", 12).ids
+    ids = plan(engine, None, [], "hello", 12).ids
     with torch.inference_mode():
         for index, token in enumerate(result.answer_ids):
             context = torch.tensor([ids + result.answer_ids[:index]])
@@ -472,7 +478,7 @@ def test_repetition_penalty_matches_generate(loaded: LoadedModel) -> None:
     for penalty in (1.0, 1.3):
         settings = replace(GREEDY, max_new_tokens=30, repetition_penalty=penalty)
         result, _ = run(engine, None, [], "hello", settings)
-        ids = engine.plan(None, [], "hello", 30).ids
+        ids = plan(engine, None, [], "hello", 30).ids
         with torch.inference_mode():
             out = loaded.model.generate(
                 torch.tensor([ids]), max_new_tokens=30, do_sample=False, repetition_penalty=penalty,
@@ -538,7 +544,7 @@ def test_cache_grows_in_place_and_never_past_the_context(loaded_small: LoadedMod
     layers = engine._cache.layers
     assert all(type(layer).__name__ == "_GrowingLayer" for layer in layers)
     for layer in layers:
-        assert layer.keys.shape[-2] == engine.tokens_in_use
+        assert layer.keys.shape[-2] == len(engine.cached_ids)
         assert layer._key_buffer.shape[-2] <= engine.context_limit == 256
         assert layer.keys.data_ptr() == layer._key_buffer.data_ptr()  # a view, not a copy
     assert result.answer_ids == fresh(loaded_small, None, history, "hello", replace(GREEDY, max_new_tokens=16)).answer_ids

@@ -14,11 +14,17 @@ from bluelm_cli import fastpath
 from bluelm_cli.engine import ChatEngine, StepRunner
 from bluelm_cli.fastpath import CompiledRunner, make_runner
 from bluelm_cli.loading import LoadedModel, load_model
-from bluelm_cli.prompt import HistoryTurn
+from bluelm_cli.prompt import HistoryTurn, fit_prompt
 from bluelm_cli.settings import SamplingSettings
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=12)
+
+
+def start(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str, settings: SamplingSettings):  # type: ignore[no-untyped-def]
+    plan = fit_prompt(engine.encoder, system, history, message, context_limit=engine.context_limit,
+                      max_new_tokens=settings.max_new_tokens)
+    return engine.stream(plan, settings)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +38,12 @@ def conversation(engine: ChatEngine) -> list[list[int]]:
     history: list[HistoryTurn] = []
     answers: list[list[int]] = []
     for turn in range(4):
-        stream = engine.stream(None, history, f"问题 {turn}: hello", GREEDY)
+        stream = start(engine, None, history, f"问题 {turn}: hello", GREEDY)
         result = stream.finish()
         answers.append(result.answer_ids)
         history.append(HistoryTurn(f"问题 {turn}: hello", result.answer_ids))
-    answers.append(engine.stream("Be brief.", history[:2], "again", GREEDY).finish().answer_ids)
-    answers.append(engine.stream(None, history, "and once more", GREEDY).finish().answer_ids)
+    answers.append(start(engine, "Be brief.", history[:2], "again", GREEDY).finish().answer_ids)
+    answers.append(start(engine, None, history, "and once more", GREEDY).finish().answer_ids)
     return answers
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bluelm_cli.engine import TokenizerEncoder
 from bluelm_cli.loading import load_tokenizer
 from bluelm_cli.modeling import BlueLMTokenizer
 from bluelm_cli.prompt import HistoryTurn, build_prompt_ids, prompt_text, user_segment
@@ -22,14 +23,8 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BlueLMTokenizer:
 
 
 def build(tokenizer: BlueLMTokenizer, system: str | None, history: list[HistoryTurn], message: str):
-    return build_prompt_ids(
-        tokenizer.encode_plain,
-        bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id,
-        system=system,
-        history=history,
-        message=message,
-    )
+    encoder = TokenizerEncoder(tokenizer.encode_plain, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    return build_prompt_ids(encoder, system, history, message)
 
 
 # ------------------------------------------------------------------------------------------------ text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import stat
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
+from bluelm_cli.chat import Chat as ChatService
 from bluelm_cli.clipboard import MAX_OSC52_BYTES, copy_to_clipboard, osc52_sequence
 from bluelm_cli.commands import COMMANDS, ChatCompleter, code_blocks
 from bluelm_cli.engine import ChatEngine
@@ -107,7 +109,7 @@ def chat(
         feeder.start()
         try:
             status = run_chat(
-                engine, session, console=console, paths=paths, verbose=verbose, resumed=resumed,
+                ChatService(engine, session), console=console, paths=paths, verbose=verbose, resumed=resumed,
                 pt_input=pipe, pt_output=DummyOutput(),
             )
         finally:
@@ -138,7 +140,7 @@ def test_multi_turn_sends_the_history(engine: ChatEngine, session: Session, path
     result = chat(engine, session, paths, ["one\r", "two\r", "/exit\r"])
     assert result.users == ["one", "two"]
     # The second prompt held the first exchange: the cache holds both turns now.
-    assert engine.tokens_in_use > 2 * len(session.turns[0].answer_ids)
+    assert len(engine.cached_ids) > 2 * len(session.turns[0].answer_ids)
 
 
 @pytest.mark.parametrize("keys", [["\r"], ["   \r"], ["\x1b\r\x1b\r  \r"]], ids=["empty", "spaces", "newlines"])
@@ -380,7 +382,10 @@ def test_stats_line(engine: ChatEngine, session: Session, paths: UserPaths) -> N
     result = chat(engine, session, paths, ["quiet\r", "/stats on\r", "loud\r", "/stats off\r", "/exit\r"])
     lines = [line for line in result.out.splitlines() if "tokens/s" in line]
     assert len(lines) == 1
-    assert lines[0].startswith("8 tokens · first token ") and f"/2048" in lines[0]
+    assert re.fullmatch(
+        r"\d+ prompt tokens \(\d+ reused\) · 8 new · first token \d+ ms · [\d.]+ tokens/s · context \d+/2048 · finish: length",
+        lines[0],
+    ), lines[0]
     verbose = chat(engine, _new_session(paths, engine, "v"), paths, ["x\r", "/exit\r"], verbose=True)
     assert "tokens/s" in verbose.out
 
@@ -417,7 +422,7 @@ def test_failed_save_leaves_an_existing_file_untouched(
     def full_disk(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("bluelm_cli.session.os.replace", full_disk)
+    monkeypatch.setattr("bluelm_cli.transcript.os.replace", full_disk)
     result = chat(engine, session, paths, ["hi\r", f"/save {target}\r", "/exit\r"])
     assert f"Error: cannot save to {target} (No space left on device)" in result.out
     assert target.read_text() == "precious" and list(tmp_path.iterdir()) == [target]
@@ -497,25 +502,25 @@ def test_script_mode_reads_one_line_at_a_time(engine: ChatEngine, session: Sessi
     out, err = io.StringIO(), io.StringIO()
     stdin = io.StringIO("hello\n\n/rset\n/set temperature 9\n//slash\n/exit\nnever\n")
     status = run_chat(
-        engine, session, console=Console(file=out, width=80), paths=paths, stdin=stdin,
+        ChatService(engine, session), console=Console(file=out, width=80), paths=paths, stdin=stdin,
         err_console=Console(file=err, width=80),
     )
-    assert status == 0
+    assert status == 1  # a line failed
     assert [t.user for t in session.turns] == ["hello", "/slash"]
     first, second = (t.answer for t in session.turns)
-    assert out.getvalue() == (
-        f"{first}\n[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]\n"
-        f"{second}\n[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]\n"
-    )
+    # stdout carries only the answers; notes and errors go to stderr.
+    assert out.getvalue() == f"{first}\n{second}\n"
     assert err.getvalue() == (
+        "[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]\n"
         "Error: unknown command /rset; did you mean /reset? (/help lists them)\n"
         "Error: temperature must be a number from 0 to 2 (0 = greedy), got '9'\n"
+        "[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]\n"
     )
 
 
 def test_script_mode_refuses_copy(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
     err = io.StringIO()
-    run_chat(engine, session, console=Console(file=io.StringIO()), paths=paths, stdin=io.StringIO("hi\n/copy\n"),
+    run_chat(ChatService(engine, session), console=Console(file=io.StringIO()), paths=paths, stdin=io.StringIO("hi\n/copy\n"),
              err_console=Console(file=err))
     assert "Error: /copy needs a terminal" in err.getvalue()
 

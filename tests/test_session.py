@@ -81,7 +81,8 @@ def test_every_change_is_journaled_and_replayed(sessions_dir: Path) -> None:
     assert undone is not None and undone.user == "five" and undone.finish_reason == "interrupted"
     assert session.turns[-1].user == "four"
     session.add_turn(turn("six"))
-    assert session.pop_last_for_retry() == "six"
+    retried = session.undo()
+    assert retried is not None and retried.user == "six"
     assert session.set_setting("temperature", "0") == 0.0
     session.set_setting("seed", "7")
     session.set_setting("system", "new system")
@@ -114,7 +115,7 @@ def test_set_setting_validates_through_settings(sessions_dir: Path) -> None:
 
 def test_undo_and_retry_on_empty_session(sessions_dir: Path) -> None:
     session = new(sessions_dir)
-    assert session.undo() is None and session.pop_last_for_retry() is None
+    assert session.undo() is None and session.undo() is None
     assert len(journal_records(session)) == 1
 
 

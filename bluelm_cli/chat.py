@@ -1,0 +1,160 @@
+"""The chat service: owns a turn from message to journal, for every face (the REPL, `bluelm ask`).
+
+A turn is send → stream → commit. :meth:`Chat.send` fits the conversation into the context (a pure
+function of the prompt module), starts the backend's stream and returns it *without* recording
+anything: a refusal (the message can't fit) leaves the conversation as it was. The face shows the
+deltas; when the stream has ended or been stopped, :meth:`Chat.commit` records the turn (journaled,
+fsync'd) with whatever was answered. Retry and continue are the same shape. Nothing here touches a
+terminal or a tensor: a backend is anything that turns prompt ids into a stream of text deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bluelm_cli.backend import AnswerResult, AnswerStream, Backend
+from bluelm_cli.errors import BlueLMError
+from bluelm_cli.prompt import HistoryTurn, PromptPlan, fit_prompt, history_tokens
+from bluelm_cli.session import Session, Turn
+from bluelm_cli.settings import SamplingSettings
+
+__all__ = ["Chat", "CommittedTurn", "TurnStream"]
+
+
+class TurnStream:
+    """One answer being produced: iterate for deltas, `stop()` to interrupt, then `Chat.commit` it."""
+
+    def __init__(self, message: str, plan: PromptPlan, stream: AnswerStream, *, replaces_last: bool) -> None:
+        self.message = message
+        self.plan = plan
+        self.replaces_last = replaces_last  # /retry: committing replaces the last turn
+        self._stream = stream
+
+    def __iter__(self) -> TurnStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._stream)
+
+    def stop(self) -> None:
+        self._stream.stop()
+
+    @property
+    def result(self) -> AnswerResult | None:
+        return self._stream.result
+
+    def finish(self) -> AnswerResult:
+        """Drain what is left (after stop()) and return the result."""
+        return self._stream.finish()
+
+
+@dataclass(frozen=True)
+class CommittedTurn:
+    """A recorded turn and what the faces report about it."""
+
+    result: AnswerResult
+    dropped_turns: int  # oldest turns that no longer fit the context and were left out
+    truncated_from: int | None  # the message was cut from this many tokens (ask --truncate)
+    journal_error: str | None  # the turn is kept in memory, but could not be written to the journal
+
+
+class Chat:
+    """A conversation (a journaled :class:`Session`) answered by a :class:`Backend`."""
+
+    def __init__(self, backend: Backend, session: Session) -> None:
+        self.backend = backend
+        self.session = session
+
+    # ------------------------------------------------------------------------------------ queries
+    @property
+    def system(self) -> str | None:
+        return self.session.system
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return self.session.sampling_settings()
+
+    @property
+    def context_limit(self) -> int:
+        return self.backend.context_limit
+
+    def context_used(self) -> int:
+        """Context positions the conversation occupies before the next message ("context used")."""
+        return history_tokens(self.backend.encoder, self.session.system, _history(self.session.active_turns()))
+
+    def last_turn(self) -> Turn | None:
+        return self.session.turns[-1] if self.session.turns else None
+
+    # ------------------------------------------------------------------------------------ a turn
+    def send(self, message: str, *, truncate: bool = False) -> TurnStream:
+        """Start answering `message` after the conversation. Raises (recording nothing) if it can't fit."""
+        return self._start(message, self.session.active_turns(), replaces_last=False, truncate=truncate)
+
+    def retry(self) -> TurnStream:
+        """Start a new answer to the last message; committing it replaces the last turn."""
+        last = self.last_turn()
+        if last is None:
+            raise BlueLMError("nothing to retry yet; send a message first")
+        turns = self.session.active_turns()
+        if turns and turns[-1] is last:
+            turns = turns[:-1]
+        return self._start(last.user, turns, replaces_last=True, truncate=False)
+
+    def _start(self, message: str, turns: Sequence[Turn], *, replaces_last: bool, truncate: bool) -> TurnStream:
+        settings = self.sampling
+        plan = fit_prompt(
+            self.backend.encoder,
+            self.session.system,
+            _history(turns),
+            message,
+            context_limit=self.backend.context_limit,
+            max_new_tokens=settings.max_new_tokens,
+            truncate=truncate,
+        )
+        return TurnStream(message, plan, self.backend.stream(plan, settings), replaces_last=replaces_last)
+
+    def commit(self, stream: TurnStream) -> CommittedTurn:
+        """Record the ended (or stopped) answer as a turn. A journal failure keeps the turn in memory."""
+        result = stream.result if stream.result is not None else stream.finish()
+        turn = Turn(
+            user=stream.message,
+            answer=result.text,
+            answer_ids=list(result.answer_ids),
+            finish_reason=result.finish_reason,
+        )
+        journal_error = None
+        try:
+            if stream.replaces_last:
+                self.session.undo()
+            self.session.add_turn(turn)
+        except BlueLMError as exc:  # applied in memory; only the journal failed
+            journal_error = str(exc)
+        dropped = stream.plan.dropped_turns
+        try:
+            self.session.drop_oldest(dropped)
+        except BlueLMError as exc:
+            journal_error = journal_error or str(exc)
+        return CommittedTurn(result, dropped, stream.plan.truncated_from, journal_error)
+
+    # ------------------------------------------------------------------------------------ changes
+    def undo(self) -> Turn:
+        turn = self.session.undo()
+        if turn is None:
+            raise BlueLMError("nothing to undo; the conversation is empty")
+        return turn
+
+    def reset(self) -> None:
+        self.session.reset()
+
+    def set_setting(self, key: str, value: object) -> object:
+        return self.session.set_setting(key, value)
+
+    def adopt(self, other: Session) -> None:
+        """Continue a loaded conversation (its turns, system prompt and settings) in this session."""
+        self.session.adopt(other)
+
+
+def _history(turns: Sequence[Turn]) -> list[HistoryTurn]:
+    """What the prompt needs of the recorded turns: user text and the answer's generated ids."""
+    return [HistoryTurn(turn.user, turn.answer_ids, turn.answer) for turn in turns]

@@ -1,0 +1,50 @@
+"""Why an answer ended: one type for the engine, the journal, the terminal and transcripts.
+
+The values are what the journal and `bluelm ask --json` store, so they never change spelling.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # the model closed its answer (</s>, or it began the next [|Human|]: turn)
+    LENGTH = "length"  # max_new_tokens reached
+    INTERRUPTED = "interrupted"  # Ctrl-C, SIGHUP/SIGTERM, or a closed stream
+    CONTEXT = "context"  # the context window is full
+
+    @property
+    def note(self) -> str | None:
+        """The dim line shown after such an answer in the terminal (None: nothing to say)."""
+        return _NOTES[self]
+
+    @property
+    def transcript_note(self) -> str | None:
+        """The italic mark after such an answer in a Markdown transcript."""
+        return _TRANSCRIPT_NOTES[self]
+
+    @classmethod
+    def parse(cls, value: object) -> FinishReason | None:
+        """The reason named by a stored value, or None if it names none."""
+        try:
+            return cls(value)
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_NOTES: dict[FinishReason, str | None] = {
+    FinishReason.STOP: None,
+    FinishReason.LENGTH: "[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]",
+    FinishReason.INTERRUPTED: "[interrupted]",
+    FinishReason.CONTEXT: "[cut off: the context window is full; /reset starts a new conversation]",
+}
+_TRANSCRIPT_NOTES: dict[FinishReason, str | None] = {
+    FinishReason.STOP: None,
+    FinishReason.LENGTH: "*(cut off at max_new_tokens)*",
+    FinishReason.INTERRUPTED: "*(interrupted)*",
+    FinishReason.CONTEXT: "*(cut off: context window full)*",
+}

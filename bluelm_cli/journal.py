@@ -1,0 +1,212 @@
+"""The crash-safe session journal on disk: create, append (fsync'd), read back with repair, list.
+
+A journal is ``<sessions_dir>/<name>.jsonl``: one JSON record per line (see
+:mod:`bluelm_cli.conversation`), each appended with a single ``write`` of the whole line, then fsync'd
+before the call returns, so Ctrl-C, SIGTERM, SIGHUP or a crash never loses a finished turn. The first
+record is ``{"type": "start", "version": 1, "name", "model_id", "system", "sampling", "created_at"}``.
+
+Reading back, a last line cut short by a crash is dropped (and cut off the file so that later appends
+start on a fresh line); every complete record is recovered; a damaged line elsewhere is skipped and
+reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bluelm_cli.conversation import BadRecord, Conversation, checked_sampling, checked_system
+from bluelm_cli.errors import BlueLMError, UsageError
+
+VERSION = 1
+JOURNAL_SUFFIX = ".jsonl"
+_NAME_RE = re.compile(r"[\w.-]+")
+_MAX_NAME = 100
+
+
+def validate_session_name(name: str) -> str:
+    """The name if it is usable as a session name (``--session NAME``), else UsageError."""
+    if (
+        not isinstance(name, str)
+        or not _NAME_RE.fullmatch(name)
+        or name.startswith(".")
+        or len(name) > _MAX_NAME
+    ):
+        raise UsageError(
+            f"invalid session name '{name}': use only letters, digits, '-', '_' and '.'"
+            f" (not starting with '.', at most {_MAX_NAME} characters)"
+        )
+    return name
+
+
+def journal_path(sessions_dir: Path, name: str) -> Path:
+    return Path(sessions_dir) / f"{validate_session_name(name)}{JOURNAL_SUFFIX}"
+
+
+def reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def create_exclusive(path: Path) -> None:
+    """Create an empty private journal file; FileExistsError if there is one already."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    os.close(fd)
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one record as one line and fsync it. Raises OSError."""
+    line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
+    try:
+        view = memoryview(line)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: Path, *, repair: bool) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """Complete JSON records of a journal, with line numbers, and warnings. With ``repair``, a last line
+    cut short by a crash is truncated off the file so that later appends start on a fresh line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BlueLMError(f"no such session journal: {path}") from None
+    except OSError as exc:
+        raise BlueLMError(f"cannot read session journal {path} ({reason(exc)}); check its permissions") from None
+    records: list[tuple[int, dict[str, Any]]] = []
+    warnings: list[str] = []
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else a line cut short
+    if tail.strip():
+        good_length = len(data) - len(tail)
+        try:
+            obj = json.loads(tail.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError
+        except (UnicodeDecodeError, ValueError):
+            obj = None
+        if obj is not None:
+            lines.append(tail)  # complete record, only its newline is missing
+            if repair:
+                _repair(path, None)
+        elif repair:
+            _repair(path, good_length)
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            warnings.append(f"{path}: line {number} is damaged and was skipped")
+            continue
+        if not isinstance(obj, dict):
+            warnings.append(f"{path}: line {number} is not a record and was skipped")
+            continue
+        records.append((number, obj))
+    return records, warnings
+
+
+def _repair(path: Path, good_length: int | None) -> None:
+    """Cut a partial last line off (good_length) or add the missing newline (None)."""
+    try:
+        if good_length is None:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            os.truncate(path, good_length)
+    except OSError as exc:
+        raise BlueLMError(f"cannot repair session journal {path} ({reason(exc)}); check its permissions") from None
+
+
+def replay(path: Path, *, repair: bool) -> tuple[Conversation, list[str]]:
+    """The conversation a journal records, and warnings about what had to be skipped."""
+    records, warnings = read_records(path, repair=False)
+    if not records or records[0][1].get("type") != "start":
+        raise BlueLMError(f"{path} is not a bluelm session journal (no start record); delete it or move it away")
+    start = records[0][1]
+    version = start.get("version")
+    if isinstance(version, int) and version > VERSION:
+        raise BlueLMError(f"{path} was written by a newer bluelm-cli (journal version {version}); upgrade to resume it")
+    model_id = start.get("model_id")
+    try:
+        if not isinstance(model_id, str):
+            raise BadRecord("model_id is missing")
+        conversation = Conversation(
+            name=path.name[: -len(JOURNAL_SUFFIX)] if path.name.endswith(JOURNAL_SUFFIX) else path.stem,
+            model_id=model_id,
+            system=checked_system(start.get("system")),
+            sampling=checked_sampling(start.get("sampling", {})),
+        )
+    except BadRecord as exc:
+        raise BlueLMError(f"{path} has a damaged start record ({exc}); delete it or move it away") from None
+    for number, record in records[1:]:
+        try:
+            conversation.apply(record)
+        except BadRecord as exc:
+            warnings.append(f"{path}: line {number} was skipped ({exc})")
+    if repair:
+        read_records(path, repair=True)  # only now that the journal is known to be ours
+    return conversation, warnings
+
+
+# --------------------------------------------------------------------------- listing
+@dataclass(frozen=True)
+class SessionInfo:
+    name: str
+    turns: int
+    last_used: datetime  # UTC, from the journal's modification time
+    path: Path
+    model_id: str
+
+
+def list_sessions(sessions_dir: Path) -> list[SessionInfo]:
+    """Sessions with a readable journal in ``sessions_dir``, most recently used first."""
+    sessions_dir = Path(sessions_dir)
+    if not sessions_dir.is_dir():
+        return []
+    infos = []
+    for path in sessions_dir.glob(f"*{JOURNAL_SUFFIX}"):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            conversation, _ = replay(path, repair=False)
+            mtime = path.stat().st_mtime
+        except (BlueLMError, OSError):
+            continue
+        infos.append(
+            SessionInfo(
+                name=conversation.name,
+                turns=len(conversation.turns),
+                last_used=datetime.fromtimestamp(mtime, tz=timezone.utc),
+                path=path,
+                model_id=conversation.model_id,
+            )
+        )
+    infos.sort(key=lambda info: (info.last_used, info.name), reverse=True)
+    return infos

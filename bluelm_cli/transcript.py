@@ -1,0 +1,150 @@
+"""Saved conversations: JSON that `/load` reads back, and Markdown transcripts for reading.
+
+``/save x.json`` writes ``{"format": "bluelm-cli.session", "version": 1, "model_id", "system", "sampling",
+"context_start", "turns", "saved_at", "name"}``; ``/save x.md`` writes a Markdown transcript (it cannot be
+loaded back). Saving is atomic: a temporary file in the same directory, fsync, ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bluelm_cli.conversation import (
+    BadRecord,
+    Conversation,
+    checked_context_start,
+    checked_sampling,
+    checked_system,
+    checked_turns,
+    utc_now,
+)
+from bluelm_cli.errors import BlueLMError
+from bluelm_cli.finish import FinishReason
+from bluelm_cli.journal import JOURNAL_SUFFIX, fsync_dir, reason, replay
+
+FORMAT = "bluelm-cli.session"
+VERSION = 1
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+
+
+def to_json_dict(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": conversation.name,
+        "model_id": conversation.model_id,
+        "system": conversation.system,
+        "sampling": dict(conversation.sampling),
+        "context_start": conversation.context_start,
+        "turns": [t.to_dict() for t in conversation.turns],
+        "saved_at": utc_now(),
+    }
+
+
+def to_markdown(conversation: Conversation) -> str:
+    lines = [f"# BlueLM chat: {conversation.name}" if conversation.name else "# BlueLM chat", ""]
+    lines.append(f"- Model: `{conversation.model_id}`")
+    lines.append(f"- Saved: {utc_now()}")
+    if conversation.system:
+        lines += ["", "**System:**", "", conversation.system]
+    for number, turn in enumerate(conversation.turns, start=1):
+        lines += ["", "---", "", f"## Turn {number}", "", "**You:**", "", turn.user, "", "**BlueLM:**", ""]
+        answer = turn.answer
+        note = FinishReason(turn.finish_reason).transcript_note
+        if note:
+            answer = f"{answer} {note}" if answer.strip() else note
+        lines.append(answer)
+    return "\n".join(lines) + "\n"
+
+
+def save(conversation: Conversation, path: Path) -> Path:
+    """Write the conversation: Markdown transcript if the suffix is .md/.markdown, JSON otherwise.
+
+    Atomic: an existing file is replaced only by a complete new one. Returns the path written."""
+    path = Path(path).expanduser()
+    markdown = path.suffix.lower() in MARKDOWN_SUFFIXES
+    text = to_markdown(conversation) if markdown else json.dumps(to_json_dict(conversation), ensure_ascii=False, indent=2) + "\n"
+    atomic_write(path, text.encode("utf-8"))
+    return path
+
+
+def load(path: Path) -> Conversation:
+    """Read a conversation saved as JSON (or a journal, .jsonl). Never touches any other session.
+
+    Missing, unreadable, corrupt or foreign files raise BlueLMError naming the path."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() in MARKDOWN_SUFFIXES:
+        raise BlueLMError(f"{path} is a Markdown transcript, which is for reading only; load a session saved as .json")
+    if path.suffix.lower() == JOURNAL_SUFFIX:
+        conversation, _ = replay(path, repair=False)
+        return conversation
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BlueLMError(f"no such file: {path}; check the path") from None
+    except IsADirectoryError:
+        raise BlueLMError(f"{path} is a directory; give the path of a saved session (.json)") from None
+    except OSError as exc:
+        raise BlueLMError(f"cannot read {path} ({reason(exc)}); check its permissions") from None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BlueLMError(f"{path} is not a bluelm session (not valid JSON); load a file saved with /save") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise BlueLMError(f"{path} is not a bluelm session file; load a file saved with /save")
+    version = obj.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BlueLMError(f"{path} is a damaged bluelm session (no version); it cannot be loaded")
+    if version > VERSION:
+        raise BlueLMError(f"{path} was saved by a newer bluelm-cli (format version {version}); upgrade to load it")
+    try:
+        model_id = obj.get("model_id")
+        if not isinstance(model_id, str):
+            raise BadRecord("model_id is missing")
+        name = obj.get("name") or path.stem
+        if not isinstance(name, str):
+            raise BadRecord("name is not a string")
+        turns = checked_turns(obj.get("turns", []))
+        return Conversation(
+            name=name,
+            model_id=model_id,
+            system=checked_system(obj.get("system")),
+            sampling=checked_sampling(obj.get("sampling", {})),
+            turns=turns,
+            context_start=checked_context_start(obj.get("context_start"), turns),
+        )
+    except BadRecord as exc:
+        raise BlueLMError(f"{path} is a damaged bluelm session ({exc}); it cannot be loaded") from None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    directory = path.parent
+    if path.is_dir():
+        raise BlueLMError(f"cannot save to {path}: it is a directory; give a file name such as chat.json")
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise BlueLMError(f"cannot save to {path}: {directory} {what}; create it or choose another path")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise BlueLMError(f"cannot save to {path}: {directory} is not writable ({reason(exc)})") from None
+    try:
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        raise BlueLMError(f"cannot save to {path} ({reason(exc)}); the existing file, if any, is unchanged") from None
+    fsync_dir(directory)
