@@ -462,5 +462,30 @@ def bench(
     return ExitStatus.OK
 
 
+@app.command("export", short_help="Write the model as plain Llama for vLLM, SGLang, TGI (hf) or llama.cpp, ollama (gguf).")
+def export(
+    out: Annotated[Path, typer.Argument(help="New folder (hf) or file (gguf) to write.", show_default=False)],
+    model: ModelOpt = None,
+    export_format: Annotated[str, typer.Option("--format", "-f", help="hf (a folder) or gguf (one file).", metavar="FORMAT")] = "hf",
+    dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.", metavar="DTYPE")] = "auto",
+    source: SourceOpt = None,
+    debug: DebugOpt = False,
+) -> int:
+    """Write the model as plain Llama (no remote code) for other engines; see the README's "Exporting to other engines"."""
+    from rich.markup import escape
+
+    from bluelm_cli.export import export_checkpoint
+
+    settings, _ = _resolve(_setting_flags({"model": model, "source": source}))
+    console = _stderr_console()
+    with console.status(f"Exporting {escape(settings['model'])}…", spinner="dots") as status:
+        written = export_checkpoint(
+            settings["model"], out, format=export_format, dtype=dtype, source=settings["source"],
+            on_status=lambda text: status.update(escape(text) + "…"),
+        )
+    sys.stdout.write(f"Exported {settings['model']} to {written} ({export_format})\n")
+    return ExitStatus.OK
+
+
 def main() -> None:
     app()
