@@ -463,12 +463,13 @@ def bench(
 
 
 @app.command("export", short_help="Write the model as plain Llama for vLLM, SGLang, TGI (hf) or llama.cpp, ollama (gguf).")
+@setting_options("model", "source")
 def export(
-    out: Annotated[Path, typer.Argument(help="New folder (hf) or file (gguf) to write.", show_default=False)],
-    model: ModelOpt = None,
+    out: Annotated[Path, typer.Argument(help="New folder (hf) or file (gguf) to write.", metavar="OUT", show_default=False)],
+    *,
+    flags: dict[str, Any],
     export_format: Annotated[str, typer.Option("--format", "-f", help="hf (a folder) or gguf (one file).", metavar="FORMAT")] = "hf",
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.", metavar="DTYPE")] = "auto",
-    source: SourceOpt = None,
     debug: DebugOpt = False,
 ) -> int:
     """Write the model as plain Llama (no remote code) for other engines; see the README's "Exporting to other engines"."""
@@ -476,7 +477,7 @@ def export(
 
     from bluelm_cli.export import export_checkpoint
 
-    settings, _ = _resolve(_setting_flags({"model": model, "source": source}))
+    settings, _ = _resolve(flags)
     console = _stderr_console()
     with console.status(f"Exporting {escape(settings['model'])}…", spinner="dots") as status:
         written = export_checkpoint(

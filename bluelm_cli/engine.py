@@ -101,6 +101,7 @@ class TokenizerEncoder:
     encode_plain: Callable[[str], list[int]]
     bos_id: int
     eos_id: int
+    decode: Callable[[list[int]], str]
 
 
 class StepRunner:
@@ -145,7 +146,12 @@ class ChatEngine:
         self._human_id = self.tokenizer.sp_model.piece_to_id(HUMAN_TAG)
         self._eos_id = self.tokenizer.eos_token_id
         # The chat format is built by the pure prompt module; it needs only this much of the tokenizer.
-        self.encoder = TokenizerEncoder(self.tokenizer.encode_plain, self.tokenizer.bos_token_id, self._eos_id)
+        self.encoder = TokenizerEncoder(
+            self.tokenizer.encode_plain,
+            self.tokenizer.bos_token_id,
+            self._eos_id,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+        )
 
     def info(self) -> BackendInfo:
         loaded = self.loaded

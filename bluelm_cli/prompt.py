@@ -32,6 +32,10 @@ class PromptEncoder(Protocol):
         """Ids of `text` with no BOS, special-token text treated as plain characters."""
         ...
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids` (special tokens skipped)."""
+        ...
+
 
 @dataclass(frozen=True)
 class HistoryTurn:
@@ -53,13 +57,17 @@ class PromptIds:
 
 @dataclass(frozen=True)
 class PromptPlan:
-    """The ids to run for one answer, and how the conversation was fitted into the context."""
+    """The ids to run for one answer, how the conversation was fitted into the context, and the
+    conversation as text (what a served model, which tokenizes for itself, is sent)."""
 
     ids: list[int]
     dropped_turns: int = 0  # oldest history turns left out so that prompt + max_new_tokens fit
     # The message was cut to its last tokens to fit (`bluelm ask --truncate`): its length before and after.
     truncated_from: int | None = None
     truncated_to: int | None = None
+    system: str | None = None
+    history: tuple[HistoryTurn, ...] = ()  # the turns kept in the prompt
+    message: str = ""  # as sent (after --truncate, the kept end of it)
 
 
 class ContextOverflowError(BlueLMError):
@@ -141,10 +149,12 @@ def fit_prompt(
         keep = max(0, budget - len(head) - len(tail))
         if keep == 0:
             raise ContextOverflowError(len(message_ids), 0)
-        return PromptPlan(head + message_ids[-keep:] + tail, len(history), len(message_ids), keep)
+        kept_text = encoder.decode(message_ids[-keep:])
+        return PromptPlan(head + message_ids[-keep:] + tail, len(history), len(message_ids), keep,
+                          system, (), kept_text)
     full = build_prompt_ids(encoder, system, history, message)
     if len(full.ids) <= budget:
-        return PromptPlan(full.ids, 0)
+        return PromptPlan(full.ids, 0, system=system, history=tuple(history), message=message)
     system_tokens = len(encoder.encode_plain(system)) if system else 0
     # Turn lengths are known from the full encoding; only the first kept turn changes (it gains the system text).
     for dropped in range(1, len(history) + 1):
@@ -153,5 +163,5 @@ def fit_prompt(
             continue
         candidate = build_prompt_ids(encoder, system, history[dropped:], message)
         if len(candidate.ids) <= budget:
-            return PromptPlan(candidate.ids, dropped)
-    return PromptPlan(alone.ids, len(history))
+            return PromptPlan(candidate.ids, dropped, system=system, history=tuple(history[dropped:]), message=message)
+    return PromptPlan(alone.ids, len(history), system=system, message=message)

@@ -18,9 +18,10 @@ from bluelm_cli.export.gguf_file import interleave_rope_rows
 from bluelm_cli.export.hf import export_hf, folded_embedding, ntkmixed_factors
 from bluelm_cli.export.tokenizer_json import unreachable_pieces
 from bluelm_cli.loading import load_model
+from bluelm_cli.engine import TokenizerEncoder
 from bluelm_cli.prompt import HistoryTurn, build_prompt_ids
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
-from bluelm_cli.tokenizer import AI_TAG, HUMAN_TAG
+from bluelm_cli.prompt import AI_TAG, HUMAN_TAG
 
 SPECS = {
     "2k": TinySpec(weights_format="bin-sharded", seed=5),
@@ -173,7 +174,7 @@ def test_chat_template_gives_the_ids_our_engine_builds(exported, name: str) -> N
         # An answer's ids as the model generates them after "[|AI|]:" (the tag is atomic, so this is the
         # answer tokenized in place, with no dummy prefix of its own).
         turns = [HistoryTurn(user=u, answer_ids=sp.encode(AI_TAG + a)[2:]) for u, a in history]
-        engine_ids = build_prompt_ids(sp.encode, bos_id=1, eos_id=2, system=system, history=turns, message=message).ids
+        engine_ids = build_prompt_ids(TokenizerEncoder(sp.encode, 1, 2, sp.decode), system, turns, message).ids
         messages = ([{"role": "system", "content": system}] if system else [])
         for user, answer in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
