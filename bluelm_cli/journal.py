@@ -26,6 +26,7 @@ from bluelm_cli.errors import BlueLMError, UsageError
 
 VERSION = 1
 JOURNAL_SUFFIX = ".jsonl"
+_RECORD_TYPES = ("turn", "reset", "undo", "set", "drop", "load", "resume")
 _NAME_RE = re.compile(r"[\w.-]+")
 _MAX_NAME = 100
 
@@ -73,17 +74,75 @@ def create_exclusive(path: Path) -> None:
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:
-    """Append one record as one line and fsync it. Raises OSError."""
+    """Append one record as one line and fsync it. Raises OSError, leaving the file as it was: a line
+    half-written to a full disk is cut off again, so the next append starts on a fresh line."""
     line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
     try:
-        view = memoryview(line)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
     finally:
         os.close(fd)
+
+
+class JournalLock:
+    """An OS lock on a journal, held while a chat has the session open, so a second `bluelm chat` can't
+    interleave its turns with the first one's. The OS frees it when the process ends: a crashed chat
+    never leaves a stale lock. Within one process the lock is shared (counted), not refused."""
+
+    _held: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [fd, holders]
+
+    def __init__(self, key: tuple[int, int] | None) -> None:
+        self._key = key
+
+    @classmethod
+    def acquire(cls, path: Path, name: str) -> JournalLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks; the journal still works
+            return cls(None)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise BlueLMError(f"cannot open session journal {path} ({reason(exc)}); check its permissions") from None
+        info = os.fstat(fd)
+        key = (info.st_dev, info.st_ino)
+        held = cls._held.get(key)
+        if held is not None:
+            os.close(fd)
+            held[1] += 1
+            return cls(key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BlueLMError(
+                f"session '{name}' is open in another bluelm chat; continue it there, or start a new chat"
+            ) from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): go on unlocked
+        cls._held[key] = [fd, 1]
+        return cls(key)
+
+    def release(self) -> None:
+        key, self._key = self._key, None
+        held = self._held.get(key) if key is not None else None
+        if held is not None:
+            held[1] -= 1
+            if held[1] == 0:
+                del self._held[key]  # type: ignore[arg-type]
+                os.close(held[0])  # closing the descriptor drops the lock
 
 
 def read_records(path: Path, *, repair: bool) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
@@ -148,7 +207,12 @@ def replay(path: Path, *, repair: bool) -> tuple[Conversation, list[str]]:
     """The conversation a journal records, and warnings about what had to be skipped."""
     records, warnings = read_records(path, repair=False)
     if not records or records[0][1].get("type") != "start":
-        raise BlueLMError(f"{path} is not a bluelm session journal (no start record); delete it or move it away")
+        if not warnings or not any(record.get("type") in _RECORD_TYPES for _, record in records):
+            raise BlueLMError(f"{path} is not a bluelm session journal (no start record); delete it or move it away")
+        # The start record itself was damaged (its line is among the warnings); the turns after it are
+        # intact: recover them under the settings' defaults rather than lose the whole session.
+        warnings.append(f"{path}: the session's first record was damaged; its model and settings were reset to the defaults")
+        records = [(0, {"type": "start", "model_id": "unknown"}), *records]
     start = records[0][1]
     version = start.get("version")
     if isinstance(version, int) and version > VERSION:
@@ -183,6 +247,8 @@ class SessionInfo:
     last_used: datetime  # UTC, from the journal's modification time
     path: Path
     model_id: str
+    damaged: bool = False  # some records could not be read (what could be read is listed)
+    unreadable: str | None = None  # why nothing could be read (then turns is 0)
 
 
 def list_sessions(sessions_dir: Path) -> list[SessionInfo]:
@@ -195,17 +261,23 @@ def list_sessions(sessions_dir: Path) -> list[SessionInfo]:
         if path.name.startswith(".") or not path.is_file():
             continue
         try:
-            conversation, _ = replay(path, repair=False)
             mtime = path.stat().st_mtime
-        except (BlueLMError, OSError):
+        except OSError:
+            continue
+        last_used = datetime.fromtimestamp(mtime, tz=timezone.utc)
+        try:
+            conversation, warnings = replay(path, repair=False)
+        except BlueLMError as exc:
+            infos.append(SessionInfo(path.name[: -len(JOURNAL_SUFFIX)], 0, last_used, path, "unknown", True, str(exc)))
             continue
         infos.append(
             SessionInfo(
                 name=conversation.name,
                 turns=len(conversation.turns),
-                last_used=datetime.fromtimestamp(mtime, tz=timezone.utc),
+                last_used=last_used,
                 path=path,
                 model_id=conversation.model_id,
+                damaged=bool(warnings),
             )
         )
     infos.sort(key=lambda info: (info.last_used, info.name), reverse=True)

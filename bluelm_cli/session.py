@@ -9,6 +9,7 @@ are :mod:`bluelm_cli.transcript`'s job.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +22,7 @@ from bluelm_cli.errors import BlueLMError, UsageError
 from bluelm_cli.journal import (
     JOURNAL_SUFFIX,
     VERSION,
+    JournalLock,
     SessionInfo,
     append_record,
     create_exclusive,
@@ -41,7 +43,11 @@ __all__ = ["Session", "SessionInfo", "Turn", "list_sessions", "utc_now", "valida
 class Session(Conversation):
     journal: Path | None = field(default=None, repr=False, compare=False)  # None: changes are not journaled
     warnings: list[str] = field(default_factory=list, repr=False, compare=False)  # problems found while resuming
-    _journal_failed: bool = field(default=False, init=False, repr=False, compare=False)
+    # Records applied in memory that the journal could not take yet (a full disk, a read-only folder):
+    # they are written, in order, with the next change that succeeds, and the chat won't quit silently.
+    _unwritten: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False, compare=False)
+    _journal_problem: str | None = field(default=None, init=False, repr=False, compare=False)
+    _lock: JournalLock | None = field(default=None, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------- changes (all journaled)
     def add_turn(self, turn: Turn) -> None:
@@ -90,21 +96,50 @@ class Session(Conversation):
         )
 
     def _record(self, record: dict[str, Any]) -> None:
-        """Apply a record in memory, then append it to the journal (if any)."""
+        """Apply a record in memory, then append it to the journal (if any).
+
+        A journal that can't be written raises BlueLMError once (the change is kept in memory and
+        written later); while it stays unwritable, further changes queue up silently."""
         self.apply(record)
         self._append(record)
 
-    def _append(self, record: Mapping[str, Any]) -> None:
-        if self.journal is None or self._journal_failed:
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.journal is None:
             return
-        try:
-            append_record(self.journal, record)
-        except OSError as exc:
-            self._journal_failed = True
+        self._unwritten.append(record)
+        already_failing = self._journal_problem is not None
+        if not self.flush_journal() and not already_failing:
             raise BlueLMError(
-                f"could not write the session journal {self.journal} ({reason(exc)}); this session is no"
-                " longer saved automatically, save it explicitly to keep it"
-            ) from None
+                f"could not write the session journal {self.journal} ({self._journal_problem}); the conversation"
+                " is kept in memory and the journal is tried again with every change"
+            )
+
+    def flush_journal(self) -> bool:
+        """Write what the journal still lacks; True when it is complete."""
+        while self._unwritten and self.journal is not None:
+            try:
+                append_record(self.journal, self._unwritten[0])
+            except OSError as exc:
+                self._journal_problem = reason(exc)
+                return False
+            self._unwritten.pop(0)
+        self._journal_problem = None
+        return True
+
+    @property
+    def unwritten(self) -> int:
+        """Changes (turns, settings, …) kept in memory that are not in the journal yet."""
+        return len(self._unwritten)
+
+    @property
+    def journal_problem(self) -> str | None:
+        return self._journal_problem
+
+    def close(self) -> None:
+        """Let another chat open this session (the lock also goes when the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # ----------------------------------------------------------------- new / resume
     @classmethod
@@ -146,6 +181,7 @@ class Session(Conversation):
             raise BlueLMError(f"too many sessions named {base}-* in {sessions_dir}; choose a name")
         session.name = candidate
         session.journal = path
+        session._lock = JournalLock.acquire(path, candidate)
         session._append(
             {
                 "type": "start",
@@ -165,7 +201,7 @@ class Session(Conversation):
         """Reopen a session from its journal (``name=None``: the most recently used one)."""
         sessions_dir = Path(sessions_dir)
         if name is None:
-            infos = list_sessions(sessions_dir)
+            infos = [info for info in list_sessions(sessions_dir) if info.unreadable is None]
             if not infos:
                 raise BlueLMError(f"there are no saved sessions in {sessions_dir} yet; start a new chat instead")
             path = infos[0].path
@@ -177,10 +213,22 @@ class Session(Conversation):
                     "there are no saved sessions yet"
                 )
                 raise BlueLMError(f"no session named '{name}' in {sessions_dir}; {hint}")
-        conversation, warnings = replay(path, repair=True)
+        lock = JournalLock.acquire(path, path.name[: -len(JOURNAL_SUFFIX)])
+        try:
+            conversation, warnings = replay(path, repair=os.access(path, os.W_OK))
+        except BaseException:
+            lock.release()
+            raise
         session = cls.from_conversation(conversation, journal=path)
+        session._lock = lock
         session.warnings = warnings
-        session._append({"type": "resume", "at": utc_now()})
+        try:
+            session._append({"type": "resume", "at": utc_now()})
+        except BlueLMError:
+            session.warnings.append(
+                f"the session journal {path} can't be written ({session.journal_problem}): new turns are kept"
+                " in memory only; /save PATH keeps a copy elsewhere"
+            )
         return session
 
     @classmethod
@@ -203,10 +251,34 @@ class Session(Conversation):
         return transcript.to_markdown(self)
 
     def save(self, path: Path) -> Path:
-        """Write a copy: a Markdown transcript for .md/.markdown, JSON otherwise (atomic)."""
+        """Write a copy: a Markdown transcript for .md/.markdown, JSON otherwise (atomic).
+
+        Never onto a session journal: that would replace the live history with a file it can't replay."""
+        path = Path(path).expanduser()
+        if path.suffix.lower() == JOURNAL_SUFFIX and (_same_file(path, self.journal) or _is_journal(path)):
+            raise BlueLMError(
+                f"{path} is a session journal, which bluelm keeps itself; save the copy under another name (.json or .md)"
+            )
         return transcript.save(self, path)
 
     @classmethod
     def load(cls, path: Path) -> Session:
         """A conversation saved with /save (or a journal), not journaled itself."""
         return cls.from_conversation(transcript.load(path))
+
+
+def _same_file(path: Path, other: Path | None) -> bool:
+    try:
+        return other is not None and os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def _is_journal(path: Path) -> bool:
+    """An existing file that starts like a session journal."""
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(4096)
+    except OSError:
+        return False
+    return first.startswith(b'{"type":"start"')

@@ -235,6 +235,9 @@ def test_list_sessions_most_recent_first_and_resume_most_recent(sessions_dir: Pa
         os.utime(sessions_dir / f"{name}.jsonl", (t, t))
 
     infos = list_sessions(sessions_dir)
+    # A file that can't be read at all is listed as such (never hidden), and never resumed as "the latest".
+    assert [i.name for i in infos if i.unreadable] == ["junk"]
+    infos = [i for i in infos if not i.unreadable]
     assert [i.name for i in infos] == ["newest", "middle", "old"]
     assert [i.turns for i in infos] == [1, 2, 0]
     assert infos[0].path == sessions_dir / "newest.jsonl" and infos[0].model_id == MODEL
