@@ -93,10 +93,22 @@ def _standard_rope_parameters(scaling: dict[str, Any] | None, rope_theta: float)
     rope_type = params.pop("type", None) or params.pop("rope_type", None) or "default"
     params["rope_type"] = rope_type
     params.setdefault("rope_theta", rope_theta)
-    if rope_type not in ("default", "ntkmixed"):
-        raise ValueError(f"unsupported rope scaling type {rope_type!r} (BlueLM uses 'ntkmixed')")
+    check_rope_type(params)
+    return params
+
+
+IMPLEMENTED_ROPE_TYPES = ("default", "ntkmixed")
+
+
+def check_rope_type(params: dict[str, Any]) -> None:
+    """Refuse RoPE parameters the model does not implement, rather than compute them as plain RoPE."""
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in IMPLEMENTED_ROPE_TYPES:
+        raise ValueError(
+            f"BlueLM implements RoPE types 'default' and 'ntkmixed', not {rope_type!r}: "
+            "remove rope_scaling / rope_parameters from config.json or set its type to 'ntkmixed'"
+        )
     if rope_type == "ntkmixed":
         for key in ("factor", "power"):
             if key not in params:
                 raise ValueError(f"rope_scaling of type 'ntkmixed' needs a {key!r}")
-    return params

@@ -2,7 +2,9 @@
 
 Computes what the published BlueLM-7B checkpoints compute (see BLUELM.md) with parameter names identical
 to theirs, so their weights load with no renaming. It uses transformers' cache classes (DynamicCache,
-StaticCache), its attention backends (sdpa by default, eager, flash-attention) and `generate()`.
+StaticCache), its attention backends (sdpa by default, eager, flash-attention) and `generate()`, and it
+records hidden states and attentions, checkpoints gradients and returns tuples through the same transformers
+utilities as its Llama, so generic transformers code (generation modes, peft, Trainer) works with it.
 """
 
 from __future__ import annotations
@@ -15,16 +17,22 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
-from bluelm_cli.modeling.configuration import BlueLMConfig
+from bluelm_cli.modeling._compat import accepts_past_key_values, cache_keyword, causal_mask, output_cache
+from bluelm_cli.modeling.configuration import BlueLMConfig, check_rope_type
 
 
 def rope_inverse_frequencies(config: BlueLMConfig) -> torch.Tensor:
     """RoPE inverse frequencies over the full head dim; BlueLM's "ntkmixed" divides frequency i by exp(a·(i+1)^b)."""
     params = config.rope_parameters
+    # The config refuses other types when built, but a caller may have replaced rope_parameters since.
+    check_rope_type(params)
     dim = config.head_dim
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -113,6 +121,7 @@ class BlueLMAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
         self.is_causal = True
         hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
@@ -120,6 +129,7 @@ class BlueLMAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
 
+    @accepts_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -127,7 +137,7 @@ class BlueLMAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         **kwargs: object,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -140,8 +150,10 @@ class BlueLMAttention(nn.Module):
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, _ = attention(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-        return self.o_proj(output.reshape(*input_shape, -1).contiguous())
+        dropout = self.attention_dropout if self.training else 0.0
+        output, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+        # The weights are what `output_attentions` records (None from backends that never form them).
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
 
 
 class BlueLMMLP(nn.Module):
@@ -156,7 +168,7 @@ class BlueLMMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class BlueLMDecoderLayer(nn.Module):
+class BlueLMDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: BlueLMConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = BlueLMAttention(config, layer_idx)
@@ -164,6 +176,7 @@ class BlueLMDecoderLayer(nn.Module):
         self.input_layernorm = BlueLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BlueLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @accepts_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -172,8 +185,8 @@ class BlueLMDecoderLayer(nn.Module):
         cache: Cache | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
-        attended = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
+        attended, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -184,11 +197,14 @@ class BlueLMPreTrainedModel(PreTrainedModel):
     config: BlueLMConfig
     base_model_prefix = "model"
     _no_split_modules = ["BlueLMDecoderLayer"]
+    supports_gradient_checkpointing = True
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # What `output_hidden_states` / `output_attentions` collect, through transformers' output-capturing hooks.
+    _can_record_outputs = {"hidden_states": BlueLMDecoderLayer, "attentions": BlueLMAttention}
     # Older checkpoints saved the rotary buffer; it is recomputed from the config.
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
@@ -212,8 +228,18 @@ class BlueLMModel(BlueLMPreTrainedModel):
         self.layers = nn.ModuleList(BlueLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = BlueLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = BlueLMRotaryEmbedding(config)
+        self.gradient_checkpointing = False
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @accepts_past_key_values
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -230,13 +256,12 @@ class BlueLMModel(BlueLMPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if self.embed_layer_norm is not None:
             inputs_embeds = self.embed_layer_norm(inputs_embeds)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen).unsqueeze(0)
-        causal_mask = create_causal_mask(
+        mask = causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -246,8 +271,9 @@ class BlueLMModel(BlueLMPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, causal_mask, cache, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+            # hidden_states goes first and by position: the output-capturing hook records it as the layer's input.
+            hidden_states = layer(hidden_states, position_embeddings, mask, **cache_keyword(cache), **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **cache_keyword(cache))
 
 
 class BlueLMForCausalLM(BlueLMPreTrainedModel, GenerationMixin):
@@ -258,6 +284,8 @@ class BlueLMForCausalLM(BlueLMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @accepts_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -292,4 +320,10 @@ class BlueLMForCausalLM(BlueLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **cache_keyword(output_cache(outputs)),
+        )
