@@ -140,7 +140,9 @@ def _stderr_console() -> Console:
 
 
 def _print_error(message: str) -> None:
-    sys.stderr.write(f"Error: {message}\n")
+    from bluelm_cli.sanitize import safe_for_terminal
+
+    sys.stderr.write(f"Error: {safe_for_terminal(message)}\n")
     sys.stderr.flush()
 
 

@@ -26,14 +26,9 @@ from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 
-# C0 controls other than tab and newline, DEL and C1 controls: a model can emit them (ESC sequences
-# included), and written raw they would move the cursor, recolour or retitle the user's terminal.
-_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+from bluelm_cli.sanitize import safe_for_terminal
 
-
-def safe_for_terminal(text: str) -> str:
-    """Text with terminal control characters shown as U+FFFD; what goes to a pipe is never altered."""
-    return _TERMINAL_CONTROLS.sub("\ufffd", text)
+__all__ = ["StreamRenderer", "render_markdown", "safe_for_terminal", "wants_plain_output"]
 from rich.markdown import Markdown, UnknownElement
 from rich.segment import Segment
 from rich.spinner import Spinner

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from bluelm_cli.conversation import (
 from bluelm_cli.errors import BlueLMError
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.journal import JOURNAL_SUFFIX, fsync_dir, reason, replay
+from bluelm_cli.sanitize import safe_for_terminal
 
 FORMAT = "bluelm-cli.session"
 VERSION = 1
@@ -49,11 +51,12 @@ def to_markdown(conversation: Conversation) -> str:
     lines = [f"# BlueLM chat: {conversation.name}" if conversation.name else "# BlueLM chat", ""]
     lines.append(f"- Model: `{conversation.model_id}`")
     lines.append(f"- Saved: {utc_now()}")
+    # A transcript is for reading, with `cat` as often as not: no control character may reach the terminal.
     if conversation.system:
-        lines += ["", "**System:**", "", conversation.system]
+        lines += ["", "**System:**", "", safe_for_terminal(conversation.system)]
     for number, turn in enumerate(conversation.turns, start=1):
-        lines += ["", "---", "", f"## Turn {number}", "", "**You:**", "", turn.user, "", "**BlueLM:**", ""]
-        answer = turn.answer
+        lines += ["", "---", "", f"## Turn {number}", "", "**You:**", "", safe_for_terminal(turn.user), "", "**BlueLM:**", ""]
+        answer = safe_for_terminal(turn.answer)
         note = FinishReason(turn.finish_reason).transcript_note
         if note:
             answer = f"{answer} {note}" if answer.strip() else note
@@ -122,9 +125,26 @@ def load(path: Path) -> Conversation:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all at once (a complete new file or the old one, never half of one).
+
+    A symbolic link is written through (its target is replaced, the link stays); a device, FIFO, socket
+    or folder at the path is refused rather than replaced by a regular file."""
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
+    mode = None
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:
+        raise BlueLMError(f"cannot save to {path} ({reason(exc)}); choose another path") from None
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode):
+            raise BlueLMError(f"cannot save to {path}: it is a directory; give a file name such as chat.json")
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device"
+            raise BlueLMError(f"cannot save to {path}: it is {kind}, not a regular file; give a file name such as chat.json")
+        mode = stat.S_IMODE(info.st_mode)
     directory = path.parent
-    if path.is_dir():
-        raise BlueLMError(f"cannot save to {path}: it is a directory; give a file name such as chat.json")
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "does not exist"
         raise BlueLMError(f"cannot save to {path}: {directory} {what}; create it or choose another path")
@@ -137,6 +157,8 @@ def atomic_write(path: Path, data: bytes) -> None:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
+                if mode is not None:
+                    os.fchmod(handle.fileno(), mode)  # the replaced file keeps its permissions
                 os.fsync(handle.fileno())
             os.replace(tmp_name, path)
         except BaseException:
