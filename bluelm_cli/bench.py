@@ -551,7 +551,8 @@ def _shapes() -> dict[str, dict[str, Any]]:
     # A 32K context is ntkmixed factor × 2048 positions; the power only changes the rope frequencies'
     # values, not the work a token costs.
     long_context = dict(PUBLISHED_7B, rope_scaling={"type": "ntkmixed", "factor": 16.0, "power": 0.25})
-    return {"7b": dict(PUBLISHED_7B), "7b-32k": long_context, "cpu25m": CPU_25M}
+    return {"7b": dict(PUBLISHED_7B), "7b-32k": long_context, "cpu25m": CPU_25M,
+            "cpu25m-32k": dict(CPU_25M, rope_scaling=long_context["rope_scaling"])}
 
 
 SHAPES: dict[str, dict[str, Any]] = _shapes()

@@ -468,7 +468,7 @@ def bench(
     dtype: DtypeOpt = None,
     compile: CompileOpt = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
-    shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context) or cpu25m (26M parameters).")] = "7b",
+    shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context), cpu25m (26M parameters) or cpu25m-32k.")] = "7b",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.")] = 256,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens decoded every turn.")] = 64,
     turns: Annotated[int, typer.Option(min=1, help="Turns in the conversation.")] = 16,
