@@ -21,6 +21,12 @@ What is measured per turn (`TurnRecord`)
   including the engine's per-token work (detokenizing, streaming).
 * The engine also reports `reused_tokens` (KV cache hits) and `prefill_tokens` (what actually ran).
 
+Per-token overhead (`BenchReport.overhead`, `bluelm_cli.overhead`): after the conversation, turn 1 is
+generated again with every forward pass timed (device-synchronised), which splits the decode time into the
+forward and everything outside it (sampling, repetition penalty, detokenizing, streaming, the worker
+queue); and the decode loop is run with the forward replaced by a fixed logits row, at the model's
+vocabulary and at the published 7B vocabulary (100,096), to show the engine's own cost per token.
+
 `BenchReport.ratios`: `engine_ttft_last_over_first` (the point of reusing the cache: stays near 1 or
 below), `generate_ttft_last_over_first` (re-encoding: grows with the history), `engine_decode_over_generate`
 (mean decode tok/s, engine / generate(); ≥ 1 means no per-token overhead over transformers).
@@ -43,6 +49,7 @@ import torch
 
 from bluelm_cli.engine import ChatEngine, GenerationResult
 from bluelm_cli.loading import LoadedModel, dtype_name
+from bluelm_cli.overhead import measure_overhead
 from bluelm_cli.prompt import HUMAN_TAG, HistoryTurn, PromptPlan, fit_prompt
 from bluelm_cli.settings import SamplingSettings
 
@@ -96,6 +103,8 @@ class BenchReport:
     new_tokens: int = 0
     answers_match: bool | None = None  # engine and generate() produced the same ids every turn
     repeats: int = 1  # conversations run; per-turn figures are the best of them
+    overhead: dict[str, Any] | None = None  # overhead.OverheadReport as a dict
+    compile_s: float | None = None  # the decode step's compile warm-up (set by the CLI, which builds the runner)
 
     def to_json(self) -> str:
         from dataclasses import asdict
@@ -284,6 +293,7 @@ def run_bench(
     baseline: bool = False,
     model_label: str | None = None,
     repeats: int = 1,
+    overhead: bool = True,
 ) -> BenchReport:
     """Run a `turns`-turn conversation (see the module docstring) and measure it; the engine's cache is reset first."""
     if turns < 1 or new_tokens < 2 or prompt_tokens < 1:
@@ -314,6 +324,10 @@ def run_bench(
     records, answers = _best(engine_runs), engine_runs[0].answers
     baseline_records = _best(generate_runs) if baseline else None
     baseline_answers = generate_runs[0].answers if baseline else None
+    overhead_report = None
+    if overhead:
+        first_ids = _plan(engine, [], messages[0], new_tokens).ids
+        overhead_report = measure_overhead(engine, first_ids, _settings(new_tokens)).as_dict()
 
     ratios: dict[str, float] = {}
     if records[0].ttft_s > 0:
@@ -348,6 +362,7 @@ def run_bench(
         new_tokens=new_tokens,
         answers_match=(answers == baseline_answers) if baseline_answers is not None else None,
         repeats=max(1, repeats),
+        overhead=overhead_report,
     )
 
 
@@ -480,6 +495,7 @@ def format_report(report: BenchReport) -> str:
         f"prefill      {report.prefill_tok_s:,.0f} tok/s (turn 1)",
         f"TTFT         {report.ttft_s * 1000:.1f} ms (turn 1)",
         f"decode       {report.decode_tok_s:,.1f} tok/s (mean over {len(report.turns)} turns)",
+        *([f"compile      {report.compile_s:.2f} s (decode-step warm-up at start)"] if report.compile_s is not None else []),
         "peak memory  "
         + (f"GPU {report.peak_gpu_mem_gb:.2f} GB, " if report.peak_gpu_mem_gb is not None else "")
         + f"host {report.peak_host_mem_gb:.2f} GB",
@@ -512,13 +528,34 @@ def format_report(report: BenchReport) -> str:
             lines.append(f"{names.get(key, key):<42} {value:6.2f}")
     if report.answers_match is not None:
         lines.append(f"{'engine and generate() answers identical':<42} {'yes' if report.answers_match else 'no'}")
+    if report.overhead:
+        lines += _overhead_lines(report.overhead)
     return "\n".join(lines)
 
 
-def _shapes() -> dict[str, dict[str, int]]:
+def _overhead_lines(overhead: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"per token, turn 1 re-run with each forward timed (median of {overhead['runs']}):",
+        f"  {'forward pass':<40} {overhead['forward_ms_per_token']:8.3f} ms",
+        f"  {'outside the forward':<40} {overhead['outside_forward_ms_per_token']:8.3f} ms"
+        f"  ({100 * overhead['outside_forward_fraction']:.1f}% of decode time)",
+        "per token with the forward stubbed (a fixed logits row; engine work only):",
+    ]
+    for key, value in overhead["stub_ms_per_token"].items():
+        vocab, _, how = key.partition(" ")
+        lines.append(f"  {f'vocab {int(vocab):,}, {how}':<40} {value:8.3f} ms")
+    return lines
+
+
+def _shapes() -> dict[str, dict[str, Any]]:
     from bluelm_cli.tiny_checkpoint import PUBLISHED_7B
 
-    return {"7b": dict(PUBLISHED_7B), "cpu25m": CPU_25M}
+    # A 32K context is ntkmixed factor × 2048 positions; the power only changes the rope frequencies'
+    # values, not the work a token costs.
+    long_context = dict(PUBLISHED_7B, rope_scaling={"type": "ntkmixed", "factor": 16.0, "power": 0.25})
+    return {"7b": dict(PUBLISHED_7B), "7b-32k": long_context, "cpu25m": CPU_25M,
+            "cpu25m-32k": dict(CPU_25M, rope_scaling=long_context["rope_scaling"])}
 
 
-SHAPES: dict[str, dict[str, int]] = _shapes()
+SHAPES: dict[str, dict[str, Any]] = _shapes()

@@ -425,7 +425,7 @@ def bench(
     *,
     flags: dict[str, Any],
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
-    shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B) or cpu25m (26M parameters).")] = "7b",
+    shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context), cpu25m (26M parameters) or cpu25m-32k.")] = "7b",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.")] = 256,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens decoded every turn.")] = 64,
     turns: Annotated[int, typer.Option(min=1, help="Turns in the conversation.")] = 16,
@@ -437,6 +437,7 @@ def bench(
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""
     from bluelm_cli.bench import SHAPES, format_report, random_weights_model, run_bench
     from bluelm_cli.engine import ChatEngine
+    from bluelm_cli.fastpath import CompiledRunner
     from bluelm_cli.loading import pick_device, pick_dtype
 
     settings, _ = _resolve(flags)
@@ -456,10 +457,14 @@ def bench(
     else:
         loaded = _load(settings, None, errors)
         label = loaded.model_id
+    runner_started = time.perf_counter()
     engine = _engine(loaded, settings, errors)
+    runner_s = time.perf_counter() - runner_started
     with errors.status("Running the benchmark conversation…"):
         report = run_bench(engine, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
                            baseline=baseline, model_label=label, repeats=repeats)
+    if isinstance(engine.runner, CompiledRunner):
+        report.compile_s = runner_s
     typer.echo(report.to_json() if as_json else format_report(report))
     return ExitStatus.OK
 

@@ -390,4 +390,7 @@ def _sample(
     if greedy:
         return int(scores.argmax(dim=-1)[0])
     probabilities = torch.softmax(scores.float(), dim=-1)
-    return int(torch.multinomial(probabilities, num_samples=1, generator=generator)[0, 0])
+    # torch.multinomial's own draw for one sample (argmax of p / Exp(1) noise, the same random stream), without
+    # its two validity checks, each a device-to-host sync: the int() below is the one sync a token needs.
+    noise = torch.empty_like(probabilities).exponential_(1, generator=generator)
+    return int((probabilities / noise).argmax(dim=-1)[0])

@@ -13,8 +13,9 @@ import torch
 from bluelm_cli.engine import ChatEngine, GenerationResult, GenerationStream, StepRunner
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.loading import LoadedModel, load_model
-from bluelm_cli.prompt import ContextOverflowError, HistoryTurn, PromptIds, PromptPlan, build_prompt_ids, fit_prompt
+from bluelm_cli.prompt import ContextOverflowError, HistoryTurn, PromptIds, PromptPlan, build_prompt_ids
 from bluelm_cli.settings import SamplingSettings
+from helpers import plan, start
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 
 GREEDY = SamplingSettings(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None)
@@ -102,20 +103,8 @@ class ScriptedRunner(StepRunner):
         return self._edit(logits)
 
 
-def plan(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str,
-         max_new_tokens: int) -> PromptPlan:
-    """The conversation fitted into the engine's context, as the chat service does it."""
-    return fit_prompt(engine.encoder, system, history, message, context_limit=engine.context_limit,
-                      max_new_tokens=max_new_tokens)
-
-
 def encode_prompt(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str) -> PromptIds:
     return build_prompt_ids(engine.encoder, system, history, message)
-
-
-def start(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str,
-          settings: SamplingSettings, **kwargs: int) -> GenerationStream:
-    return engine.stream(plan(engine, system, history, message, settings.max_new_tokens), settings, **kwargs)
 
 
 def run(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str,

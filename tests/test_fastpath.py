@@ -14,17 +14,12 @@ from bluelm_cli import fastpath
 from bluelm_cli.engine import ChatEngine, StepRunner
 from bluelm_cli.fastpath import CompiledRunner, make_runner
 from bluelm_cli.loading import LoadedModel, load_model
-from bluelm_cli.prompt import HistoryTurn, fit_prompt
+from bluelm_cli.prompt import HistoryTurn
 from bluelm_cli.settings import SamplingSettings
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from helpers import start
 
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=12)
-
-
-def start(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str, settings: SamplingSettings):  # type: ignore[no-untyped-def]
-    plan = fit_prompt(engine.encoder, system, history, message, context_limit=engine.context_limit,
-                      max_new_tokens=settings.max_new_tokens)
-    return engine.stream(plan, settings)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,505 @@
+#!/usr/bin/env python3
+"""The GPU check in one call: prepare wheels where PyPI is reachable, then run everything on a bare GPU machine.
+
+    python3 scripts/gpu_check.py prepare           # here: wheels the GPU machine lacks -> .gpu_wheels/
+    python3 scripts/gpu_check.py run [OUT_DIR]     # there: install, GPU tests, 7B benches, start-up figures
+    python3 scripts/gpu_check.py dry-run [OUT_DIR] # prepare, then the same steps on the CPU with small shapes
+
+`run` steps, each in a subprocess with its own timeout inside one overall budget (--budget, default 500 s on
+a GPU, so the whole call ends well inside the device tool's 10 minutes); the report is rewritten after every
+step, so a hang or a kill still leaves what was measured:
+  env          python, torch, transformers, the GPU
+  install      what our package needs and the machine lacks, from the carried wheels (pip --no-index)
+  imports      `import torch`, `bluelm --help`, `import bluelm_cli.engine`: wall time of fresh processes
+  gpu_tests    pytest -m gpu
+  bench_2k     bluelm bench --random-weights, published 7B shapes, bf16, --baseline, cold compile cache
+  warm_start   the same model started again on the now warm compile cache: load and compile warm-up
+  bench_32k    bluelm bench --random-weights, 7B shapes with a 32K context, bf16, --baseline
+  first_prompt `bluelm chat` with a tiny checkpoint to its first prompt, cold and warm compile cache
+Outputs in OUT_DIR (argument, else $OUT, else ./gpu_check_out): gpu_check.json, gpu_check.md,
+gpu_check.log (every step's output), gpu_tests.xml. The headline table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEELS = ROOT / ".gpu_wheels"
+GPU_PYTHON = "3.12"
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")
+# What the lent GPU machines were seen to have (KINDS.md): transformers is carried only if this misses our range.
+GPU_TRANSFORMERS = os.environ.get("GPU_TRANSFORMERS", "5.17.0")
+# Ours to carry, with their dependencies; the GPU image has torch and the Hugging Face stack.
+CARRIED = ("prompt_toolkit", "rich", "typer", "platformdirs", "sentencepiece", "pytest", "hypothesis", "pexpect")
+# bitsandbytes ships a library per CUDA version (43 MB in all); torch 2.11 there is built for CUDA 13.0.
+BNB_LIBRARIES = ("cpu", "cuda130", "cuda132")
+WHEEL_BUDGET_MB = 40  # the device tool carries 64 MiB in all, the repository included
+
+GPU_SHAPES = {"2k": ("7b", 1000, 128, 6), "32k": ("7b-32k", 16000, 64, 2)}  # shape, prompt, new, turns
+CPU_SHAPES = {"2k": ("cpu25m", 64, 16, 3), "32k": ("cpu25m-32k", 256, 16, 2)}
+# Worst cases on one H100, in the order they run; the overall budget trims the last ones first.
+STEP_LIMITS_S = {"env": 45, "install": 60, "imports": 60, "gpu_tests": 150, "bench_2k": 220, "warm_start": 90,
+                 "bench_32k": 180, "first_prompt": 90}
+GPU_BUDGET_S = 500  # the device tool allows 600 s a command; leave room for start-up and copying back
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+def _project() -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def _name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(requirement).name.lower().replace("_", "-")
+
+
+def _pip_download(arguments: list[str]) -> None:
+    platforms = [flag for name in PLATFORMS for flag in ("--platform", name)]
+    command = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", GPU_PYTHON,
+               "--implementation", "cp", *platforms, "-d", str(WHEELS), *arguments]
+    subprocess.run(command, check=True)
+
+
+def _slim_bitsandbytes(wheel: Path) -> None:
+    """Drop the libraries for other CUDA/ROCm/XPU versions, and their RECORD lines (a valid, smaller wheel)."""
+    kept = {f"bitsandbytes/libbitsandbytes_{name}.so" for name in BNB_LIBRARIES}
+    slim = wheel.with_suffix(".slim")
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            name = item.filename
+            if name.startswith("bitsandbytes/libbitsandbytes_") and name not in kept:
+                continue
+            data = source.read(item)
+            if name.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines()
+                keep = [line for line in lines if not line.startswith("bitsandbytes/libbitsandbytes_")
+                        or line.split(",", 1)[0] in kept]
+                data = ("\n".join(keep) + "\n").encode()
+            target.writestr(item, data)
+    slim.replace(wheel)
+
+
+def _tree_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "bluelm_cli").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def prepare(with_bnb: bool = True) -> int:
+    from packaging.requirements import Requirement
+
+    project = _project()
+    declared = {_name(r): r for r in [*project["dependencies"], *project["optional-dependencies"]["test"],
+                                      *project["optional-dependencies"]["quant"]]}
+    if WHEELS.exists():
+        shutil.rmtree(WHEELS)
+    WHEELS.mkdir()
+    print(f"prepare: our wheel, then wheels for Python {GPU_PYTHON} manylinux x86_64 into {WHEELS.relative_to(ROOT)}/")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(WHEELS), str(ROOT)], check=True)
+    _pip_download([declared[_name(name)] for name in CARRIED])
+    transformers = Requirement(declared["transformers"])
+    if GPU_TRANSFORMERS not in transformers.specifier:
+        print(f"prepare: the GPU's transformers {GPU_TRANSFORMERS} misses {transformers}: carrying a wheel")
+        _pip_download(["--no-deps", str(transformers)])
+    if with_bnb:
+        _pip_download(["--no-deps", declared["bitsandbytes"]])
+        for wheel in WHEELS.glob("bitsandbytes-*.whl"):
+            _slim_bitsandbytes(wheel)
+    wheels = sorted(WHEELS.glob("*.whl"))
+    total = sum(w.stat().st_size for w in wheels)
+    manifest = {"created": _now(), "tree": _tree_hash(), "python": GPU_PYTHON,
+                "wheels": {w.name: w.stat().st_size for w in wheels}}
+    (WHEELS / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    # The carried set must resolve by itself for the GPU's Python (everything it needs, nothing from an index).
+    platforms = [flag for name in PLATFORMS for flag in ("--platform", name)]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed", "--no-index",
+                    "--find-links", str(WHEELS), "--only-binary=:all:", "--python-version", GPU_PYTHON, *platforms,
+                    "--target", tempfile.mkdtemp(prefix="gpu-check-resolve-"),
+                    *[declared[_name(name)] for name in CARRIED]], check=True)
+    for wheel in wheels:
+        print(f"  {wheel.stat().st_size / 2**20:6.2f} MiB  {wheel.name}")
+    print(f"prepare: {len(wheels)} wheels, {total / 2**20:.1f} MiB (budget {WHEEL_BUDGET_MB} MiB); they resolve alone")
+    if total > WHEEL_BUDGET_MB * 2**20:
+        print(f"Error: the wheels exceed {WHEEL_BUDGET_MB} MiB; drop bitsandbytes with --no-bnb", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- run
+class Check:
+    """Runs the steps within one deadline and rewrites the report after each."""
+
+    def __init__(self, out: Path, cpu: bool, budget_s: float) -> None:
+        self.out, self.cpu = out, cpu
+        self.deadline = time.monotonic() + budget_s
+        self.work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+        self.steps: list[dict[str, Any]] = []
+        self.log = (out / "gpu_check.log").open("w", encoding="utf-8")
+        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self.env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
+                    "BLUELM_HOME": str(self.work / "home"), "HF_HOME": str(self.work / "hf"), "TERM": "dumb",
+                    "TORCHINDUCTOR_CACHE_DIR": str(self.work / "compile-cache" / "inductor"),
+                    "TRITON_CACHE_DIR": str(self.work / "compile-cache" / "triton")}
+        self.env.pop("BLUELM_MODEL", None)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def step(self, name: str, function: Callable[[float], dict[str, Any]]) -> dict[str, Any]:
+        limit = min(STEP_LIMITS_S[name], self.remaining() - 5)
+        record: dict[str, Any] = {"step": name, "status": "skipped", "seconds": 0.0, "data": {}}
+        self.steps.append(record)
+        if limit < 15:
+            record["note"] = "not started: the overall budget is spent"
+            self.write()
+            return record
+        self._log(f"\n===== {name} (limit {limit:.0f} s) =====\n")
+        started = time.monotonic()
+        try:
+            record["data"] = function(limit)
+            record["status"] = record["data"].pop("_status", "ok")
+        except subprocess.TimeoutExpired:
+            record["status"] = "timeout"
+        except Exception as error:  # noqa: BLE001 - one failing step must not stop the others
+            record["status"] = "failed"
+            record["note"] = f"{type(error).__name__}: {error}"[:400]
+        record["seconds"] = round(time.monotonic() - started, 1)
+        print(f"[gpu_check] {name}: {record['status']} in {record['seconds']} s", flush=True)
+        self.write()
+        return record
+
+    def run(self, command: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+        """Run a command in its own process group; on timeout kill the group and raise TimeoutExpired."""
+        self._log(f"$ {' '.join(command)}\n")
+        process = subprocess.Popen(command, cwd=ROOT, env=env or self.env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            self._log(output + "\n[killed at the step's time limit]\n")
+            raise
+        self._log(output)
+        return process.returncode, output
+
+    def _log(self, text: str) -> None:
+        self.log.write(text)
+        self.log.flush()
+
+    def write(self) -> None:
+        report = {"created": _now(), "mode": "cpu dry-run" if self.cpu else "gpu", "steps": self.steps,
+                  "headline": headline_rows(self.steps, self.cpu)}
+        (self.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (self.out / "gpu_check.md").write_text(markdown(report), encoding="utf-8")
+
+
+def _python(*arguments: str) -> list[str]:
+    return [sys.executable, *arguments]
+
+
+def step_env(check: Check, limit: float) -> dict[str, Any]:
+    code = ("import json, sys, torch, transformers; c = torch.cuda.is_available(); print(json.dumps({"
+            "'python': sys.version.split()[0], 'torch': torch.__version__, 'cuda': torch.version.cuda, "
+            "'transformers': transformers.__version__, 'gpu': torch.cuda.get_device_name() if c else None, "
+            "'gpu_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if c else None, "
+            "'cpu_threads': torch.get_num_threads()}))")
+    rc, output = check.run(_python("-c", code), limit)
+    data = json.loads(output.strip().splitlines()[-1]) if rc == 0 else {"_status": "failed"}
+    data["platform"] = platform.platform()
+    if shutil.which("nvidia-smi"):
+        _, smi = check.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"], 30)
+        data["nvidia_smi"] = smi.strip()
+    return data
+
+
+def step_install(check: Check, limit: float) -> dict[str, Any]:
+    import importlib.metadata as metadata
+
+    from packaging.requirements import Requirement
+
+    ours = sorted(WHEELS.glob("bluelm_cli-*.whl"))
+    if not ours:
+        return {"_status": "failed", "note": "no .gpu_wheels/bluelm_cli-*.whl: run `scripts/gpu_check.sh prepare` first"}
+    manifest = json.loads((WHEELS / "manifest.json").read_text(encoding="utf-8"))
+    with zipfile.ZipFile(ours[-1]) as wheel:
+        meta = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = wheel.read(meta).decode().splitlines()
+    requirements = [Requirement(line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
+    wanted = [r for r in requirements if r.name.lower() != "torch"
+              and (r.marker is None or any(r.marker.evaluate({"extra": extra}) for extra in ("", "test", "quant")))]
+
+    def unsatisfied() -> list[str]:
+        missing = []
+        for requirement in wanted:
+            try:
+                if metadata.version(requirement.name) in requirement.specifier:
+                    continue
+            except metadata.PackageNotFoundError:
+                pass
+            missing.append(str(requirement).split(";")[0].strip())
+        return missing
+
+    before = unsatisfied()
+    carried = {path.name.split("-")[0].lower().replace("_", "-") for path in WHEELS.glob("*.whl")}
+    installable = [r for r in before if _name(r) in carried]
+    pip = _python("-m", "pip", "install", "-q", "--no-index", "--find-links", str(WHEELS), "--no-cache-dir")
+    failed: list[str] = []
+    if installable:
+        rc, _ = check.run([*pip, *installable], limit / 2)
+        if rc != 0:  # one bad wheel must not keep the others out
+            failed = [r for r in installable if check.run([*pip, r], limit / 4)[0] != 0]
+    installed_ours = None
+    try:
+        installed_ours = metadata.version("bluelm-cli")
+    except metadata.PackageNotFoundError:
+        rc, _ = check.run([*pip, "--no-deps", str(ours[-1])], limit / 4)
+        if rc != 0:
+            failed.append(ours[-1].name)
+    after = unsatisfied()
+    return {
+        "_status": "ok" if not [r for r in after if _name(r) != "bitsandbytes"] and not failed else "failed",
+        "missing_before": before, "installed_from_wheels": [r for r in installable if r not in failed],
+        "still_missing": after, "failed": failed,
+        "bluelm_cli": f"already installed ({installed_ours}); the tree is used through PYTHONPATH" if installed_ours
+        else f"installed {ours[-1].name}; the tree is used through PYTHONPATH",
+        "wheels_match_tree": manifest.get("tree") == _tree_hash(),
+    }
+
+
+def step_imports(check: Check, limit: float) -> dict[str, Any]:
+    commands = {"import torch": _python("-c", "import torch"),
+                "bluelm --help": _python("-m", "bluelm_cli", "--help"),
+                "import bluelm_cli.engine": _python("-c", "import bluelm_cli.engine")}
+    data: dict[str, Any] = {}
+    for label, command in commands.items():
+        runs = []
+        for _ in range(3 if check.cpu else 2):
+            started = time.perf_counter()
+            rc, _ = check.run(command, limit / 6)
+            if rc != 0:
+                raise RuntimeError(f"{label} failed")
+            runs.append(round(time.perf_counter() - started, 3))
+        data[label] = {"runs_s": runs, "best_s": min(runs)}
+    return data
+
+
+def step_gpu_tests(check: Check, limit: float) -> dict[str, Any]:
+    import xml.etree.ElementTree as ElementTree
+
+    xml = check.out / "gpu_tests.xml"
+    rc, output = check.run(_python("-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs",
+                                   f"--junitxml={xml}", "tests"), limit)
+    data: dict[str, Any] = {"exit_code": rc, "summary": output.strip().splitlines()[-1] if output.strip() else ""}
+    if xml.exists():
+        suite = ElementTree.parse(xml).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+        counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+        data.update(counts)
+        data["not_passed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                              if case.find("failure") is not None or case.find("error") is not None]
+    data["_status"] = "ok" if rc in (0, 5) else "failed"  # 5: nothing selected
+    return data
+
+
+def _bench(check: Check, limit: float, config: str, *, short: bool = False) -> dict[str, Any]:
+    shape, prompt, new, turns = (CPU_SHAPES if check.cpu else GPU_SHAPES)[config]
+    device = ["--device", "cpu", "--dtype", "float32"] if check.cpu else ["--device", "cuda", "--dtype", "bfloat16"]
+    workload = ["--prompt-tokens", "32", "--new-tokens", "8", "--turns", "1"] if short else \
+        ["--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", str(turns), "--baseline"]
+    command = _python("-m", "bluelm_cli", "bench", "--random-weights", "--shape", shape, *device, *workload, "--json")
+    rc, output = check.run(command, limit)
+    if rc != 0:
+        return {"_status": "failed", "command": _shown(command), "tail": output.strip().splitlines()[-5:]}
+    report = json.loads(output[output.index("{"):])
+    report["command"] = _shown(command)
+    return report
+
+
+def _shown(command: list[str]) -> str:
+    return " ".join(["bluelm", *command[3:]] if command[1:3] == ["-m", "bluelm_cli"] else command)
+
+
+def step_first_prompt(check: Check, limit: float) -> dict[str, Any]:
+    import pexpect
+
+    folder = check.work / "tiny"
+    rc, _ = check.run(_python("-c", "import sys; from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint; "
+                                    f"build_checkpoint(sys.argv[1], TinySpec())", str(folder)), limit / 4)
+    if rc != 0:
+        raise RuntimeError("could not build the tiny checkpoint")
+    data: dict[str, Any] = {"model": "tiny checkpoint (TinySpec defaults), through the real loader"}
+    for label in ("cold_cache_s", "warm_cache_s"):
+        started = time.perf_counter()
+        child = pexpect.spawn(sys.executable, ["-m", "bluelm_cli", "chat", "--model", str(folder)], cwd=str(ROOT),
+                              env={**check.env, "TERM": "xterm-256color"}, encoding="utf-8", codec_errors="replace",
+                              dimensions=(40, 120), timeout=limit / 3)
+        try:
+            child.expect("BlueLM chat")
+            child.expect_exact("> ")
+            data[label] = round(time.perf_counter() - started, 3)
+            child.sendline("/exit")
+            child.expect(pexpect.EOF, timeout=30)
+        finally:
+            check._log(f"[chat to first prompt, {label}]\n{child.before or ''}\n")
+            child.close(force=True)
+    return data
+
+
+def run(out: Path, cpu: bool, budget_s: float) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, cpu, budget_s)
+    print(f"[gpu_check] {'CPU dry-run' if cpu else 'GPU run'}: budget {budget_s:.0f} s, report in {out}", flush=True)
+    env = check.step("env", lambda limit: step_env(check, limit))
+    if not cpu and not env["data"].get("gpu"):
+        print("Error: no CUDA GPU visible; use `dry-run` for the CPU", file=sys.stderr)
+        return 1
+    check.step("install", lambda limit: step_install(check, limit))
+    check.step("imports", lambda limit: step_imports(check, limit))
+    check.step("gpu_tests", lambda limit: step_gpu_tests(check, limit))
+    check.step("bench_2k", lambda limit: _bench(check, limit, "2k"))
+    check.step("warm_start", lambda limit: _bench(check, limit, "2k", short=True))
+    check.step("bench_32k", lambda limit: _bench(check, limit, "32k"))
+    check.step("first_prompt", lambda limit: step_first_prompt(check, limit))
+    check.write()
+    print(f"\nReport: {out / 'gpu_check.json'}, {out / 'gpu_check.md'}; logs: {out / 'gpu_check.log'}\n")
+    print(headline_text(check.steps, cpu))
+    return 0 if all(step["status"] == "ok" for step in check.steps) else 1
+
+
+# --------------------------------------------------------------------------------------------- the report
+def _data(steps: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next((s["data"] for s in steps if s["step"] == name and s["status"] == "ok"), {})
+
+
+def headline_rows(steps: list[dict[str, Any]], cpu: bool) -> list[list[str]]:
+    """[figure, value, target, verdict]; targets are the issue's, for one H100 at the published 7B shapes."""
+    rows: list[list[str]] = []
+
+    def add(figure: str, value: float | None, unit: str, target: str = "", ok: bool | None = None) -> None:
+        shown = "—" if value is None else f"{value:,.3f} {unit}".strip() if abs(value) < 10 else f"{value:,.1f} {unit}".strip()
+        judged = target.startswith("CPU:") == cpu  # the CPU dry-run judges CPU targets only, a GPU run GPU ones
+        verdict = "" if ok is None or not judged else ("meets" if ok else "MISSES")
+        rows.append([figure, shown, f"GPU: {target}" if cpu and target and not judged else target, verdict])
+
+    env = _data(steps, "env")
+    rows.append(["device", str(env.get("gpu") or f"CPU ({env.get('cpu_threads')} threads)"),
+                 f"torch {env.get('torch')}, transformers {env.get('transformers')}", ""])
+    tests = _data(steps, "gpu_tests")
+    if tests:
+        rows.append(["gpu tests", f"{tests.get('passed', 0)} passed, {tests.get('failures', 0) + tests.get('errors', 0)} "
+                     f"failed, {tests.get('skipped', 0)} skipped", "all pass", ""])
+    for config in ("2k", "32k"):
+        bench = _data(steps, f"bench_{config}")
+        if not bench:
+            continue
+        decode = bench.get("decode_tok_s")
+        base = bench.get("baseline") or []
+        ratio = bench.get("ratios", {}).get("engine_decode_over_generate")
+        first = bench["turns"][0]
+        add(f"{config}: decode tok/s", decode, "", "≥ 170" if config == "2k" else "", None if decode is None or config != "2k" else decode >= 170)
+        add(f"{config}: decode vs generate()", ratio, "×", "≥ 4×", None if ratio is None else ratio >= 4)
+        add(f"{config}: TTFT turn 1 ({first['context_tokens']} tokens)", 1000 * first["ttft_s"], "ms",
+            "≤ 80 ms (1000 tokens)" if config == "2k" else "", 1000 * first["ttft_s"] <= 80 if config == "2k" else None)
+        later = [t for t in bench["turns"][1:] if t["context_tokens"] - t["prefill_tokens"] >= 1500] or bench["turns"][1:]
+        if later:
+            turn = later[0]
+            delta = 1000 * (turn["ttft_s"] - first["ttft_s"])
+            add(f"{config}: TTFT turn {turn['turn']} ({turn['reused_tokens']} reused) − turn 1", delta, "ms",
+                "≤ 10 ms (1500 history)" if config == "2k" else "", delta <= 10 if config == "2k" else None)
+        if bench.get("compile_s") is not None:
+            add(f"{config}: compile warm-up, cold cache", bench["compile_s"], "s", "≤ 30 s" if config == "2k" else "",
+                bench["compile_s"] <= 30 if config == "2k" else None)
+        overhead = bench.get("overhead") or {}
+        if overhead:
+            add(f"{config}: outside the forward, per token", overhead["outside_forward_ms_per_token"], "ms")
+            share = 100 * overhead["outside_forward_fraction"]
+            add(f"{config}: outside the forward, share of decode", share, "%", "CPU: ≤ 5% (25M)" if cpu else "",
+                share <= 5 if cpu else None)
+            stub = overhead["stub_ms_per_token"].get("100096 default sampling")
+            add(f"{config}: engine work at vocab 100,096 (stub)", stub, "ms", "≤ 0.5 ms", None if stub is None else stub <= 0.5)
+        if bench.get("peak_gpu_mem_gb") is not None:
+            add(f"{config}: peak GPU memory", bench["peak_gpu_mem_gb"], "GB", "≈ weights + KV + workspace")
+        if base:
+            rows.append([f"{config}: answers identical to generate()", str(bench.get("answers_match")), "", ""])
+        add(f"{config}: load (random init on the device)", bench.get("load_s"), "s")
+    warm = _data(steps, "warm_start")
+    if warm.get("compile_s") is not None:
+        add("compile warm-up, warm cache", warm["compile_s"], "s", "≤ 10 s", warm["compile_s"] <= 10)
+    imports = _data(steps, "imports")
+    for label, figures in imports.items():
+        add(f"{label} (fresh process)", figures["best_s"], "s")
+    first_prompt = _data(steps, "first_prompt")
+    for label in ("cold_cache_s", "warm_cache_s"):
+        if label in first_prompt:
+            add(f"chat to first prompt, tiny model, {label[:4]} cache", first_prompt[label], "s")
+    failed = [f"{s['step']} ({s['status']})" for s in steps if s["status"] != "ok"]
+    rows.append(["steps not ok", ", ".join(failed) or "none", "", ""])
+    return rows
+
+
+def headline_text(steps: list[dict[str, Any]], cpu: bool) -> str:
+    rows = headline_rows(steps, cpu)
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["HEADLINE" + ("  (CPU dry-run: small shapes, GPU targets not judged)" if cpu else "")]
+    for row in rows:
+        lines.append(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip())
+    return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# GPU check ({report['mode']}), {report['created']}", "", "| figure | value | target | verdict |",
+             "|---|---:|---|---|"]
+    lines += [f"| {' | '.join(cell.replace('|', '/') for cell in row)} |" for row in report["headline"]]
+    lines += ["", "| step | status | seconds | note |", "|---|---|---:|---|"]
+    lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s.get('note', '')} |" for s in report["steps"]]
+    for step in report["steps"]:
+        if step["step"].startswith("bench") and step["status"] == "ok":
+            lines += ["", f"`{step['data'].get('command')}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("prepare", "run", "dry-run"))
+    parser.add_argument("out", nargs="?", help="report folder (default $OUT, else ./gpu_check_out)")
+    parser.add_argument("--budget", type=float, help=f"seconds for all steps (default {GPU_BUDGET_S} on a GPU, 1800 dry-run)")
+    parser.add_argument("--no-bnb", action="store_true", help="prepare: leave bitsandbytes out")
+    args = parser.parse_args(argv)
+    if args.mode in ("prepare", "dry-run"):
+        status = prepare(with_bnb=not args.no_bnb)
+        if status or args.mode == "prepare":
+            return status
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "gpu_check_out").resolve()
+    cpu = args.mode == "dry-run"
+    return run(out, cpu, args.budget or (1800 if cpu else GPU_BUDGET_S))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
