@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from bluelm_cli.backend import AnswerResult, AnswerStream, Backend
 from bluelm_cli.errors import BlueLMError
 from bluelm_cli.prompt import HistoryTurn, PromptPlan, fit_prompt, history_tokens
+from bluelm_cli.conversation import Conversation
 from bluelm_cli.session import Session, Turn
-from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.settings import SamplingSettings, check_max_new_tokens, parse_sampling_setting
 
 __all__ = ["Chat", "CommittedTurn", "TurnStream"]
 
@@ -65,6 +66,15 @@ class Chat:
     def __init__(self, backend: Backend, session: Session) -> None:
         self.backend = backend
         self.session = session
+        # A resumed session's answers are sent back as their ids; ids this model lacks (another model's
+        # journal, a damaged one) would crash the model, so those answers are re-encoded from their text.
+        for number, turn in enumerate(session.turns, start=1):
+            bad = self._foreign_id(turn)
+            if bad is not None:
+                turn.answer_ids = []
+                session.warnings.append(
+                    f"turn {number} holds token id {bad}, which this model does not have; its answer is sent as text"
+                )
 
     # ------------------------------------------------------------------------------------ queries
     @property
@@ -103,6 +113,7 @@ class Chat:
 
     def _start(self, message: str, turns: Sequence[Turn], *, replaces_last: bool, truncate: bool) -> TurnStream:
         settings = self.sampling
+        check_max_new_tokens(settings.max_new_tokens, self.backend.context_limit)
         plan = fit_prompt(
             self.backend.encoder,
             self.session.system,
@@ -148,11 +159,26 @@ class Chat:
         self.session.reset()
 
     def set_setting(self, key: str, value: object) -> object:
+        if key == "max_new_tokens":
+            check_max_new_tokens(parse_sampling_setting(key, value), self.backend.context_limit)
         return self.session.set_setting(key, value)
 
-    def adopt(self, other: Session) -> None:
-        """Continue a loaded conversation (its turns, system prompt and settings) in this session."""
+    def adopt(self, other: Conversation) -> None:
+        """Continue a loaded conversation (its turns, system prompt and settings) in this session.
+
+        Refused (nothing changes) if it holds token ids this model does not have."""
+        for number, turn in enumerate(other.turns, start=1):
+            bad = self._foreign_id(turn)
+            if bad is not None:
+                raise BlueLMError(
+                    f"turn {number} holds token id {bad}, which this model does not have (its vocabulary has"
+                    f" {self.backend.encoder.vocab_size}); the file is damaged or from another model"
+                )
         self.session.adopt(other)
+
+    def _foreign_id(self, turn: Turn) -> int | None:
+        limit = self.backend.encoder.vocab_size
+        return next((i for i in turn.answer_ids if not 0 <= i < limit), None)
 
 
 def _history(turns: Sequence[Turn]) -> list[HistoryTurn]:

@@ -30,7 +30,13 @@ from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.paths import UserPaths, user_paths
 from bluelm_cli.cli_options import MODEL_SETTINGS, setting_options
-from bluelm_cli.settings import ResolvedSettings, describe, resolve_settings
+from bluelm_cli.settings import (
+    ResolvedSettings,
+    check_max_new_tokens,
+    describe,
+    read_generation_config,
+    resolve_settings,
+)
 from bluelm_cli.stats import result_json, stats_line
 
 if TYPE_CHECKING:
@@ -161,7 +167,7 @@ def _quantization(load_in_8bit: bool, load_in_4bit: bool) -> str | None:
     return "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
 
 
-def _load(settings: ResolvedSettings, quantization: str | None, console: Console) -> LoadedModel:
+def _load(settings: ResolvedSettings, quantization: str | None, console: Console, *, chatting: bool = True) -> LoadedModel:
     """Load the model with a status line on stderr, then say how long it took."""
     from rich.markup import escape
 
@@ -178,6 +184,7 @@ def _load(settings: ResolvedSettings, quantization: str | None, console: Console
             quantization=quantization,
             on_status=lambda text: status.update(escape(text) + "…"),
             on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(text)}"),
+            on_config=(lambda context: check_max_new_tokens(settings["max_new_tokens"], context)) if chatting else None,
         )
     settings.apply_checkpoint_defaults(loaded.generation_defaults)
     dtype = dtype_name(loaded.dtype)
@@ -380,6 +387,12 @@ def show_config(
 ) -> int:
     """Show the effective settings, where each came from, and the user paths."""
     settings, paths = _resolve(flags)
+    folder = _local_checkpoint(settings["model"])
+    if folder is not None:  # what a chat with this model would use: the checkpoint's own defaults too
+        values, problems = read_generation_config(folder)
+        for problem in problems:
+            _stderr_console().print(f"Warning: {problem}", style="yellow", markup=False)
+        settings.apply_checkpoint_defaults(values)
     rows = describe(settings)
     path_rows = {
         "config_file": str(paths.config_file),
@@ -393,13 +406,34 @@ def show_config(
     width = max(len(name) for name, _, _ in rows)
     for name, value, source in rows:
         shown = "(unset)" if value is None else json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
-        typer.echo(f"{name:<{width}}  {shown:<28}  {source}")
+        typer.echo(f"{name:<{width}}  {_pad(shown, 28)}  {source}")
     typer.echo("")
     exists = "" if paths.config_file.exists() else "  (not created yet)"
     typer.echo(f"config file   {paths.config_file}{exists}")
     typer.echo(f"sessions      {paths.sessions_dir}")
     typer.echo(f"history       {paths.history_file}")
     return ExitStatus.OK
+
+
+def _pad(text: str, width: int) -> str:
+    """Left-aligned in `width` terminal cells (CJK characters take two)."""
+    from rich.cells import cell_len
+
+    return text + " " * max(0, width - cell_len(text))
+
+
+def _local_checkpoint(model: str) -> Path | None:
+    """The model's folder when it is on this machine (a folder, or a hub id already in the cache)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
 
 
 @app.command(short_help="List saved chat sessions, most recent first.")
@@ -455,7 +489,7 @@ def bench(
             loaded = random_weights_model(shapes, target, pick_dtype(settings["dtype"], target))
         label = f"random weights, {shape if shapes is not folder else folder} shapes"
     else:
-        loaded = _load(settings, None, errors)
+        loaded = _load(settings, None, errors, chatting=False)
         label = loaded.model_id
     runner_started = time.perf_counter()
     engine = _engine(loaded, settings, errors)

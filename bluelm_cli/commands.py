@@ -108,7 +108,10 @@ def _load(ctx: CommandContext, args: str) -> Outcome:
     running = ctx.chat.session.model_id
     if loaded.model_id != running:
         ctx.out.warn(f"{path} was saved with {loaded.model_id}; continuing with {running}")
-    ctx.chat.adopt(loaded)
+    try:
+        ctx.chat.adopt(loaded)
+    except BlueLMError as exc:
+        raise BlueLMError(f"cannot load {path}: {exc}") from None
     count = len(loaded.turns)
     ctx.out.note(f"Loaded {count} turn{'s' if count != 1 else ''} from {path}")
     if ctx.interactive:

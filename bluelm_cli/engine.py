@@ -102,6 +102,7 @@ class TokenizerEncoder:
     bos_id: int
     eos_id: int
     decode: Callable[[list[int]], str]
+    vocab_size: int
 
 
 class StepRunner:
@@ -151,6 +152,7 @@ class ChatEngine:
             self.tokenizer.bos_token_id,
             self._eos_id,
             lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            self.tokenizer.sp_model.get_piece_size(),  # never the padding rows past the tokenizer's pieces
         )
 
     def info(self) -> BackendInfo:

@@ -19,6 +19,7 @@ import torch
 
 from bluelm_cli.errors import BlueLMError, UsageError
 from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM, BlueLMTokenizer
+from bluelm_cli.settings import read_generation_config
 
 DEFAULT_MODEL = "vivo-ai/BlueLM-7B-Chat"
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -237,8 +238,12 @@ def load_model(
     quantization: str | None = None,
     on_status: Callable[[str], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    on_config: Callable[[int], None] | None = None,
 ) -> LoadedModel:
-    """Resolve, check and load a BlueLM checkpoint. Raises BlueLMError with a user-facing message."""
+    """Resolve, check and load a BlueLM checkpoint. Raises BlueLMError with a user-facing message.
+
+    `on_config(context_length)` runs once config.json is read, before any weight is: settings that can't
+    fit the model are refused there, not after minutes of loading."""
     started = time.perf_counter()
     folder = resolve_model_folder(model, source, on_status)
     check_checkpoint_folder(folder)
@@ -253,8 +258,20 @@ def load_model(
     if on_status:
         on_status(f"Loading {model} onto {target} as {dtype_name(torch_dtype)}")
     config = BlueLMConfig.from_pretrained(str(folder))
+    if on_config:
+        on_config(config.context_length)
+    generation_defaults, problems = read_generation_config(folder)
+    for problem in problems:
+        if on_warning:
+            on_warning(problem)
     config.tokenizer_vocab_size = tokenizer.sp_model.get_piece_size()
-    kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "trust_remote_code": False}
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": torch_dtype,
+        "trust_remote_code": False,
+        # Ours, from the checked values: transformers would refuse a bad file and blame the weights.
+        "generation_config": _generation_config(generation_defaults),
+    }
     if quantization:
         kwargs["quantization_config"] = _bitsandbytes_config(quantization, torch_dtype)
         kwargs["device_map"] = {"": target.index or 0}
@@ -293,7 +310,6 @@ def load_model(
             f"the weights in {folder} are incomplete: {len(missing)} tensors missing (first: {sorted(missing)[0]}); download the checkpoint again"
         )
     network.eval()
-    generation_defaults = _read_generation_config(folder)
     return LoadedModel(
         model=network,
         tokenizer=tokenizer,
@@ -368,15 +384,13 @@ def _bitsandbytes_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type="nf4")
 
 
-def _read_generation_config(folder: Path) -> dict[str, Any]:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
+def _generation_config(values: dict[str, Any]) -> Any:
+    from transformers import GenerationConfig
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return GenerationConfig.from_dict(dict(values))
+    except Exception:  # noqa: BLE001 - any other bad field: transformers' defaults, our settings still apply
+        return GenerationConfig()
 
 
 def _first_line(error: BaseException) -> str:

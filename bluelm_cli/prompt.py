@@ -27,6 +27,7 @@ class PromptEncoder(Protocol):
 
     bos_id: int
     eos_id: int
+    vocab_size: int  # ids the model can read: 0 <= id < vocab_size
 
     def encode_plain(self, text: str) -> list[int]:
         """Ids of `text` with no BOS, special-token text treated as plain characters."""

@@ -88,7 +88,7 @@ class Session(Conversation):
             {
                 "type": "load",
                 "system": other.system,
-                "sampling": dict(other.sampling),
+                "sampling": {**self.sampling, **other.sampling},
                 "turns": [t.to_dict() for t in other.turns],
                 "context_start": other.context_start,
                 "source_model_id": other.model_id,

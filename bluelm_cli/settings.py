@@ -31,6 +31,7 @@ The only environment variable is ``BLUELM_MODEL`` (the model).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -114,6 +115,16 @@ def _int_at_least(lo: int) -> Callable[[object], int]:
     return parse
 
 
+def _int_between(lo: int, hi: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        value = _to_int(raw)
+        if not lo <= value <= hi:
+            raise _Invalid
+        return value
+
+    return parse
+
+
 def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     def wrapped(raw: object) -> Any:
         return None if _is_unset(raw) else parse(raw)
@@ -159,10 +170,13 @@ def _parse_model(raw: object) -> str:
 
 
 def _parse_system(raw: object) -> str | None:
+    """The text, or None (no system prompt) for blank text, `none`, `unset`, `off` or an empty `""`/`''`."""
     if raw is None:
         return None
     if isinstance(raw, str):
-        return raw if raw.strip() else None
+        if _is_unset(raw) or raw.strip() in ('""', "''"):
+            return None
+        return raw
     raise _Invalid
 
 
@@ -238,7 +252,7 @@ SPECS: dict[str, SettingSpec] = {
         ),
         SettingSpec(
             "seed", int, None, "Random seed for reproducible sampling; unset = random.",
-            _optional(_int_at_least(0)), "a whole number of at least 0, or 'none' for a random seed",
+            _optional(_int_between(0, 2**63 - 1)), "a whole number from 0 to 2^63-1, or 'none' for a random seed",
             sampling=True, optional=True, metavar="N",
         ),
         SettingSpec(
@@ -290,6 +304,45 @@ def parse_sampling_setting(name: str, raw: object) -> Any:
             f" (settings /set can change: {', '.join(SAMPLING_KEYS)})"
         )
     return spec.validate(raw)
+
+
+def check_max_new_tokens(value: int, context_limit: int) -> int:
+    """max_new_tokens must leave room for a prompt in the model's context window (UsageError, exit 2)."""
+    if value >= context_limit:
+        raise UsageError(
+            f"max_new_tokens must be less than the model's context window ({context_limit} tokens), got {value}"
+        )
+    return value
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def read_generation_config(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """A checkpoint's generation_config.json, less the sampling values our settings would refuse, and a
+    warning for each value left out (a bad file must not stop the model from loading)."""
+    path = Path(folder) / GENERATION_CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}, []
+    except (OSError, ValueError):
+        return {}, [f"ignoring {path}: it is not valid JSON"]
+    if not isinstance(data, dict):
+        return {}, [f"ignoring {path}: it is not a JSON object"]
+    warnings = []
+    for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+        if data.get(key) is None:
+            continue
+        try:
+            parse_setting(key, data[key])
+        except UsageError as exc:
+            warnings.append(f"ignoring {key} in {path} ({exc})")
+            del data[key]
+    if "do_sample" in data and not isinstance(data["do_sample"], bool):
+        warnings.append(f"ignoring do_sample in {path} (it must be true or false)")
+        del data["do_sample"]
+    return data, warnings
 
 
 # --------------------------------------------------------------------------- config file

@@ -112,11 +112,13 @@ def load(path: Path) -> Conversation:
         if not isinstance(name, str):
             raise BadRecord("name is not a string")
         turns = checked_turns(obj.get("turns", []))
+        raw_sampling = obj.get("sampling", {})
         return Conversation(
             name=name,
             model_id=model_id,
             system=checked_system(obj.get("system")),
-            sampling=checked_sampling(obj.get("sampling", {})),
+            # Only the settings the file names: loading it must not reset the others to defaults.
+            sampling={key: value for key, value in checked_sampling(raw_sampling).items() if key in raw_sampling},
             turns=turns,
             context_start=checked_context_start(obj.get("context_start"), turns),
         )
@@ -133,8 +135,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     mode = None
     try:
         info = path.stat()
-    except FileNotFoundError:
-        info = None
+    except (FileNotFoundError, NotADirectoryError):
+        info = None  # the folder checks below say what is wrong
     except OSError as exc:
         raise BlueLMError(f"cannot save to {path} ({reason(exc)}); choose another path") from None
     if info is not None:

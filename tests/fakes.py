@@ -26,6 +26,7 @@ class CharEncoder:
 
     bos_id = BOS
     eos_id = EOS
+    vocab_size = _CHAR_BASE + 0x110000
 
     def encode_plain(self, text: str) -> list[int]:
         ids: list[int] = []

@@ -174,7 +174,7 @@ def test_chat_template_gives_the_ids_our_engine_builds(exported, name: str) -> N
         # An answer's ids as the model generates them after "[|AI|]:" (the tag is atomic, so this is the
         # answer tokenized in place, with no dummy prefix of its own).
         turns = [HistoryTurn(user=u, answer_ids=sp.encode(AI_TAG + a)[2:]) for u, a in history]
-        engine_ids = build_prompt_ids(TokenizerEncoder(sp.encode, 1, 2, sp.decode), system, turns, message).ids
+        engine_ids = build_prompt_ids(TokenizerEncoder(sp.encode, 1, 2, sp.decode, sp.get_piece_size()), system, turns, message).ids
         messages = ([{"role": "system", "content": system}] if system else [])
         for user, answer in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]

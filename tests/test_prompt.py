@@ -23,7 +23,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BlueLMTokenizer:
 
 
 def build(tokenizer: BlueLMTokenizer, system: str | None, history: list[HistoryTurn], message: str):
-    encoder = TokenizerEncoder(tokenizer.encode_plain, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.decode)
+    encoder = TokenizerEncoder(tokenizer.encode_plain, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.decode, tokenizer.sp_model.get_piece_size())
     return build_prompt_ids(encoder, system, history, message)
 
 

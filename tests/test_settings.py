@@ -40,7 +40,7 @@ KNOWN = "model, source, device, dtype, max_new_tokens, temperature, top_p, top_k
         ("top_k", "1.5", "top_k must be a whole number of at least 0 (0 disables it), got '1.5'"),
         ("max_new_tokens", "0", "max_new_tokens must be a whole number of at least 1, got '0'"),
         ("repetition_penalty", "0.9", "repetition_penalty must be a number from 1.0 to 2.0 (1.0 = no penalty), got '0.9'"),
-        ("seed", "-3", "seed must be a whole number of at least 0, or 'none' for a random seed, got '-3'"),
+        ("seed", "-3", "seed must be a whole number from 0 to 2^63-1, or 'none' for a random seed, got '-3'"),
         ("source", "github", "source must be 'huggingface' or 'modelscope', got 'github'"),
         ("device", "gpu", "device must be 'auto', 'cuda', 'cuda:N' (N = GPU index) or 'cpu', got 'gpu'"),
         ("device", "cuda:x", "device must be 'auto', 'cuda', 'cuda:N' (N = GPU index) or 'cpu', got 'cuda:x'"),
