@@ -91,7 +91,10 @@ class Chat:
 
     def context_used(self) -> int:
         """Context positions the conversation occupies before the next message ("context used")."""
-        return history_tokens(self.backend.encoder, self.session.system, _history(self.session.active_turns()))
+        turns = self.session.active_turns()
+        if not turns and self.session.system:  # the system text opens the next prompt: it is in use already
+            return 1 + len(self.backend.encoder.encode_plain(self.session.system))
+        return history_tokens(self.backend.encoder, self.session.system, _history(turns))
 
     def last_turn(self) -> Turn | None:
         return self.session.turns[-1] if self.session.turns else None

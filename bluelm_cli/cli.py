@@ -63,7 +63,7 @@ class _BlueLMGroup(TyperGroup):
                     sys.stdout.write(error.format_message().rstrip("\n") + "\n")
             else:
                 command = error.ctx.command_path if error.ctx else "bluelm"
-                _print_error(f"{error.format_message()} (see '{command} --help')")
+                _print_error(f"{_usage_message(error)} (see '{command} --help')")
             status = ExitStatus.USAGE
         except _ClickAbort:
             status = ExitStatus.INTERRUPTED
@@ -90,6 +90,19 @@ class _BlueLMGroup(TyperGroup):
         except BrokenPipeError:  # typer itself would exit 1; a reader that went away (`| head`) is no error
             _silence_closed_stdout()
             return ExitStatus.OK
+
+
+def _usage_message(error: Exception) -> str:
+    """click's message, with an unknown option's suggestions kept only when they are close (click offers
+    `--truncate` for `--frobnicate`)."""
+    name = getattr(error, "option_name", None)
+    possibilities = getattr(error, "possibilities", None)
+    if name and possibilities is not None:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(possibilities), n=1, cutoff=0.75)
+        return f"No such option: {name}" + (f"; did you mean {close[0]}?" if close else "")
+    return error.format_message()  # type: ignore[attr-defined]
 
 
 def _bare_resume_means_last(argv: list[str]) -> list[str]:

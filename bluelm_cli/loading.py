@@ -282,6 +282,9 @@ def load_model(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # our own status line says what is loading
+    verbosity = transformers_logging.get_verbosity()
+    # transformers logs a multi-line load report (with colour codes) before its errors; ours is one line.
+    transformers_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -298,12 +301,19 @@ def load_model(
 
         if not isinstance(error, (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)):
             raise
+        if isinstance(error, RuntimeError) and "ignore_mismatched_sizes" in str(error):
+            raise BlueLMError(
+                f"the weights in {folder} do not have the sizes its config.json describes (the config is from"
+                " another model); download the checkpoint again"
+            ) from None
         if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
             raise BlueLMError(f"out of memory while loading {model}; try --load-in-4bit or a smaller --dtype") from None
         problem = _weight_file_problem(folder)
         if problem:
             raise BlueLMError(problem) from None
         raise BlueLMError(f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     missing = [key for key in info.get("missing_keys", []) if "rotary_emb" not in key]
     if missing:
         raise BlueLMError(

@@ -33,21 +33,22 @@ class ChatOutput:
         return safe_for_terminal(text) if (console or self.console).is_terminal else text
 
     # ------------------------------------------------------------------------------------ lines
+    # Notes wrap at word boundaries (rich's wrapping), never mid-word as the terminal would.
     def note(self, text: str) -> None:
         """One dim line of information."""
-        self.console.print(Text(self._safe(text), style="dim"), soft_wrap=True)
+        self.console.print(Text(self._safe(text), style="dim"))
 
     def side_note(self, text: str) -> None:
         """A dim line about an answer: on the console in a terminal, on stderr in script mode (stdout
         then carries only answers)."""
         console = self.console if self.interactive else self.err_console
-        console.print(Text(self._safe(text, console), style="dim"), soft_wrap=True)
+        console.print(Text(self._safe(text, console), style="dim"))
 
     def warn(self, message: str) -> None:
-        self.err_console.print(Text(f"Warning: {self._safe(message, self.err_console)}", style="yellow"), soft_wrap=True)
+        self.err_console.print(Text(f"Warning: {self._safe(message, self.err_console)}", style="yellow"))
 
     def error(self, message: str) -> None:
-        self.err_console.print(Text(f"Error: {self._safe(message, self.err_console)}", style="bold red"), soft_wrap=True)
+        self.err_console.print(Text(f"Error: {self._safe(message, self.err_console)}", style="bold red"))
 
     def rows(self, rows: Sequence[tuple[str, str]]) -> None:
         """Aligned ``name  value`` lines, names in bold."""

@@ -73,6 +73,9 @@ def run_chat(
     for warning in chat.session.warnings:
         out.warn(warning)
     if not interactive:
+        if stdin is None and sys.stdin.isatty():
+            out.warn("standard output is not a terminal, so this chat reads one message per line (script mode);"
+                     " run it without the pipe for the interactive prompt")
         return _script_loop(repl, stdin if stdin is not None else sys.stdin)
     repl.show_banner()
     if resumed:
@@ -97,7 +100,9 @@ class ChatRepl:
         self.show_stats = verbose
         self.interactive = interactive
         self.exit_requested = False
+        self.exit_status = ExitStatus.OK  # 128 + N when signal N ended the chat, as a shell reports it
         self.failures = 0  # inputs that ended in an error (script mode exits non-zero if any did)
+        self._exit_warned = False
 
     # ------------------------------------------------------------------------------------- output
     def show_banner(self) -> None:
@@ -120,6 +125,22 @@ class ChatRepl:
         self.out.show_turns(turns)
         if session.context_start:
             self.out.note(f"(the first {session.context_start} of these turns no longer fit the model's context)")
+
+    def may_exit(self) -> bool:
+        """False (once) while changes are not in the journal: the user is told how to keep them."""
+        session = self.chat.session
+        if not session.unwritten or session.flush_journal() or self._exit_warned:
+            return True
+        self._exit_warned = True
+        what = (
+            f"{session.unwritten} change{'s are' if session.unwritten != 1 else ' is'} not in the session journal"
+            f" {session.journal} ({session.journal_problem})"
+        )
+        if self.interactive:
+            self.out.warn(f"{what}; /save PATH keeps the conversation elsewhere, /exit again quits without them")
+        else:
+            self.out.warn(f"{what} and are lost; end the script with a /save PATH line to keep them")
+        return False
 
     # -------------------------------------------------------------------------------------- input
     def handle(self, text: str) -> None:
@@ -157,7 +178,7 @@ class ChatRepl:
 
     def _show(self, stream: TurnStream) -> None:
         renderer = StreamRenderer(self.out.console, markdown=self.interactive)
-        with self._hangup_stops_answer():
+        with self._hangup_stops_answer(), _keys_not_echoed(self.interactive):
             try:
                 renderer.start()
                 show_stream(stream, renderer)
@@ -180,6 +201,7 @@ class ChatRepl:
 
         def stop_and_exit(signum: int, frame: object) -> None:
             self.exit_requested = True
+            self.exit_status = 128 + signum
             raise KeyboardInterrupt
 
         previous = {signum: signal.signal(signum, stop_and_exit) for signum in _HANGUP_SIGNALS}
@@ -192,29 +214,127 @@ class ChatRepl:
 
 # ------------------------------------------------------------------------------------------ loops
 def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int:
-    while not repl.exit_requested:
+    with _terminal_restored(), _signals_end_the_chat(repl, prompt_session):
+        while not repl.exit_requested:
+            try:
+                text = prompt_session.prompt()
+            except KeyboardInterrupt:
+                continue  # Ctrl-C at the prompt clears the line
+            except EOFError:
+                if repl.exit_status or repl.may_exit():
+                    break
+                continue
+            try:
+                repl.handle(text)
+            except KeyboardInterrupt:
+                repl.out.blank()  # Ctrl-C outside an answer (e.g. during /load): back to the prompt
+            if repl.exit_requested and not repl.exit_status and not repl.may_exit():
+                repl.exit_requested = False
+    return repl.exit_status
+
+
+@contextmanager
+def _signals_end_the_chat(repl: ChatRepl, prompt_session: PromptSession[str]) -> Iterator[None]:
+    """SIGTERM/SIGHUP at the prompt end the chat through prompt_toolkit's own exit, so it puts the terminal
+    back as it found it (a signal raised inside its event loop would leave echo and line editing off)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def end(signum: int, frame: object) -> None:
+        repl.exit_requested = True
+        repl.exit_status = 128 + signum
+        app = prompt_session.app
+        if app.is_running and app.loop is not None:
+            app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
+
+    previous = {signum: signal.signal(signum, end) for signum in _HANGUP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def _terminal_restored() -> Iterator[None]:
+    """Whatever happens, leave the terminal's modes as the chat found them."""
+    saved = None
+    try:
+        import termios
+
+        if sys.stdin.isatty():
+            saved = termios.tcgetattr(sys.stdin.fileno())
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        yield
+    finally:
+        if saved is not None:
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved)
+            except (OSError, ValueError):
+                pass
+
+
+@contextmanager
+def _keys_not_echoed(interactive: bool) -> Iterator[None]:
+    """While an answer streams, keys typed are not echoed into it (that would shift the live region and
+    duplicate lines); they wait, unread, and the next prompt receives them. Ctrl-C still interrupts."""
+    saved = None
+    if interactive:
         try:
-            text = prompt_session.prompt()
-        except KeyboardInterrupt:
-            continue  # Ctrl-C at the prompt clears the line
-        except EOFError:
-            break
-        try:
-            repl.handle(text)
-        except KeyboardInterrupt:
-            repl.out.blank()  # Ctrl-C outside an answer (e.g. during /load): back to the prompt
-    return ExitStatus.OK
+            import termios
+
+            if sys.stdin.isatty():
+                fd = sys.stdin.fileno()
+                saved = termios.tcgetattr(fd)
+                quiet = list(saved)
+                quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+                termios.tcsetattr(fd, termios.TCSANOW, quiet)  # TCSANOW: never discard type-ahead
+        except (ImportError, OSError, ValueError):
+            saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            try:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved)
+            except (OSError, ValueError):
+                pass
 
 
 def _script_loop(repl: ChatRepl, stdin: TextIO) -> int:
     try:
-        for line in stdin:
-            repl.handle(line.rstrip("\r\n"))
+        for number, line in enumerate(_lines(stdin), start=1):
+            if line is None:
+                repl.failures += 1
+                repl.out.error(f"line {number} of standard input is not valid UTF-8 and was skipped; convert it first, e.g. with iconv -t UTF-8")
+                continue
+            repl.handle(line)
             if repl.exit_requested:
                 break
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
+    if not repl.may_exit():
+        return ExitStatus.ERROR
+    if repl.exit_status:
+        return repl.exit_status
     return ExitStatus.ERROR if repl.failures else ExitStatus.OK
+
+
+def _lines(stdin: TextIO) -> Iterator[str | None]:
+    """Input lines without their line ends; None for a line that is not UTF-8 (the others still count)."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes underneath (tests): already decoded
+        for line in stdin:
+            yield line.rstrip("\r\n")
+        return
+    for data in raw:
+        try:
+            yield data.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            yield None
 
 
 # ---------------------------------------------------------------------------------- prompt_toolkit

@@ -169,7 +169,7 @@ def test_script_mode_transcript(paths: UserPaths) -> None:
 def test_repl_transcript_with_stats_and_notes(paths: UserPaths) -> None:
     backend = FakeBackend().queue("Short answer.", Scripted("Long long answer", stop_after=1))
     chat = Chat(backend, new_session(paths))
-    console = Console(file=io.StringIO(), width=100)
+    console = Console(file=io.StringIO(), width=200)
     repl = ChatRepl(chat, ChatOutput(console, interactive=True), paths=paths)
     repl.handle("/stats on")
     repl.handle("hello")
