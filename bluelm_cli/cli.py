@@ -462,7 +462,8 @@ def sessions(debug: DebugOpt = False) -> int:
     width = max(len(info.name) for info in found)
     for info in found:
         when = info.last_used.astimezone().strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"{info.name:<{width}}  {info.turns:>4} turns  {when}")
+        state = "  (unreadable)" if info.unreadable else "  (damaged: some records were skipped)" if info.damaged else ""
+        typer.echo(f"{info.name:<{width}}  {info.turns:>4} turns  {when}{state}")
     return ExitStatus.OK
 
 

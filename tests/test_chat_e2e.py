@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -184,3 +185,61 @@ def test_sighup_during_an_answer_keeps_the_partial_answer(checkpoint: Path, home
     (turn,) = journal_turns(home, "hup-mid")
     assert turn["user"] == "tell me a very long story"
     assert turn["finish_reason"] == "interrupted" and 0 < len(turn["answer_ids"]) < 1900
+
+
+def test_sigterm_during_an_answer_journals_it_and_exits_143(checkpoint: Path, home: Path) -> None:
+    child = spawn(checkpoint, home, "--session", "term-mid", max_new_tokens=1900)
+    try:
+        send(child, "tell me a very long story")
+        child.expect_exact("thinking")
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 128 + signal.SIGTERM  # supervisors see the signal
+    finally:
+        child.close(force=True)
+    (turn,) = journal_turns(home, "term-mid")
+    assert turn["finish_reason"] == "interrupted"
+
+
+def test_sigterm_at_the_prompt_restores_the_terminal(checkpoint: Path, home: Path) -> None:
+    """prompt_toolkit turns echo and line editing off while it waits; a SIGTERM there must not leave them off."""
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
+    command = (
+        f"{sys.executable} -m bluelm_cli chat --model {checkpoint} --session term-idle; "
+        "echo STATUS=$?; stty -a; echo STTY-DONE"
+    )
+    child = pexpect.spawn("bash", ["-c", command], env=env, dimensions=(40, 120), encoding="utf-8",
+                          codec_errors="replace", timeout=TIMEOUT)
+    try:
+        child.expect("BlueLM chat")
+        wait_for_prompt(child)
+        chat_pid = int(subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True, text=True,
+                                      check=True).stdout.split()[0])
+        os.kill(chat_pid, signal.SIGTERM)
+        child.expect(r"STATUS=(\d+)")
+        assert int(child.match.group(1)) == 128 + signal.SIGTERM
+        child.expect_exact("STTY-DONE")
+        modes = child.before.split()
+        assert "icanon" in modes and "echo" in modes, child.before  # not -icanon / -echo
+    finally:
+        child.close(force=True)
+
+
+def test_keys_typed_during_an_answer_wait_for_the_next_prompt(checkpoint: Path, home: Path) -> None:
+    child = spawn(checkpoint, home, "--session", "typeahead", max_new_tokens=60)
+    try:
+        send(child, "tell me something")
+        child.expect_exact("thinking")
+        child.send("zq9x")  # typed while the answer streams: not echoed into it
+        child.expect(r"\[cut off at max_new_tokens")
+        assert "zq9x" not in child.before
+        wait_for_prompt(child)
+        child.expect_exact("zq9x")  # ... but waiting at the next prompt, as in a shell
+        child.send("\r")
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        assert [t["user"] for t in journal_turns(home, "typeahead")] == ["tell me something", "zq9x"]
+        assert finish(child) == 0
+    finally:
+        child.close(force=True)

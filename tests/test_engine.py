@@ -422,6 +422,21 @@ def test_worker_exception_reaches_the_caller(loaded: LoadedModel, step: int) -> 
     assert result.answer_ids == fresh(loaded, None, [], "hello").answer_ids
 
 
+def test_an_item_lost_to_an_interrupt_does_not_hang_the_stream(loaded: LoadedModel) -> None:
+    """A Ctrl-C between the queue handing over an item and the stream handling it loses that item; if it
+    was the end of the stream, draining must still end (it used to wait forever)."""
+    engine = ChatEngine(loaded)
+    stream = start(engine, None, [], "hello", replace(GREEDY, max_new_tokens=6))
+    stream._thread.join(TIMEOUT_S)
+    while True:  # every item, the final "done" included, taken as an interrupt would take it
+        try:
+            stream._queue.get_nowait()
+        except Exception:  # noqa: BLE001 - queue.Empty
+            break
+    assert _consume_with_timeout(stream) is None
+    assert stream.result is not None and stream.result.new_tokens > 0
+
+
 # ----------------------------------------------------------------------------------------------- sampling
 SAMPLED = SamplingSettings(max_new_tokens=24, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=7)
 

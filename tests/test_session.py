@@ -339,15 +339,47 @@ def test_failed_save_leaves_existing_file_untouched(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "sessions"]
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
+def _save_as_nobody(path: Path) -> str:
+    """Try the save in a forked child that has dropped root for `nobody`; what it raised (or "saved")."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no exec, everything is imported already
+        message = "saved"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            Session(name="x", model_id="m").save(path)
+        except BlueLMError as exc:
+            message = str(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            message = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(write_end, message.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_save_to_unwritable_dir(sessions_dir: Path, tmp_path: Path) -> None:
+    """A folder the user can't write to, for real; as root (CI runs as root) the save runs as `nobody`."""
     locked = tmp_path / "locked"
     locked.mkdir()
     (locked / "chat.json").write_text("precious")
-    locked.chmod(0o500)
     try:
-        with pytest.raises(BlueLMError, match="not writable"):
-            _sample(sessions_dir).save(locked / "chat.json")
+        if os.geteuid() == 0:
+            for folder in (tmp_path, *tmp_path.parents):  # nobody must reach the folder, and no further
+                if folder != Path("/"):
+                    folder.chmod(folder.stat().st_mode | 0o011)
+            locked.chmod(0o555)
+            assert "not writable" in _save_as_nobody(locked / "chat.json")
+        else:
+            locked.chmod(0o500)
+            with pytest.raises(BlueLMError, match="not writable"):
+                _sample(sessions_dir).save(locked / "chat.json")
         assert (locked / "chat.json").read_text() == "precious"
     finally:
         locked.chmod(0o700)
