@@ -24,7 +24,6 @@ class CompiledRunner(StepRunner):
 
     def __init__(self, model: torch.nn.Module, max_cache_len: int, *, mode: str | None = "reduce-overhead", backend: str = "inductor") -> None:
         super().__init__(model)
-        self.max_cache_len = max_cache_len
         self.max_positions = max_cache_len
         device = next(model.parameters()).device
         # Inputs live in fixed buffers: a CUDA graph replays reads from the same addresses every time.
@@ -36,7 +35,7 @@ class CompiledRunner(StepRunner):
     def new_cache(self) -> Cache:
         # One cache for the life of the runner: its buffers' addresses are baked into the captured graph.
         if self._cache is None:
-            self._cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
+            self._cache = StaticCache(config=self.model.config, max_cache_len=self.max_positions)
         else:
             self._rewind(self._cache)
         return self._cache

@@ -391,9 +391,8 @@ class ResolvedValue:
 
 
 class ResolvedSettings:
-    """Every setting's value and where it came from. ``resolved.temperature`` or
-    ``resolved["temperature"]`` give the value, ``resolved.source_of("temperature")`` where it came from
-    (``resolved.source`` is the *setting* "source", huggingface or modelscope)."""
+    """Every setting's value and where it came from: ``resolved["temperature"]`` gives the value,
+    ``resolved.source_of("temperature")`` where it came from."""
 
     def __init__(self, entries: Mapping[str, ResolvedValue]):
         missing = set(SPECS) - set(entries)
@@ -404,24 +403,12 @@ class ResolvedSettings:
     def __getitem__(self, name: str) -> Any:
         return self._entries[name].value
 
-    def __getattr__(self, name: str) -> Any:
-        entries = self.__dict__.get("_entries")
-        if entries is not None and name in entries:
-            return entries[name].value
-        raise AttributeError(name)
-
     def __repr__(self) -> str:
         inner = ", ".join(f"{n}={e.value!r} [{e.source}]" for n, e in self._entries.items())
         return f"ResolvedSettings({inner})"
 
     def source_of(self, name: str) -> str:
         return self._entries[name].source
-
-    def entry(self, name: str) -> ResolvedValue:
-        return self._entries[name]
-
-    def values(self) -> dict[str, Any]:
-        return {name: entry.value for name, entry in self._entries.items()}
 
     def sampling(self) -> SamplingSettings:
         return SamplingSettings.from_resolved(self)
@@ -507,17 +494,6 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-    def replace(self, **changes: object) -> SamplingSettings:
-        """A copy with some values changed; raw strings are accepted. Raises UsageError."""
-        for key in changes:
-            if key not in GENERATION_KEYS:
-                if key in SPECS:
-                    raise UsageError(f"{key} is not a sampling setting; sampling settings: {', '.join(GENERATION_KEYS)}")
-                raise _unknown(key)
-        current = self.as_dict()
-        current.update({key: parse_setting(key, raw) for key, raw in changes.items()})
-        return SamplingSettings(**current)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -1,6 +1,6 @@
 """An independent, deliberately plain BlueLM forward pass: the test oracle.
 
-Written from /work/shared/BLUELM.md, sharing no code with `bluelm_cli`. It reads a checkpoint
+Written from docs/MODEL.md (the model facts), sharing no code with `bluelm_cli`. It reads a checkpoint
 folder (config.json plus weights in any of the published formats) and computes full-sequence
 float32 logits for a [1, T] batch of ids, with no cache and no cleverness:
 

@@ -86,7 +86,7 @@ def test_static_cache_is_sized_to_free_memory() -> None:
 
     config = BlueLMConfig()  # the published 7B shapes
     per_token = kv_bytes_per_token(config, torch.bfloat16)
-    assert per_token == 512 * 1024  # 0.5 MiB a token, as BLUELM.md says
+    assert per_token == 512 * 1024  # 0.5 MiB a token, as docs/MODEL.md says
     gib = 1024**3
     assert static_cache_length(2048, per_token, 8 * gib) == 2048  # the 2K chat model: whole context
     assert static_cache_length(32768, per_token, 8 * gib) == 12288  # 32K model on a 24 GB card: 6 GiB of cache

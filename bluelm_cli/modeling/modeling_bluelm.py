@@ -1,6 +1,6 @@
 """BlueLMForCausalLM for current transformers: Llama's layers plus an embedding LayerNorm.
 
-Computes what the published BlueLM-7B checkpoints compute (see BLUELM.md) with parameter names identical
+Computes what the published BlueLM-7B checkpoints compute (see docs/MODEL.md) with parameter names identical
 to theirs, so their weights load with no renaming. It uses transformers' cache classes (DynamicCache,
 StaticCache), its attention backends (sdpa by default, eager, flash-attention) and `generate()`, and it
 records hidden states and attentions, checkpoints gradients and returns tuples through the same transformers
