@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -259,41 +259,45 @@ def _signals_end_the_chat(repl: ChatRepl, prompt_session: PromptSession[str]) ->
 @contextmanager
 def _terminal_restored() -> Iterator[None]:
     """Whatever happens, leave the terminal's modes as the chat found them."""
-    saved = None
-    try:
-        import termios
-
-        if sys.stdin.isatty():
-            saved = termios.tcgetattr(sys.stdin.fileno())
-    except (ImportError, OSError, ValueError):
-        pass
-    try:
+    with _terminal_modes(lambda modes: modes):
         yield
-    finally:
-        if saved is not None:
-            try:
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved)
-            except (OSError, ValueError):
-                pass
 
 
 @contextmanager
 def _keys_not_echoed(interactive: bool) -> Iterator[None]:
     """While an answer streams, keys typed are not echoed into it (that would shift the live region and
     duplicate lines); they wait, unread, and the next prompt receives them. Ctrl-C still interrupts."""
-    saved = None
-    if interactive:
-        try:
-            import termios
 
-            if sys.stdin.isatty():
-                fd = sys.stdin.fileno()
-                saved = termios.tcgetattr(fd)
-                quiet = list(saved)
-                quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
-                termios.tcsetattr(fd, termios.TCSANOW, quiet)  # TCSANOW: never discard type-ahead
-        except (ImportError, OSError, ValueError):
-            saved = None
+    def quiet(modes: list) -> list:
+        import termios
+
+        modes = list(modes)
+        modes[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
+        return modes
+
+    if not interactive:
+        yield
+        return
+    with _terminal_modes(quiet):
+        yield
+
+
+@contextmanager
+def _terminal_modes(change: Callable[[list], list]) -> Iterator[None]:
+    """Set stdin's terminal modes to `change(current)` for the block, and put the current ones back after.
+    TCSANOW throughout: never discard type-ahead. Does nothing when stdin is not a terminal."""
+    saved = None
+    try:
+        import termios
+
+        if sys.stdin.isatty():
+            fd = sys.stdin.fileno()
+            saved = termios.tcgetattr(fd)
+            wanted = change(saved)
+            if wanted != saved:
+                termios.tcsetattr(fd, termios.TCSANOW, wanted)
+    except (ImportError, OSError, ValueError):
+        saved = None
     try:
         yield
     finally:
