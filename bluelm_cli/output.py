@@ -88,6 +88,9 @@ class ChatOutput:
             self.console.file.flush()
         if committed.journal_error:
             self.error(committed.journal_error)
+        failure = getattr(result, "error", None)  # a served model that failed mid-answer (remote.stream)
+        if failure:
+            self.error(failure)
         if not result.text:
             self.side_note("(empty answer)")
         self.finish_note(result.finish_reason)
