@@ -148,7 +148,7 @@ def test_context_length_and_counting_come_from_the_server(server: FakeOpenAI) ->
 def test_a_server_that_does_not_say_gets_the_default_context(server: FakeOpenAI) -> None:
     server.routes[("GET", "/v1/models")] = lambda h, _: h.send_json(200, {"data": [{"id": "blue"}]})
     backend = connect(server.url, api_key=None, model=None)
-    assert (backend.context_limit, backend.model.context_source) == (2048, "assumed (the server does not say)")
+    assert (backend.context_limit, backend.model.context_source) == (2048, "assumed: the server does not say")
 
 
 def test_the_byte_estimate_never_counts_fewer_than_sentencepiece(tmp_path: Path) -> None:

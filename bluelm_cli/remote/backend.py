@@ -140,7 +140,7 @@ def _context_length(client: HttpClient, name: str, entry: dict[str, Any]) -> tup
             continue
         if _positive(value):
             return value, source
-    return DEFAULT_CONTEXT, "assumed (the server does not say)"
+    return DEFAULT_CONTEXT, "assumed: the server does not say"
 
 
 def _ollama_context(answer: dict[str, Any]) -> int | None:
