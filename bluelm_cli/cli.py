@@ -31,6 +31,7 @@ from bluelm_cli.finish import FinishReason
 from bluelm_cli.paths import UserPaths, user_paths
 from bluelm_cli.cli_options import MODEL_SETTINGS, setting_options
 from bluelm_cli.settings import (
+    SOURCE_FLAG,
     ResolvedSettings,
     check_max_new_tokens,
     describe,
@@ -42,6 +43,7 @@ from bluelm_cli.stats import result_json, stats_line
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from bluelm_cli.backend import Backend
     from bluelm_cli.chat import Chat, TurnStream
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.loading import LoadedModel
@@ -145,6 +147,8 @@ Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="8-bit weights vi
 Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA).")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and token statistics on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", show_default=False,
+                      help="API key for --api (else env BLUELM_API_KEY, else OPENAI_API_KEY).")]
 
 
 def _resolve(flags: dict[str, Any]) -> tuple[ResolvedSettings, UserPaths]:
@@ -218,6 +222,42 @@ def _engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console) -
     return ChatEngine(loaded, runner=runner)
 
 
+def _api_key(flag: str | None) -> str | None:
+    """--api-key, else BLUELM_API_KEY, else OPENAI_API_KEY (never printed)."""
+    for value in (flag, os.environ.get("BLUELM_API_KEY"), os.environ.get("OPENAI_API_KEY")):
+        if value and value.strip():
+            return value.strip()
+    return None
+
+
+def _api_key_source(flag: str | None) -> str | None:
+    if flag and flag.strip():
+        return SOURCE_FLAG
+    return next((f"env {name}" for name in ("BLUELM_API_KEY", "OPENAI_API_KEY") if os.environ.get(name, "").strip()), None)
+
+
+def _backend(settings: ResolvedSettings, quantization: str | None, api_key: str | None, console: Console) -> tuple[Backend, str]:
+    """The served model (`--api`) or the local one, and its id for the session."""
+    if not settings["api"]:
+        loaded = _load(settings, quantization, console)
+        return _engine(loaded, settings, console), loaded.model_id
+    from rich.markup import escape
+
+    from bluelm_cli.remote import connect
+
+    if quantization:
+        raise UsageError("--load-in-8bit/--load-in-4bit apply to a local model; the server decides how it runs with --api")
+    # With --api, --model names the served model; a model from the environment or config file is a local one.
+    model = settings["model"] if settings.source_of("model") == SOURCE_FLAG else None
+    with console.status(f"Connecting to {escape(settings['api'])}…", spinner="dots"):
+        backend = connect(settings["api"], api_key=_api_key(api_key), model=model, local_tokenizer=model)
+    console.print(
+        f"[dim]Connected to {escape(backend.client.url.api)}: {escape(backend.model.name)}, context "
+        f"{backend.context_limit} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"
+    )
+    return backend, backend.model.name
+
+
 # ---------------------------------------------------------------------------------------------- ask
 def _read_prompt(argument: str | None) -> str:
     """stdin (when piped) first, then a blank line, then the argument."""
@@ -248,6 +288,7 @@ def ask(
     raw: Annotated[bool, typer.Option("--raw", help="Plain text even on a terminal.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, finish reason, tokens, timings.")] = False,
     truncate: Annotated[bool, typer.Option("--truncate", help="Trim a prompt that is too long from the front instead of refusing it.")] = False,
+    api_key: ApiKeyOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> int:
@@ -256,8 +297,8 @@ def ask(
     quantization = _quantization(load_in_8bit, load_in_4bit)
     question = _read_prompt(prompt)
     errors = _stderr_console()
-    loaded = _load(settings, quantization, errors)
-    chat = _one_shot_chat(_engine(loaded, settings, errors), settings, loaded.model_id)
+    backend, model_id = _backend(settings, quantization, api_key, errors)
+    chat = _one_shot_chat(backend, settings, model_id)
     stream = _start_ask(chat, question, truncate)
     if stream.plan.truncated_from is not None:
         errors.print(
@@ -274,10 +315,13 @@ def ask(
     if result.finish_reason is FinishReason.INTERRUPTED:
         errors.print("[dim]Interrupted.[/]")
         return ExitStatus.INTERRUPTED
+    if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
+        _print_error(getattr(result, "error", None) or "the server failed mid-answer")
+        return ExitStatus.ERROR
     return ExitStatus.OK
 
 
-def _one_shot_chat(engine: ChatEngine, settings: ResolvedSettings, model_id: str) -> Chat:
+def _one_shot_chat(engine: Backend, settings: ResolvedSettings, model_id: str) -> Chat:
     """A conversation of one turn that is not journaled (`bluelm ask`)."""
     from bluelm_cli.chat import Chat
     from bluelm_cli.session import Session
@@ -341,6 +385,7 @@ def chat(
     load_in_4bit: Load4Opt = False,
     resume: Annotated[Optional[str], typer.Option("--resume", metavar="[NAME]", help="Continue the most recent session, or the one named NAME.", show_default=False)] = None,
     session_name: Annotated[Optional[str], typer.Option("--session", help="Start a new session with this name.", show_default=False)] = None,
+    api_key: ApiKeyOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> int:
@@ -358,8 +403,7 @@ def chat(
     resumed: Session | None = None
     if resume is not None:
         resumed = Session.resume(paths.sessions_dir, None if resume in ("", "last") else resume)
-    loaded = _load(settings, quantization, errors)
-    engine = _engine(loaded, settings, errors)
+    engine, model_id = _backend(settings, quantization, api_key, errors)
     if resumed is not None:
         session = resumed
         for key, value in _explicit_sampling(settings).items():
@@ -369,7 +413,7 @@ def chat(
         session = Session.new(
             paths.sessions_dir,
             name=session_name,
-            model_id=loaded.model_id,
+            model_id=model_id,
             system=settings["system"],
             sampling=settings.sampling(),
         )
@@ -407,6 +451,9 @@ def show_config(
             _stderr_console().print(f"Warning: {problem}", style="yellow", markup=False)
         settings.apply_checkpoint_defaults(values)
     rows = describe(settings)
+    # The API key is no setting (a key in the config file would be shown here); only whether one is set.
+    key_source = _api_key_source(None)
+    rows.append(("api_key", "(set, not shown)" if key_source else None, key_source or "default"))
     path_rows = {
         "config_file": str(paths.config_file),
         "sessions_dir": str(paths.sessions_dir),
@@ -418,7 +465,7 @@ def show_config(
         return ExitStatus.OK
     width = max(len(name) for name, _, _ in rows)
     for name, value, source in rows:
-        shown = "(unset)" if value is None else json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        shown = "(unset)" if value is None else value if name == "api_key" else json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
         typer.echo(f"{name:<{width}}  {_pad(shown, 28)}  {source}")
     typer.echo("")
     exists = "" if paths.config_file.exists() else "  (not created yet)"
@@ -468,10 +515,11 @@ def sessions(debug: DebugOpt = False) -> int:
 
 
 @app.command(short_help="Measure load, time to first token per turn, and decode speed.")
-@setting_options("model", "source", "device", "dtype", "compile")
+@setting_options("model", "source", "device", "dtype", "compile", "api")
 def bench(
     *,
     flags: dict[str, Any],
+    api_key: ApiKeyOpt = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
     shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context), cpu25m (26M parameters) or cpu25m-32k.")] = "7b",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.")] = 256,
@@ -483,6 +531,9 @@ def bench(
     debug: DebugOpt = False,
 ) -> int:
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""
+    if _resolve(flags)[0]["api"]:  # a served model, measured from the client (no torch imported)
+        return _bench_served(flags, api_key, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
+                             repeats=repeats, as_json=as_json, other_options=baseline or random_weights)
     from bluelm_cli.bench import SHAPES, format_report, random_weights_model, run_bench
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.fastpath import CompiledRunner
@@ -514,6 +565,21 @@ def bench(
     if isinstance(engine.runner, CompiledRunner):
         report.compile_s = runner_s
     typer.echo(report.to_json() if as_json else format_report(report))
+    return ExitStatus.OK
+
+
+def _bench_served(flags: dict[str, Any], api_key: str | None, *, prompt_tokens: int, new_tokens: int, turns: int,
+                  repeats: int, as_json: bool, other_options: bool) -> int:
+    from bluelm_cli.remote.bench import format_served_report, run_served_bench
+
+    if other_options:
+        raise UsageError("--baseline and --random-weights measure a local model; leave them out with --api")
+    settings, _ = _resolve(flags)
+    errors = _stderr_console()
+    backend, _ = _backend(settings, None, api_key, errors)
+    with errors.status("Running the benchmark conversation…"):
+        report = run_served_bench(backend, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns, repeats=repeats)
+    typer.echo(report.to_json() if as_json else format_served_report(report))
     return ExitStatus.OK
 
 

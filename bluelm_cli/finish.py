@@ -13,6 +13,7 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens reached
     INTERRUPTED = "interrupted"  # Ctrl-C, SIGHUP/SIGTERM, or a closed stream
     CONTEXT = "context"  # the context window is full
+    ERROR = "error"  # a served model failed mid-answer (the server died, a malformed or error event)
 
     @property
     def note(self) -> str | None:
@@ -41,10 +42,12 @@ _NOTES: dict[FinishReason, str | None] = {
     FinishReason.LENGTH: "[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]",
     FinishReason.INTERRUPTED: "[interrupted]",
     FinishReason.CONTEXT: "[cut off: the context window is full; /reset starts a new conversation]",
+    FinishReason.ERROR: "[cut off: the server failed mid-answer; /retry asks again]",
 }
 _TRANSCRIPT_NOTES: dict[FinishReason, str | None] = {
     FinishReason.STOP: None,
     FinishReason.LENGTH: "*(cut off at max_new_tokens)*",
     FinishReason.INTERRUPTED: "*(interrupted)*",
     FinishReason.CONTEXT: "*(cut off: context window full)*",
+    FinishReason.ERROR: "*(cut off: the server failed mid-answer)*",
 }

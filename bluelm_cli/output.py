@@ -33,22 +33,23 @@ class ChatOutput:
         return safe_for_terminal(text) if (console or self.console).is_terminal else text
 
     # ------------------------------------------------------------------------------------ lines
-    # Notes wrap at word boundaries (rich's wrapping), never mid-word as the terminal would.
+    # On a terminal, notes wrap at word boundaries (rich's wrapping), never mid-word as the terminal
+    # would; into a pipe or a file they stay one line each, like errors and warnings everywhere.
     def note(self, text: str) -> None:
         """One dim line of information."""
-        self.console.print(Text(self._safe(text), style="dim"))
+        self.console.print(Text(self._safe(text), style="dim"), soft_wrap=not self.console.is_terminal)
 
     def side_note(self, text: str) -> None:
         """A dim line about an answer: on the console in a terminal, on stderr in script mode (stdout
         then carries only answers)."""
         console = self.console if self.interactive else self.err_console
-        console.print(Text(self._safe(text, console), style="dim"))
+        console.print(Text(self._safe(text, console), style="dim"), soft_wrap=not console.is_terminal)
 
     def warn(self, message: str) -> None:
-        self.err_console.print(Text(f"Warning: {self._safe(message, self.err_console)}", style="yellow"))
+        self.err_console.print(Text(f"Warning: {self._safe(message, self.err_console)}", style="yellow"), soft_wrap=True)
 
     def error(self, message: str) -> None:
-        self.err_console.print(Text(f"Error: {self._safe(message, self.err_console)}", style="bold red"))
+        self.err_console.print(Text(f"Error: {self._safe(message, self.err_console)}", style="bold red"), soft_wrap=True)
 
     def rows(self, rows: Sequence[tuple[str, str]]) -> None:
         """Aligned ``name  value`` lines, names in bold."""
@@ -89,6 +90,9 @@ class ChatOutput:
             self.console.file.flush()
         if committed.journal_error:
             self.error(committed.journal_error)
+        failure = getattr(result, "error", None)  # a served model that failed mid-answer (remote.stream)
+        if failure:
+            self.error(failure)
         if not result.text:
             self.side_note("(empty answer)")
         self.finish_note(result.finish_reason)

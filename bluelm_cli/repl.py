@@ -35,6 +35,7 @@ from bluelm_cli.backend import AnswerResult
 from bluelm_cli.chat import Chat, TurnStream
 from bluelm_cli.commands import ChatCompleter, ExitChat, ShowAnswer, run_command
 from bluelm_cli.errors import BlueLMError, ExitStatus
+from bluelm_cli.finish import FinishReason
 from bluelm_cli.output import PROMPT, ChatOutput
 from bluelm_cli.paths import UserPaths, ensure_dir
 from bluelm_cli.render import StreamRenderer
@@ -174,6 +175,8 @@ class ChatRepl:
         self._show(stream)
         committed = self.chat.commit(stream)
         self.out.after_answer(committed, show_stats=self.show_stats)
+        if committed.result.finish_reason is FinishReason.ERROR:
+            self.failures += 1  # kept and journaled, but script mode still reports the failure
         return committed.result
 
     def _show(self, stream: TurnStream) -> None:

@@ -24,9 +24,11 @@ TOML, at ``$BLUELM_HOME/config.toml`` (or the platform's config directory, see
     seed = 42                          # >= 0; leave out for a random seed
     system = "You are a concise assistant."   # placed before the first turn
     compile = true                     # torch.compile fast path on CUDA
+    api = "http://localhost:8000/v1"   # chat with a served model (see the README's "Chatting with a served model")
 
 Values may also be written as strings (``temperature = "0.3"``); they get the same checks as flags.
-The only environment variable is ``BLUELM_MODEL`` (the model).
+The environment variables are ``BLUELM_MODEL`` (the model) and ``BLUELM_API`` (a server's URL); the API
+key is never a setting (it would show in ``bluelm config``): ``--api-key``, ``BLUELM_API_KEY`` or ``OPENAI_API_KEY``.
 """
 
 from __future__ import annotations
@@ -169,6 +171,12 @@ def _parse_model(raw: object) -> str:
     raise _Invalid
 
 
+def _parse_api(raw: object) -> str:
+    if isinstance(raw, str) and re.fullmatch(r"https?://[^\s/]+(/\S*)?", raw.strip()):
+        return raw.strip()
+    raise _Invalid
+
+
 def _parse_system(raw: object) -> str | None:
     """The text, or None (no system prompt) for blank text, `none`, `unset`, `off` or an empty `""`/`''`."""
     if raw is None:
@@ -258,6 +266,11 @@ SPECS: dict[str, SettingSpec] = {
         SettingSpec(
             "system", str, None, "Text placed before the first turn (BlueLM has no system role).",
             _parse_system, "text", sampling=True, optional=True, metavar="TEXT", short="-s",
+        ),
+        SettingSpec(
+            "api", str, None, "Chat with a model served at this OpenAI-compatible URL instead of loading one.",
+            _optional(_parse_api), "an http:// or https:// URL such as http://localhost:8000/v1, or 'none'",
+            env="BLUELM_API", optional=True, metavar="URL",
         ),
         SettingSpec(
             "compile", bool, True, "Use the torch.compile fast path on CUDA.",

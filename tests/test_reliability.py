@@ -369,8 +369,9 @@ def test_config_columns_align_with_wide_characters(monkeypatch: pytest.MonkeyPat
     assert len(source_columns) == 1, rows
 
 
-def test_notes_wrap_between_words(paths: UserPaths) -> None:
-    console = Console(file=io.StringIO(), width=40)
+def test_notes_wrap_between_words(paths: UserPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "xterm-256color")  # rich leaves a dumb terminal's lines alone
+    console = Console(file=io.StringIO(), width=40, force_terminal=True, color_system=None)
     ChatOutput(console).note("(the 3 oldest turns no longer fit the context window and were dropped)")
     lines = console.file.getvalue().splitlines()
     assert len(lines) > 1 and all(len(line) <= 40 for line in lines)

@@ -1,0 +1,156 @@
+"""The served model as a chat backend: which model, how long its context is, how to count, how to ask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bluelm_cli.backend import BackendInfo
+from bluelm_cli.prompt import HUMAN_TAG, PromptEncoder, PromptPlan
+from bluelm_cli.remote.encoders import ByteEstimateEncoder, SentencePieceEncoder, ServerEncoder
+from bluelm_cli.remote.http import PROBE_TIMEOUT_S, HttpClient, RemoteError, ServerURL
+from bluelm_cli.remote.stream import RemoteStream
+from bluelm_cli.settings import SamplingSettings
+
+# When the server does not say its context length: BlueLM-7B-Chat's.
+DEFAULT_CONTEXT = 2048
+# Sampling parameters outside OpenAI's API: vLLM and SGLang read top_k and repetition_penalty, llama.cpp
+# top_k and repeat_penalty; strict servers (transformers serve) refuse unknown fields, so they are sent
+# only when they matter, and dropped for the rest of the chat when the server refuses them.
+_EXTRA_FIELDS = ("top_k", "repetition_penalty", "repeat_penalty")
+
+
+@dataclass(frozen=True)
+class ServerModel:
+    name: str
+    context_limit: int
+    context_source: str  # where the context length was read, for the banner and /show
+
+
+class RemoteBackend:
+    """A model served over HTTP; `stream()` posts the conversation as chat messages."""
+
+    def __init__(self, client: HttpClient, model: ServerModel, encoder: PromptEncoder, counting: str) -> None:
+        self.client = client
+        self.model = model
+        self.encoder = encoder
+        self.counting = counting  # how prompt tokens are counted (see remote.encoders)
+        self.context_limit = model.context_limit
+        self._send_extras = True
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            model_id=self.model.name,
+            device=f"served at {self.client.url.api}",
+            dtype=f"tokens counted {self.counting}",
+            context_limit=self.context_limit,
+        )
+
+    def request_body(self, plan: PromptPlan, settings: SamplingSettings) -> dict[str, Any]:
+        messages: list[dict[str, str]] = []
+        if plan.system:
+            messages.append({"role": "system", "content": plan.system})
+        for turn in plan.history:
+            messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.answer}]
+        messages.append({"role": "user", "content": plan.message})
+        body: dict[str, Any] = {
+            "model": self.model.name,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "top_p": 1.0 if settings.greedy else settings.top_p,
+            "stop": [HUMAN_TAG],
+        }
+        if settings.seed is not None:
+            body["seed"] = settings.seed
+        if self._send_extras:
+            if settings.top_k and not settings.greedy:
+                body["top_k"] = settings.top_k
+            if settings.repetition_penalty != 1.0:
+                body["repetition_penalty"] = body["repeat_penalty"] = settings.repetition_penalty
+        return body
+
+    def stream(self, plan: PromptPlan, settings: SamplingSettings) -> RemoteStream:
+        return RemoteStream(
+            self.client, self.request_body(plan, settings), prompt_tokens=len(plan.ids),
+            context_limit=self.context_limit, on_rejected_fields=self._without_extras,
+        )
+
+    def _without_extras(self, body: dict[str, Any], error: RemoteError) -> dict[str, Any] | None:
+        """The request again without the non-OpenAI fields, if the server refused one of them."""
+        sent = [name for name in _EXTRA_FIELDS if name in body]
+        if not sent or error.status not in (400, 422) or not any(name in error.detail for name in sent):
+            return None
+        self._send_extras = False
+        return {key: value for key, value in body.items() if key not in _EXTRA_FIELDS}
+
+
+def connect(api: str, *, api_key: str | None, model: str | None, local_tokenizer: str | None = None) -> RemoteBackend:
+    """Reach the server, pick the model (`model`, else the first it lists), read its context length and
+    choose how to count tokens. Raises RemoteError (one line) when the server can't be used."""
+    client = HttpClient(ServerURL.parse(api), api_key)
+    listed = _list_models(client)
+    if model is None:
+        if not listed:
+            raise RemoteError(f"the server at {client.url.api} lists no models; name one with --model")
+        entry = listed[0]
+    else:
+        entry = next((item for item in listed if item.get("id") == model), None)
+        if entry is None:
+            names = ", ".join(str(item.get("id")) for item in listed[:8]) or "none"
+            raise RemoteError(f"the server at {client.url.api} does not serve '{model}' (it serves: {names}); "
+                              "choose one with --model")
+    name = str(entry["id"])
+    served = ServerModel(name, *_context_length(client, name, entry))
+    encoder: PromptEncoder | None = ServerEncoder.probe(client, name)
+    if encoder is None and local_tokenizer:
+        encoder = SentencePieceEncoder.from_folder(local_tokenizer)
+    if encoder is None:
+        encoder = ByteEstimateEncoder()
+    return RemoteBackend(client, served, encoder, encoder.description)  # type: ignore[attr-defined]
+
+
+def _list_models(client: HttpClient) -> list[dict[str, Any]]:
+    path = f"{client.url.api_path}/models"
+    answer = client.request_json("GET", path)
+    models = answer.get("data") if isinstance(answer, dict) else None
+    if not isinstance(models, list) or not all(isinstance(item, dict) and "id" in item for item in models):
+        raise RemoteError(f"{client.url.api} answered GET {path} without a model list; "
+                          "check that --api points at an OpenAI-compatible server")
+    return models
+
+
+def _context_length(client: HttpClient, name: str, entry: dict[str, Any]) -> tuple[int, str]:
+    """The served context length, from wherever this server says it; else DEFAULT_CONTEXT."""
+    if _positive(entry.get("max_model_len")):  # vLLM, SGLang
+        return entry["max_model_len"], "/v1/models max_model_len"
+    root = client.url.root_path
+    probes = (
+        ("GET", f"{root}/props", None, lambda a: (a.get("default_generation_settings") or {}).get("n_ctx") or a.get("n_ctx"), "/props n_ctx"),  # llama.cpp
+        ("GET", f"{root}/info", None, lambda a: a.get("max_total_tokens"), "/info max_total_tokens"),  # TGI
+        ("POST", f"{root}/api/show", {"model": name}, _ollama_context, "/api/show num_ctx"),  # ollama
+    )
+    for method, path, body, read, source in probes:
+        try:
+            answer = client.request_json(method, path, body, timeout=PROBE_TIMEOUT_S)
+            value = read(answer) if isinstance(answer, dict) else None
+        except (RemoteError, AttributeError, TypeError):
+            continue
+        if _positive(value):
+            return value, source
+    return DEFAULT_CONTEXT, "assumed: the server does not say"
+
+
+def _ollama_context(answer: dict[str, Any]) -> int | None:
+    # ollama runs a model with num_ctx (a Modelfile parameter), not the model's trained length.
+    for line in str(answer.get("parameters") or "").splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key == "num_ctx" and value.strip().isdigit():
+            return int(value.strip())
+    return None
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
