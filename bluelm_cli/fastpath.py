@@ -19,6 +19,22 @@ from bluelm_cli.engine import StepRunner
 from bluelm_cli.loading import LoadedModel
 
 
+class RewindableStaticCache(StaticCache):
+    """transformers' StaticCache, croppable on every transformers release BlueLM supports.
+
+    Cropping a static cache means moving each layer's length counter back; stale slots are overwritten before
+    they are attended to. transformers 5.24 gave StaticLayer a `crop` that does just that; 5.17-5.23 keep
+    the same counter but have no `crop`, so the engine's cross-turn reuse would die there.
+    """
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("a static cache is cropped by a negative count: the number of tokens to remove")
+        for layer in self.layers:
+            # In place: the counter's address is baked into the captured graph.
+            layer.cumulative_length.sub_(-tokens_to_remove)
+
+
 class CompiledRunner(StepRunner):
     """StepRunner over one StaticCache with the decode step compiled (CUDA graphs on CUDA)."""
 
@@ -29,19 +45,19 @@ class CompiledRunner(StepRunner):
         # Inputs live in fixed buffers: a CUDA graph replays reads from the same addresses every time.
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._position = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self._cache: StaticCache | None = None
+        self._cache: RewindableStaticCache | None = None
         self._compiled = torch.compile(self._decode_step, mode=mode, backend=backend, fullgraph=True, dynamic=False)
 
     def new_cache(self) -> Cache:
         # One cache for the life of the runner: its buffers' addresses are baked into the captured graph.
         if self._cache is None:
-            self._cache = StaticCache(config=self.model.config, max_cache_len=self.max_positions)
+            self._cache = RewindableStaticCache(config=self.model.config, max_cache_len=self.max_positions)
         else:
             self._rewind(self._cache)
         return self._cache
 
     @staticmethod
-    def _rewind(cache: StaticCache) -> None:
+    def _rewind(cache: RewindableStaticCache) -> None:
         # Moving the length counter back is enough: stale slots are overwritten before they are attended to.
         length = int(cache.get_seq_length())
         if length:

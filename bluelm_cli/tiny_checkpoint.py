@@ -79,6 +79,9 @@ class TinySpec:
     weights_format: str = "bin-sharded"  # "bin-sharded" | "safetensors" | "safetensors-sharded" | "bin"
     seed: int = 0
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    # True: the model never ends an answer by itself (the </s> and [|Human|]: rows of lm_head are zero),
+    # for tests that need an answer to run on until max_new_tokens or an interruption, on any torch's numerics.
+    endless: bool = False
 
     def __hash__(self) -> int:  # rope_scaling is a dict, so hash its JSON form
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -296,6 +299,21 @@ def random_state_dict(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
+def _silence_stop_tokens(weights: dict[str, torch.Tensor], model_bytes: bytes) -> None:
+    """Zero the lm_head rows of the tokens that end an answer, </s> and [|Human|]:.
+
+    Their logits are then exactly 0 whatever the hidden state, so greedy decoding could pick one only if
+    every other logit were <= 0 too: all ~600 random rows inside one half-space of the hidden space, which
+    for Gaussian rows in 64 dimensions has odds below 2^-300 (Wendel). The repetition penalty keeps signs.
+    """
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(model_bytes)
+    for token_id in (sp.eos_id(), sp.piece_to_id(HUMAN_TAG)):
+        weights["lm_head.weight"][token_id] = 0
+
+
 def _split_shards(names: list[str], num_layers: int) -> tuple[list[str], list[str]]:
     """Two shards like the published split: embeddings + first half of the layers, then the rest."""
     cut = (num_layers + 1) // 2
@@ -439,6 +457,9 @@ def build_checkpoint(folder: Path, spec: TinySpec = TinySpec(), *, tokenizer_mod
         folder / "special_tokens_map.json",
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
     )
-    _write_weights(folder, random_state_dict(spec, config["vocab_size"]), spec)
+    weights = random_state_dict(spec, config["vocab_size"])
+    if spec.endless:
+        _silence_stop_tokens(weights, model_bytes)
+    _write_weights(folder, weights, spec)
     _write_traps(folder)
     return folder

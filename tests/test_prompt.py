@@ -64,31 +64,41 @@ def test_user_segment() -> None:
 
 
 # ------------------------------------------------------------------------------------------------- ids
-ANSWER_IDS = [336, 383, 389, 366, 391, 494, 484, 510, 498, 446, 437, 383, 511, 392]
+def pieces(tokenizer: BlueLMTokenizer, spaced: str) -> list[int]:
+    """The ids of space-separated SentencePiece pieces. Golden sequences name pieces, not numbers: the tiny
+    tokenizer is trained by the installed sentencepiece, and releases number its pieces differently
+    (0.2.0 learns one more merge than 0.2.3) while splitting text the same way."""
+    ids = [tokenizer.sp_model.piece_to_id(piece) for piece in spaced.split(" ")]
+    assert tokenizer.sp_model.unk_id() not in ids, spaced
+    return ids
+
+
+def answer_ids(tokenizer: BlueLMTokenizer) -> list[int]:
+    return pieces(tokenizer, "▁ 你 好 ， 有 什 么 可 以 帮 助 你 吗 ？")
 
 
 def test_golden_ids_without_system(tokenizer: BlueLMTokenizer) -> None:
-    prompt = build(tokenizer, None, [HistoryTurn("你好", ANSWER_IDS)], "Hello, who are you?")
+    prompt = build(tokenizer, None, [HistoryTurn("你好", answer_ids(tokenizer))], "Hello, who are you?")
     assert prompt.ids == [
         1,
-        336, 4, 383, 389, 5,
-        336, 383, 389, 366, 391, 494, 484, 510, 498, 446, 437, 383, 511, 392,
+        *pieces(tokenizer, "▁ [|Human|]: 你 好 [|AI|]:"),
+        *answer_ids(tokenizer),
         2,
-        336, 4, 427, 266, 317, 363, 280, 347, 338, 263, 290, 336, 368, 302, 386, 5,
-    ]  # fmt: skip
+        *pieces(tokenizer, "▁ [|Human|]: H el lo , ▁w h o ▁a re ▁ y ou ? [|AI|]:"),
+    ]
     assert prompt.turn_starts == [1]
     assert prompt.message_start == 21
 
 
 def test_golden_ids_with_system(tokenizer: BlueLMTokenizer) -> None:
-    prompt = build(tokenizer, "You are helpful.", [HistoryTurn("你好", ANSWER_IDS)], "Hello, who are you?")
+    prompt = build(tokenizer, "You are helpful.", [HistoryTurn("你好", answer_ids(tokenizer))], "Hello, who are you?")
     assert prompt.ids == [
         1,
-        336, 95, 302, 263, 290, 336, 347, 266, 355, 353, 346, 345, 350, 4, 383, 389, 5,
-        336, 383, 389, 366, 391, 494, 484, 510, 498, 446, 437, 383, 511, 392,
+        *pieces(tokenizer, "▁ <0x59> ou ▁a re ▁ h el p f u l . [|Human|]: 你 好 [|AI|]:"),
+        *answer_ids(tokenizer),
         2,
-        336, 4, 427, 266, 317, 363, 280, 347, 338, 263, 290, 336, 368, 302, 386, 5,
-    ]  # fmt: skip
+        *pieces(tokenizer, "▁ [|Human|]: H el lo , ▁w h o ▁a re ▁ y ou ? [|AI|]:"),
+    ]
     assert prompt.turn_starts == [1]
     assert prompt.message_start == 33
 
@@ -143,4 +153,4 @@ def test_system_goes_only_with_the_first_turn(tokenizer: BlueLMTokenizer) -> Non
 def test_empty_history_has_no_greeting_ids(tokenizer: BlueLMTokenizer) -> None:
     prompt = build(tokenizer, None, [], "hello")
     assert prompt.ids == [tokenizer.bos_token_id] + tokenizer.encode_plain("[|Human|]:hello[|AI|]:")
-    assert prompt.ids[:3] == [1, 336, 4]  # <s> ▁ [|Human|]:
+    assert prompt.ids[:3] == [1, *pieces(tokenizer, "▁ [|Human|]:")]

@@ -28,7 +28,7 @@ from bluelm_cli.session import Session
 from bluelm_cli.settings import SamplingSettings
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 
-pytest.importorskip("fastapi", reason="transformers serve needs the 'serving' extra (pip install -e '.[test]')")
+pytest.importorskip("fastapi", reason="transformers serve needs the 'serving' extra (pip install -e '.[test,serving]')")
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 12

@@ -250,6 +250,21 @@ def test_building_twice_gives_identical_files(tmp_path: Path) -> None:
     assert (c / "pytorch_model.bin").read_bytes() != (d / "pytorch_model.bin").read_bytes()
 
 
+def test_endless_checkpoint_zeroes_only_the_stop_rows(tmp_path: Path, sp: spm.SentencePieceProcessor) -> None:
+    plain = load_state_dict(build_checkpoint(tmp_path / "plain", TinySpec(weights_format="bin")))
+    endless_folder = build_checkpoint(tmp_path / "endless", TinySpec(weights_format="bin", endless=True))
+    endless = load_state_dict(endless_folder)
+    stop_ids = [sp.eos_id(), sp.piece_to_id("[|Human|]:")]
+    assert stop_ids == [2, sp.piece_to_id("[|Human|]:")] and stop_ids[1] != sp.unk_id()
+    changed = (plain["lm_head.weight"] != endless["lm_head.weight"]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(stop_ids)
+    assert not endless["lm_head.weight"][stop_ids].any()
+    assert all(torch.equal(plain[name], endless[name]) for name in plain if name != "lm_head.weight")
+    # So their logits are exactly 0 while the best other token's is positive: greedy never stops.
+    logits = reference_logits(endless_folder, torch.tensor([[1, *sp.encode("[|Human|]:Tell me a story[|AI|]:")]]))
+    assert not logits[0, :, stop_ids].any() and (logits[0].max(dim=-1).values > 0).all()
+
+
 def test_custom_tokenizer_model(tmp_path: Path) -> None:
     other = train_tokenizer(tmp_path / "other.model", vocab_size=800)
     pieces = spm.SentencePieceProcessor(model_file=str(other)).get_piece_size()
