@@ -30,7 +30,7 @@ from bluelm_cli.commands import COMMANDS, ChatCompleter, code_blocks
 from bluelm_cli.engine import ChatEngine
 from bluelm_cli.loading import load_model
 from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.repl import run_chat
+from bluelm_cli.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session, Turn
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 
@@ -94,9 +94,23 @@ def chat(
     verbose: bool = False,
     resumed: bool = False,
 ) -> Chat:
-    """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did."""
+    """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did.
+
+    After a chunk that submits a line, the next waits until the REPL has handled it (answered it): keys
+    that arrive while an answer streams are read together at the next prompt, as one burst, and a burst
+    of lines is one message."""
     console = Console(file=io.StringIO(), width=200, highlight=False)
     done = threading.Event()
+    handled = threading.Semaphore(0)
+    handle = ChatRepl.handle
+
+    def handle_and_tell(self: ChatRepl, text: str) -> None:
+        try:
+            handle(self, text)
+        finally:
+            handled.release()
+
+    ChatRepl.handle = handle_and_tell  # type: ignore[method-assign]
     with create_pipe_input() as pipe:
 
         def feed() -> None:
@@ -104,6 +118,10 @@ def chat(
                 if done.wait(PAUSE):
                     return
                 pipe.send_text(chunk)
+                if chunk.endswith("\r") and chunk.strip("\r") and not chunk.startswith("\x1b[200~"):
+                    while not handled.acquire(timeout=0.1):  # until the REPL has handled the line
+                        if done.is_set():
+                            return
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
@@ -115,6 +133,7 @@ def chat(
         finally:
             done.set()
             feeder.join()  # before the pipe closes: its descriptor number may be reused by the next test
+            ChatRepl.handle = handle  # type: ignore[method-assign]
     return Chat(status, console.file.getvalue(), session)  # type: ignore[attr-defined]
 
 
@@ -288,7 +307,11 @@ def test_completion_of_commands_settings_and_paths(tmp_path: Path) -> None:
         return [c.text for c in ChatCompleter().get_completions(Document(text), CompleteEvent(completion_requested=True))]
 
     assert complete("/re") == ["/reset", "/retry"]
-    assert complete("/") == [f"/{c.name}" for c in COMMANDS]
+    assert complete("/") == [f"/{name}" for c in COMMANDS for name in (c.name, *c.aliases) if name != "?"]
+    assert complete("/b") == ["/bye"] and complete("/q") == ["/quit"] and complete("/cl") == ["/clear"]
+    assert complete("/co") == ["/continue", "/copy"] and complete("/fi") == ["/file"]
+    assert complete("/set parameter te") == ["temperature "] and complete("/set ver") == ["verbose"]
+    assert complete("/show p") == ["parameters"]
     assert complete("/set te") == ["temperature "]
     assert "system " in complete("/set ")
     assert "compile " not in complete("/set ")  # only what /set can change
