@@ -230,7 +230,7 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, finish reason, tokens, timings.")] = False,
     truncate: Annotated[bool, typer.Option("--truncate", help="Trim a prompt that is too long from the front instead of refusing it.")] = False,
     continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the most recent chat session (journaled like a chat turn).")] = False,
-    session_name: Annotated[Optional[str], typer.Option("--session", help="Continue the session NAME, or start it if there is none.", show_default=False)] = None,
+    session_name: Annotated[Optional[str], typer.Option("--session", metavar="NAME", help="Continue the session NAME, or start it if there is none.", show_default=False)] = None,
     files: Annotated[Optional[list[Path]], typer.Option("--file", "-f", help="Put a text file into the question, fenced with its name (repeatable).", metavar="PATH", show_default=False)] = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,

@@ -24,6 +24,7 @@ TOML, at ``$BLUELM_HOME/config.toml`` (or the platform's config directory, see
     seed = 42                          # >= 0; leave out for a random seed
     system = "You are a concise assistant."   # placed before the first turn
     compile = true                     # torch.compile fast path on CUDA
+    history = false                    # keep no input history file (bluelm chat --no-history)
 
 Values may also be written as strings (``temperature = "0.3"``); they get the same checks as flags.
 The only environment variable is ``BLUELM_MODEL`` (the model).
@@ -247,6 +248,10 @@ SPECS: dict[str, SettingSpec] = {
         ),
         SettingSpec(
             "compile", bool, True, "Use the torch.compile fast path on CUDA.",
+            _parse_bool, "true or false",
+        ),
+        SettingSpec(
+            "history", bool, True, "Keep the chat's input history in a file (Up, Ctrl-R); off for typing secrets.",
             _parse_bool, "true or false",
         ),
     )
