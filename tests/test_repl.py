@@ -93,6 +93,7 @@ def chat(
     *,
     verbose: bool = False,
     resumed: bool = False,
+    keep_history: bool = True,
 ) -> Chat:
     """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did.
 
@@ -128,7 +129,7 @@ def chat(
         try:
             status = run_chat(
                 ChatService(engine, session), console=console, paths=paths, verbose=verbose, resumed=resumed,
-                pt_input=pipe, pt_output=DummyOutput(),
+                pt_input=pipe, pt_output=DummyOutput(), keep_history=keep_history,
             )
         finally:
             done.set()
@@ -177,6 +178,20 @@ def test_alt_enter_inserts_a_newline(engine: ChatEngine, session: Session, paths
 def test_bracketed_paste_is_one_message(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
     result = chat(engine, session, paths, ["\x1b[200~a\nb\r\nc\x1b[201~", "\r", "/exit\r"])
     assert result.users == ["a\nb\nc"]
+
+
+def test_a_burst_of_lines_is_one_message(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    # What tmux paste-buffer (without -p) sends: the whole block at once, each newline an Enter (CR).
+    result = chat(engine, session, paths, ["first line\rsecond line\r/third line\r", "/exit\r"])
+    assert result.users == ["first line\nsecond line\n/third line"]
+    assert "Error" not in result.out
+
+
+def test_typed_triple_quote_block_is_one_message(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    # Typed: every Enter arrives on its own, long after the last key, so only the quotes keep the block open.
+    keys = ['"""', "\r", "line one", "\r", "/line two", "\r", '"""', "\r", "/exit\r"]
+    result = chat(engine, session, paths, keys)
+    assert result.users == ["line one\n/line two"]
 
 
 def test_huge_paste_is_refused_with_its_token_count(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
@@ -282,6 +297,28 @@ def test_history_file_is_private_and_searchable(engine: ChatEngine, session: Ses
     other = _new_session(paths, engine, name="t2")
     result = chat(engine, other, paths, ["\x12rememb", "\r", "\r", "/exit\r"])
     assert result.users == ["remember this"]
+
+
+def test_no_history_keeps_no_file(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    result = chat(engine, session, paths, ["my secret\r", "\x1b[A", "\r", "/exit\r"], keep_history=False)
+    assert result.users == ["my secret", "my secret"]  # Up still recalls it within the chat
+    assert not paths.history_file.exists() and not paths.data_dir.exists()
+
+
+def test_show_info_describes_the_loaded_model(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    result = chat(engine, session, paths, ["/show info\r", "/exit\r"])
+    config = engine.model.config
+    count = sum(parameter.numel() for parameter in engine.model.parameters())
+    assert (
+        f"architecture  BlueLMForCausalLM, {config.num_hidden_layers} layers, hidden size {config.hidden_size},"
+        f" {config.num_attention_heads} attention heads\n"
+        f"parameters    {count / 1e3:.2f}K ({count:,})\n"
+        "context       2048 tokens\n"
+        "dtype         float32\n"
+        "device        cpu\n"
+        "quantization  none\n"
+        f"from          {engine.loaded.folder}\n"
+    ) in result.out
 
 
 def test_history_that_cannot_be_written_is_a_warning(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
