@@ -104,7 +104,7 @@ def test_search_finds_text_in_messages_and_answers(two_sessions: tuple[float, fl
     assert found.stdout == (
         "rust-help #1 you: How do I read a file in Rust, line by line, without loading it a…\n"
         "rust-help #1 bluelm: Use `BufReader::lines()`.\n"
-        "rust-help #2 bluelm: Iterate over the **file object**: `for line in open(path)`.\n"
+        "rust-help #2 bluelm: …ver the **file object**: `for line in open(path)`.\n"
     )
     assert invoke("sessions", "search", "西湖").stdout == "poem #1 bluelm: 西湖春色……\n"
     nothing = invoke("sessions", "search", "kotlin")
