@@ -306,7 +306,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("undo", "/undo", "Remove the last exchange.", _undo),
     Command("set", "/set KEY VALUE", "Change a sampling setting or the system prompt; /set verbose|quiet.", _set,
             _SettingCompleter()),
-    Command("show", "/show [info|parameters|system]", "Show the settings and context used, or the model, every setting's source, the system prompt.",
+    Command("show", "/show [info|parameters|system]", "Settings and context used; info: the model; parameters: with sources; system: the prompt.",
             _show, WordCompleter(["info", "parameters", "system"])),
     Command("copy", "/copy [N]", "Copy the last answer, or its N-th code block, to the clipboard.", _copy),
     Command("stats", "/stats on|off", "Show tokens, time to first token and speed after each answer.", _stats,
