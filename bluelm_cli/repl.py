@@ -147,7 +147,8 @@ class ChatRepl:
             if block_is_open(stripped):  # a block left open at the end of the input: it ends there
                 stripped += f"\n{QUOTES}"
             if unwrap_block(stripped) != stripped:
-                self._send(unwrap_block(stripped))
+                if unwrap_block(stripped).strip():  # an empty """ """ block sends nothing
+                    self._send(unwrap_block(stripped))
             elif stripped.startswith("//"):
                 self._send(stripped.removeprefix("/"))
             elif stripped.startswith("/"):

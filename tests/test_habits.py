@@ -152,9 +152,9 @@ def test_triple_quote_blocks() -> None:
 def test_triple_quote_block_in_script_mode_is_one_message(paths: UserPaths) -> None:
     backend = FakeBackend().queue("Got it.", "Unclosed.")
     chat = Chat(backend, new_session(paths))
-    status, out, err = run_script(chat, paths, '"""\nfirst line\n/not a command\n"""\n"""left open\nat the end\n')
+    status, out, err = run_script(chat, paths, '"""\n"""\n"""\nfirst line\n/not a command\n"""\n"""left open\nat the end\n')
     assert (status, out, err) == (0, "Got it.\nUnclosed.\n", "")
-    assert backend.prompt_text(0) == "<s>[|Human|]:first line\n/not a command[|AI|]:"
+    assert backend.prompt_text(0) == "<s>[|Human|]:first line\n/not a command[|AI|]:"  # the empty block sent nothing
     assert backend.prompt_text(1).endswith("[|Human|]:left open\nat the end[|AI|]:")
 
 
