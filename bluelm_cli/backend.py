@@ -55,6 +55,10 @@ class BackendInfo:
     dtype: str
     context_limit: int
     quantization: str | None = None
+    # For /show info; None where a backend can't tell.
+    architecture: str | None = None  # e.g. "BlueLMForCausalLM, 32 layers, hidden size 4096, 32 attention heads"
+    parameters: int | None = None
+    origin: str | None = None  # where the weights were read from (a folder, a server)
 
 
 class Backend(Protocol):

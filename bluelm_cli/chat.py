@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from bluelm_cli.backend import AnswerResult, AnswerStream, Backend
 from bluelm_cli.errors import BlueLMError
-from bluelm_cli.prompt import HistoryTurn, PromptPlan, fit_prompt, history_tokens
 from bluelm_cli.conversation import Conversation
+from bluelm_cli.finish import FinishReason
+from bluelm_cli.prompt import HistoryTurn, PromptEncoder, PromptPlan, fit_continuation, fit_prompt, history_tokens
 from bluelm_cli.session import Session, Turn
 from bluelm_cli.settings import SamplingSettings, check_max_new_tokens, parse_sampling_setting
 
@@ -26,10 +27,13 @@ __all__ = ["Chat", "CommittedTurn", "TurnStream"]
 class TurnStream:
     """One answer being produced: iterate for deltas, `stop()` to interrupt, then `Chat.commit` it."""
 
-    def __init__(self, message: str, plan: PromptPlan, stream: AnswerStream, *, replaces_last: bool) -> None:
+    def __init__(
+        self, message: str, plan: PromptPlan, stream: AnswerStream, *, replaces_last: bool, continues: Turn | None = None
+    ) -> None:
         self.message = message
         self.plan = plan
-        self.replaces_last = replaces_last  # /retry: committing replaces the last turn
+        self.replaces_last = replaces_last  # /retry, /continue: committing replaces the last turn
+        self.continues = continues  # /continue: the turn whose answer this stream goes on with
         self._stream = stream
 
     def __iter__(self) -> TurnStream:
@@ -114,6 +118,31 @@ class Chat:
             turns = turns[:-1]
         return self._start(last.user, turns, replaces_last=True, truncate=False)
 
+    def continue_(self) -> TurnStream:
+        """Go on with the last answer where it was cut off (max_new_tokens, Ctrl-C, the context's end).
+
+        The prompt is the conversation with that answer's ids left open (no closing </s>); committing
+        the stream replaces the last turn with one whose answer is the old one followed by the new text."""
+        last = self.last_turn()
+        if last is None:
+            raise BlueLMError("nothing to continue yet; send a message first")
+        if FinishReason(last.finish_reason) is FinishReason.STOP:
+            raise BlueLMError("the last answer ended on its own, so there is nothing to continue; /retry asks for a new one")
+        turns = self.session.active_turns()
+        if turns and turns[-1] is last:
+            turns = turns[:-1]
+        settings = self.sampling
+        plan = fit_continuation(
+            self.backend.encoder,
+            self.session.system,
+            _history(turns),
+            HistoryTurn(last.user, last.answer_ids, last.answer),
+            context_limit=self.backend.context_limit,
+            max_new_tokens=settings.max_new_tokens,
+        )
+        stream = self.backend.stream(plan, settings)
+        return TurnStream(last.user, plan, stream, replaces_last=True, continues=last)
+
     def _start(self, message: str, turns: Sequence[Turn], *, replaces_last: bool, truncate: bool) -> TurnStream:
         settings = self.sampling
         check_max_new_tokens(settings.max_new_tokens, self.backend.context_limit)
@@ -131,12 +160,17 @@ class Chat:
     def commit(self, stream: TurnStream) -> CommittedTurn:
         """Record the ended (or stopped) answer as a turn. A journal failure keeps the turn in memory."""
         result = stream.result if stream.result is not None else stream.finish()
-        turn = Turn(
-            user=stream.message,
-            answer=result.text,
-            answer_ids=list(result.answer_ids),
-            finish_reason=result.finish_reason,
-        )
+        if stream.continues is not None:
+            answer, answer_ids = _extended(self.backend.encoder, stream.continues, result)
+            turn = Turn(user=stream.message, answer=answer, answer_ids=answer_ids,
+                        finish_reason=result.finish_reason, created_at=stream.continues.created_at)
+        else:
+            turn = Turn(
+                user=stream.message,
+                answer=result.text,
+                answer_ids=list(result.answer_ids),
+                finish_reason=result.finish_reason,
+            )
         journal_error = None
         try:
             if stream.replaces_last:
@@ -187,3 +221,13 @@ class Chat:
 def _history(turns: Sequence[Turn]) -> list[HistoryTurn]:
     """What the prompt needs of the recorded turns: user text and the answer's generated ids."""
     return [HistoryTurn(turn.user, turn.answer_ids, turn.answer) for turn in turns]
+
+
+def _extended(encoder: PromptEncoder, turn: Turn, result: AnswerResult) -> tuple[str, list[int]]:
+    """The answer of `turn` followed by a continuation: ids joined, and the text of the joined ids (a
+    SentencePiece piece that begins with a space loses it when decoded alone, as the continuation was)."""
+    old_ids = list(turn.answer_ids) if turn.answer_ids or not turn.answer else encoder.encode_plain(turn.answer)
+    ids = old_ids + list(result.answer_ids)
+    before, after = encoder.decode(old_ids), encoder.decode(ids)
+    text = turn.answer + after[len(before):] if after.startswith(before) else turn.answer + result.text
+    return text, ids

@@ -30,6 +30,7 @@ from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.paths import UserPaths, user_paths
 from bluelm_cli.cli_options import MODEL_SETTINGS, setting_options
+from bluelm_cli.sessions_cli import sessions_app
 from bluelm_cli.settings import (
     SOURCE_FLAG,
     ResolvedSettings,
@@ -38,6 +39,7 @@ from bluelm_cli.settings import (
     read_generation_config,
     resolve_settings,
 )
+from bluelm_cli.show import format_value
 from bluelm_cli.stats import result_json, stats_line
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from bluelm_cli.chat import Chat, TurnStream
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.loading import LoadedModel
+    from bluelm_cli.session import Session
 
 
 class _BlueLMGroup(TyperGroup):
@@ -259,7 +262,7 @@ def _backend(settings: ResolvedSettings, quantization: str | None, api_key: str 
 
 
 # ---------------------------------------------------------------------------------------------- ask
-def _read_prompt(argument: str | None) -> str:
+def _read_prompt(argument: str | None, *, required: bool = True) -> str:
     """stdin (when piped) first, then a blank line, then the argument."""
     parts: list[str] = []
     if not sys.stdin.isatty():
@@ -272,7 +275,7 @@ def _read_prompt(argument: str | None) -> str:
             parts.append(text.strip("\n"))
     if argument and argument.strip():
         parts.append(argument)
-    if not parts:
+    if not parts and required:
         raise UsageError("nothing to ask: give a prompt as an argument or on standard input, e.g. bluelm ask '你好'")
     return "\n\n".join(parts)
 
@@ -289,16 +292,31 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, finish reason, tokens, timings.")] = False,
     truncate: Annotated[bool, typer.Option("--truncate", help="Trim a prompt that is too long from the front instead of refusing it.")] = False,
     api_key: ApiKeyOpt = None,
+    continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the most recent chat session (journaled like a chat turn).")] = False,
+    session_name: Annotated[Optional[str], typer.Option("--session", metavar="NAME", help="Continue the session NAME, or start it if there is none.", show_default=False)] = None,
+    files: Annotated[Optional[list[Path]], typer.Option("--file", "-f", help="Put a text file into the question, fenced with its name (repeatable).", metavar="PATH", show_default=False)] = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> int:
-    """Answer one question (no history) and exit. Plain text when piped, rendered Markdown on a terminal."""
-    settings, _ = _resolve(flags)
+    """Answer one question and exit (with -c or --session, as the next turn of a saved chat). Plain text
+    when piped, rendered Markdown on a terminal."""
+    from bluelm_cli.attachments import check_fits, read_attachment, token_count, with_attachments
+
+    settings, paths = _resolve(flags)
     quantization = _quantization(load_in_8bit, load_in_4bit)
-    question = _read_prompt(prompt)
+    attachments = [read_attachment(str(path)) for path in files or []]
+    question = _read_prompt(prompt, required=not attachments)
+    resumed = _resume_for_ask(paths, continue_last, session_name)
     errors = _stderr_console()
     backend, model_id = _backend(settings, quantization, api_key, errors)
-    chat = _one_shot_chat(backend, settings, model_id)
+    chat = _ask_chat(backend, settings, model_id, paths, resumed, session_name)
+    if attachments:
+        check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
+                   max_new_tokens=chat.sampling.max_new_tokens)
+        for attachment in attachments:
+            errors.print(f"Attached {attachment.name} ({token_count(chat.backend.encoder, attachment):,} tokens)",
+                         style="dim", markup=False, highlight=False)
+        question = with_attachments(attachments, question).rstrip("\n")
     stream = _start_ask(chat, question, truncate)
     if stream.plan.truncated_from is not None:
         errors.print(
@@ -306,7 +324,10 @@ def ask(
             f"kept its last {stream.plan.truncated_to} (--truncate)"
         )
     _show_ask(stream, raw=raw or as_json, quiet=as_json)
-    result = chat.commit(stream).result
+    committed = chat.commit(stream)
+    result = committed.result
+    if committed.journal_error:
+        _print_error(committed.journal_error)
     if as_json:
         sys.stdout.write(json.dumps(result_json(result), ensure_ascii=False) + "\n")
     if verbose:
@@ -319,6 +340,41 @@ def ask(
         _print_error(getattr(result, "error", None) or "the server failed mid-answer")
         return ExitStatus.ERROR
     return ExitStatus.OK
+
+
+def _resume_for_ask(paths: UserPaths, continue_last: bool, name: str | None) -> Session | None:
+    """The session `ask -c` / `--session NAME` continues (found before the model loads); None for a new one."""
+    from bluelm_cli.session import Session, validate_session_name
+
+    if name is not None:
+        validate_session_name(name)
+        from bluelm_cli.journal import journal_path
+
+        return Session.resume(paths.sessions_dir, name) if journal_path(paths.sessions_dir, name).is_file() else None
+    if continue_last:
+        return Session.resume(paths.sessions_dir, None)
+    return None
+
+
+def _ask_chat(
+    engine: Backend, settings: ResolvedSettings, model_id: str, paths: UserPaths, resumed: Session | None,
+    session_name: str | None,
+) -> Chat:
+    """A resumed session (sampling flags given now override its values), a new named one, or one unjournaled turn."""
+    from bluelm_cli.chat import Chat
+    from bluelm_cli.paths import ensure_dir
+    from bluelm_cli.session import Session
+
+    if resumed is not None:
+        for key, value in _explicit_sampling(settings).items():
+            resumed.set_setting(key, value)
+        return Chat(engine, resumed)
+    if session_name is not None:
+        ensure_dir(paths.sessions_dir)
+        session = Session.new(paths.sessions_dir, name=session_name, model_id=model_id, system=settings["system"],
+                              sampling=settings.sampling())
+        return Chat(engine, session)
+    return _one_shot_chat(engine, settings, model_id)
 
 
 def _one_shot_chat(engine: Backend, settings: ResolvedSettings, model_id: str) -> Chat:
@@ -377,7 +433,7 @@ class _NullRenderer:
 
 # --------------------------------------------------------------------------------------------- chat
 @app.command(short_help="Chat in the terminal: multi-turn, streaming, /help for commands.")
-@setting_options(*MODEL_SETTINGS)
+@setting_options(*MODEL_SETTINGS, "history")
 def chat(
     *,
     flags: dict[str, Any],
@@ -423,7 +479,7 @@ def chat(
     from bluelm_cli.repl import run_chat
 
     return run_chat(Chat(engine, session), console=Console(highlight=False), paths=paths, verbose=verbose,
-                    resumed=resumed is not None)
+                    resumed=resumed is not None, settings=settings, keep_history=bool(settings["history"]))
 
 
 def _explicit_sampling(settings: ResolvedSettings) -> dict[str, Any]:
@@ -465,7 +521,7 @@ def show_config(
         return ExitStatus.OK
     width = max(len(name) for name, _, _ in rows)
     for name, value, source in rows:
-        shown = "(unset)" if value is None else value if name == "api_key" else json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        shown = value if name == "api_key" and value else format_value(value)
         typer.echo(f"{name:<{width}}  {_pad(shown, 28)}  {source}")
     typer.echo("")
     exists = "" if paths.config_file.exists() else "  (not created yet)"
@@ -496,22 +552,7 @@ def _local_checkpoint(model: str) -> Path | None:
     return None
 
 
-@app.command(short_help="List saved chat sessions, most recent first.")
-def sessions(debug: DebugOpt = False) -> int:
-    """List saved chat sessions, most recent first (continue one with `bluelm chat --resume NAME`)."""
-    from bluelm_cli.session import list_sessions
-
-    paths = user_paths()
-    found = list_sessions(paths.sessions_dir)
-    if not found:
-        typer.echo(f"No sessions yet in {paths.sessions_dir}.")
-        return ExitStatus.OK
-    width = max(len(info.name) for info in found)
-    for info in found:
-        when = info.last_used.astimezone().strftime("%Y-%m-%d %H:%M")
-        state = "  (unreadable)" if info.unreadable else "  (damaged: some records were skipped)" if info.damaged else ""
-        typer.echo(f"{info.name:<{width}}  {info.turns:>4} turns  {when}{state}")
-    return ExitStatus.OK
+app.add_typer(sessions_app, name="sessions", short_help="List, show, remove or search saved chat sessions.")
 
 
 @app.command(short_help="Measure load, time to first token per turn, and decode speed.")

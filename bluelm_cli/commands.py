@@ -18,13 +18,16 @@ from typing import Protocol, Union
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter, WordCompleter
 from prompt_toolkit.document import Document
 
+from bluelm_cli.attachments import Attachment, check_fits, read_attachment, token_count
 from bluelm_cli.chat import Chat, TurnStream
 from bluelm_cli.clipboard import copy_to_clipboard
 from bluelm_cli.errors import BlueLMError, UsageError
+from bluelm_cli.habits import foreign_command_hint, foreign_set_hint
 from bluelm_cli.output import ChatOutput
 from bluelm_cli.paths import UserPaths, ensure_dir
 from bluelm_cli.session import Session
-from bluelm_cli.settings import GENERATION_KEYS, SAMPLING_KEYS, SPECS
+from bluelm_cli.settings import GENERATION_KEYS, SAMPLING_KEYS, SPECS, ResolvedSettings
+from bluelm_cli.show import info_rows, parameter_rows, session_values
 
 __all__ = [
     "COMMANDS", "ChatCompleter", "Command", "CommandContext", "ExitChat", "Outcome", "ShowAnswer",
@@ -33,20 +36,24 @@ __all__ = [
 
 # What /help says about the keys of the prompt (bound in repl.py).
 KEYS_HELP = (
-    "Enter sends · Alt-Enter (or Esc Enter) adds a line · a multi-line paste is one message",
+    'Enter sends · Alt-Enter (or Esc Enter) adds a line · a multi-line paste is one message · """ starts and ends a block',
     "Ctrl-R searches earlier messages · Ctrl-X Ctrl-E edits the message in $EDITOR · Tab completes",
     "Ctrl-C stops an answer or clears the line · Ctrl-D or /exit quits · //text sends a message starting with /",
 )
 
 
 class CommandContext(Protocol):
-    """What a command may use: the conversation, the output, the user's folders, the stats switch."""
+    """What a command may use: the conversation, the output, the user's folders, the stats switch,
+    the settings as resolved at start (with their sources; None where there are none), and the files
+    attached to the next message."""
 
     chat: Chat
     out: ChatOutput
     paths: UserPaths
     interactive: bool
     show_stats: bool
+    settings: ResolvedSettings | None
+    attachments: list[Attachment]
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class Command:
 
 # ------------------------------------------------------------------------------------------- handlers
 def _help(ctx: CommandContext, args: str) -> Outcome:
-    ctx.out.rows([(command.usage, command.help) for command in COMMANDS])
+    ctx.out.rows([(_usage_with_aliases(command), command.help) for command in COMMANDS])
     for line in KEYS_HELP:
         ctx.out.note(line)
     return None
@@ -132,6 +139,14 @@ def _undo(ctx: CommandContext, args: str) -> Outcome:
 def _set(ctx: CommandContext, args: str) -> Outcome:
     key, _, value = args.partition(" ")
     value = value.strip()
+    if key == "parameter":  # ollama's /set parameter KEY VALUE
+        key, _, value = value.partition(" ")
+        value = value.strip()
+    if key in ("verbose", "quiet") and not value:  # ollama's switches for the stats line
+        return _stats(ctx, "on" if key == "verbose" else "off")
+    hint = foreign_set_hint(key)
+    if hint and key not in SPECS:
+        raise UsageError(f"/set {key} is ollama's; {hint}")
     if not key or not value:
         raise UsageError(f"usage: /set KEY VALUE; keys: {', '.join(SAMPLING_KEYS)}")
     if key not in SPECS:
@@ -143,6 +158,24 @@ def _set(ctx: CommandContext, args: str) -> Outcome:
 
 
 def _show(ctx: CommandContext, args: str) -> Outcome:
+    what = args.lower()
+    if what == "info":
+        ctx.out.rows(info_rows(ctx.chat.backend.info()))
+        return None
+    if what in ("parameters", "params", "settings"):
+        session = ctx.chat.session
+        rows = parameter_rows(ctx.settings, session_values(session.system, ctx.chat.sampling.as_dict()), session.name)
+        ctx.out.rows([(name, f"{value:<28}  {source}") for name, value, source in rows])
+        return None
+    if what == "system":
+        system = ctx.chat.system
+        if system:
+            ctx.out.print_text(system)
+        else:
+            ctx.out.note("No system prompt; /set system TEXT sets one.")
+        return None
+    if what:
+        raise UsageError(f"usage: /show [info|parameters|system]; '{args}' is not one of them")
     chat = ctx.chat
     info = chat.backend.info()
     session = chat.session
@@ -157,6 +190,34 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
     rows += [(key, "(unset)" if settings[key] is None else str(settings[key])) for key in GENERATION_KEYS]
     rows.append(("stats", "on" if ctx.show_stats else "off"))
     ctx.out.rows(rows)
+    return None
+
+
+def _continue(ctx: CommandContext, args: str) -> Outcome:
+    return ShowAnswer(ctx.chat.continue_())
+
+
+def _file(ctx: CommandContext, args: str) -> Outcome:
+    if not args:
+        if not ctx.attachments:
+            raise UsageError("usage: /file PATH; the text file goes into your next message (/file clear drops attached files)")
+        names = ", ".join(attachment.name for attachment in ctx.attachments)
+        ctx.out.note(f"Attached to the next message: {names} (/file clear drops them)")
+        return None
+    if args == "clear":
+        count = len(ctx.attachments)
+        ctx.attachments.clear()
+        ctx.out.note(f"Dropped {_count(count, 'attached file')}")
+        return None
+    attachment = read_attachment(_unquote(args))
+    chat = ctx.chat
+    encoder = chat.backend.encoder
+    check_fits(encoder, chat.system, [*ctx.attachments, attachment],
+               context_limit=chat.context_limit, max_new_tokens=chat.sampling.max_new_tokens)
+    ctx.attachments.append(attachment)
+    ctx.out.note(
+        f"Attached {attachment.name} ({token_count(encoder, attachment):,} tokens); it goes with your next message"
+    )
     return None
 
 
@@ -214,12 +275,20 @@ class _SettingCompleter(Completer):
 
     _VALUES = {"seed": ["none"], "system": ["none"], "temperature": ["0"]}
 
+    _SWITCHES = {"verbose": "Show the stats line after each answer.", "quiet": "Hide the stats line."}
+
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
         text = document.text_before_cursor
+        if text.startswith("parameter "):  # ollama's spelling: /set parameter KEY VALUE
+            text = text[len("parameter ") :]
         if " " not in text:
             for key in SAMPLING_KEYS:
                 if key.startswith(text):
                     yield Completion(key + " ", start_position=-len(text), display=key, display_meta=SPECS[key].help)
+            if document.text_before_cursor == text:
+                for switch, meta in self._SWITCHES.items():
+                    if switch.startswith(text):
+                        yield Completion(switch, start_position=-len(text), display_meta=meta)
             return
         key, _, value = text.partition(" ")
         for choice in self._VALUES.get(key, []):
@@ -230,18 +299,22 @@ class _SettingCompleter(Completer):
 _PATHS = PathCompleter(expanduser=True)
 
 COMMANDS: tuple[Command, ...] = (
-    Command("help", "/help", "List the commands and keys.", _help),
-    Command("reset", "/reset", "Start a new conversation (settings are kept).", _reset),
+    Command("help", "/help", "List the commands and keys.", _help, aliases=("?",)),
+    Command("reset", "/reset", "Start a new conversation (settings are kept).", _reset, aliases=("clear",)),
     Command("save", "/save [PATH]", "Save the conversation: JSON, or a Markdown transcript for .md.", _save, _PATHS),
     Command("load", "/load PATH", "Load a conversation saved with /save (replaces the current one).", _load, _PATHS),
     Command("retry", "/retry", "Answer the last message again.", _retry),
+    Command("continue", "/continue", "Go on with an answer that was cut off or interrupted.", _continue),
+    Command("file", "/file PATH", "Put a text file into your next message (/file clear drops it).", _file, _PATHS),
     Command("undo", "/undo", "Remove the last exchange.", _undo),
-    Command("set", "/set KEY VALUE", "Change a sampling setting or the system prompt.", _set, _SettingCompleter()),
-    Command("show", "/show", "Show the settings, model, device and context used.", _show),
+    Command("set", "/set KEY VALUE", "Change a sampling setting or the system prompt; /set verbose|quiet.", _set,
+            _SettingCompleter()),
+    Command("show", "/show [info|parameters|system]", "Settings and context used; info: the model; parameters: with sources; system: the prompt.",
+            _show, WordCompleter(["info", "parameters", "system"])),
     Command("copy", "/copy [N]", "Copy the last answer, or its N-th code block, to the clipboard.", _copy),
     Command("stats", "/stats on|off", "Show tokens, time to first token and speed after each answer.", _stats,
             WordCompleter(["on", "off"])),
-    Command("exit", "/exit", "Quit (Ctrl-D too).", _exit, aliases=("quit",)),
+    Command("exit", "/exit", "Quit (Ctrl-D too).", _exit, aliases=("quit", "bye")),
 )
 
 _BY_NAME: dict[str, Command] = {name: c for c in COMMANDS for name in (c.name, *c.aliases)}
@@ -264,8 +337,11 @@ def run_command(ctx: CommandContext, line: str) -> Outcome:
 
 
 def unknown_command_message(name: str) -> str:
-    """``unknown command /rset; did you mean /reset? (/help lists them)``"""
-    return f"unknown command /{name}{_did_you_mean(name, [c.name for c in COMMANDS], prefix='/')} (/help lists them)"
+    """``unknown command /rset; did you mean /reset? (/help lists them)``; another tool's word says what to use."""
+    hint = foreign_command_hint(name)
+    if hint:
+        return f"unknown command /{name}; {hint} (/help lists them)"
+    return f"unknown command /{name}{_did_you_mean(name, list(_BY_NAME), prefix='/')} (/help lists them)"
 
 
 class ChatCompleter(Completer):
@@ -277,10 +353,9 @@ class ChatCompleter(Completer):
             return
         if " " not in text:
             for command in COMMANDS:
-                if command.name.startswith(text[1:]):
-                    yield Completion(
-                        f"/{command.name}", start_position=-len(text), display_meta=command.help
-                    )
+                for name in (command.name, *command.aliases):
+                    if name.startswith(text[1:]) and name.isalpha():
+                        yield Completion(f"/{name}", start_position=-len(text), display_meta=command.help)
             return
         name, _, argument = text[1:].partition(" ")
         command = find_command(name)
@@ -304,6 +379,11 @@ def _did_you_mean(name: str, choices: Iterable[str], prefix: str = "") -> str:
     if not matches and name:
         matches = [choice for choice in choices if choice.startswith(name[:2])][:1]
     return f"; did you mean {prefix}{matches[0]}?" if matches else ""
+
+
+def _usage_with_aliases(command: Command) -> str:
+    """``/exit, /quit, /bye``"""
+    return ", ".join([command.usage, *(f"/{alias}" for alias in command.aliases)])
 
 
 def _unquote(text: str) -> str:

@@ -163,6 +163,9 @@ class ChatEngine:
             dtype=dtype_name(loaded.dtype),
             context_limit=self.context_limit,
             quantization=loaded.quantization,
+            architecture=_architecture(self.model.config),
+            parameters=sum(parameter.numel() for parameter in self.model.parameters()),
+            origin=str(loaded.folder),
         )
 
     @property
@@ -357,6 +360,16 @@ class GenerationStream:
             pass
         assert self.result is not None
         return self.result
+
+
+def _architecture(config: object) -> str:
+    names = getattr(config, "architectures", None) or [type(config).__name__.removesuffix("Config")]
+    parts = [str(names[0])]
+    for attribute, label in (("num_hidden_layers", "layers"), ("hidden_size", "hidden size"), ("num_attention_heads", "attention heads")):
+        value = getattr(config, attribute, None)
+        if value is not None:
+            parts.append(f"hidden size {value}" if attribute == "hidden_size" else f"{value} {label}")
+    return ", ".join(parts)
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -57,6 +57,10 @@ class ChatOutput:
         for name, value in rows:
             self.console.print(Text.assemble((f"{name:<{width}}", "bold"), f"  {self._safe(value)}"))
 
+    def print_text(self, text: str) -> None:
+        """Text as it is (a system prompt, a file's lines), made safe for a terminal."""
+        self.console.print(Text(self._safe(text)), soft_wrap=True)
+
     def blank(self) -> None:
         self.console.print()
 

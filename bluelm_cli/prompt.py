@@ -69,6 +69,8 @@ class PromptPlan:
     system: str | None = None
     history: tuple[HistoryTurn, ...] = ()  # the turns kept in the prompt
     message: str = ""  # as sent (after --truncate, the kept end of it)
+    # /continue: the answer the model goes on from; `ids` end with its ids, left open (no </s>).
+    partial_answer: str = ""
 
 
 class ContextOverflowError(BlueLMError):
@@ -166,3 +168,43 @@ def fit_prompt(
         if len(candidate.ids) <= budget:
             return PromptPlan(candidate.ids, dropped, system=system, history=tuple(history[dropped:]), message=message)
     return PromptPlan(alone.ids, len(history), system=system, message=message)
+
+
+def build_continuation_ids(
+    encoder: PromptEncoder, system: str | None, history: Sequence[HistoryTurn], open_turn: HistoryTurn
+) -> PromptIds:
+    """The prompt of `open_turn` followed by its answer left open (no closing `</s>`), so that the model
+    goes on from the answer's last token: `… [|Human|]:{user}[|AI|]:{answer ids}`."""
+    base = build_prompt_ids(encoder, system, history, open_turn.user)
+    answer = list(open_turn.answer_ids) if open_turn.answer_ids or not open_turn.answer else encoder.encode_plain(open_turn.answer)
+    return PromptIds(ids=base.ids + answer, turn_starts=base.turn_starts, message_start=base.message_start)
+
+
+def fit_continuation(
+    encoder: PromptEncoder,
+    system: str | None,
+    history: Sequence[HistoryTurn],
+    open_turn: HistoryTurn,
+    *,
+    context_limit: int,
+    max_new_tokens: int,
+) -> PromptPlan:
+    """Like :func:`fit_prompt` for going on with `open_turn`'s answer: the oldest whole turns are dropped
+    until the prompt and `max_new_tokens` more fit; raises BlueLMError if the open exchange alone can't."""
+    budget = context_limit - max_new_tokens
+    full = build_continuation_ids(encoder, system, history, open_turn)
+    system_tokens = len(encoder.encode_plain(system)) if system else 0
+    for dropped in range(len(history) + 1):
+        if dropped:
+            kept_start = full.turn_starts[dropped] if dropped < len(history) else full.message_start
+            if 1 + len(full.ids) - kept_start + system_tokens > budget:
+                continue  # cannot fit even before the system text is re-encoded with the first kept turn
+        ids = full.ids if not dropped else build_continuation_ids(encoder, system, history[dropped:], open_turn).ids
+        if len(ids) <= budget:
+            return PromptPlan(ids, dropped, system=system, history=tuple(history[dropped:]),
+                              message=open_turn.user, partial_answer=open_turn.answer)
+    alone = len(build_continuation_ids(encoder, system, [], open_turn).ids)
+    raise BlueLMError(
+        f"the exchange to continue is already {alone} tokens and at most {budget} fit in the context window"
+        f" with room for {max_new_tokens} more; lower max_new_tokens (/set max_new_tokens N) or /retry"
+    )

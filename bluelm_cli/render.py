@@ -48,8 +48,9 @@ _BLANK_LINE_FIRST = "<!---->\n\n"
 
 
 def wants_plain_output(console: Console) -> bool:
-    """Whether answers should be written verbatim: no terminal, NO_COLOR, or a dumb terminal."""
-    return not console.is_terminal or console.is_dumb_terminal or console.no_color
+    """Whether answers should be written verbatim: no terminal, or a dumb one. NO_COLOR is not a reason:
+    it means no colour, not no layout; rich's ``no_color`` console keeps bold and underline and drops colours."""
+    return not console.is_terminal or console.is_dumb_terminal
 
 
 def render_markdown(console: Console, text: str, code_theme: str = "monokai") -> None:

@@ -31,14 +31,18 @@ from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.text import Text
 
+from bluelm_cli.attachments import Attachment, with_attachments
 from bluelm_cli.backend import AnswerResult
 from bluelm_cli.chat import Chat, TurnStream
 from bluelm_cli.commands import ChatCompleter, ExitChat, ShowAnswer, run_command
-from bluelm_cli.errors import BlueLMError, ExitStatus
+from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.finish import FinishReason
+from bluelm_cli.habits import foreign_line_hint
+from bluelm_cli.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
 from bluelm_cli.output import PROMPT, ChatOutput
 from bluelm_cli.paths import UserPaths, ensure_dir
 from bluelm_cli.render import StreamRenderer
+from bluelm_cli.settings import ResolvedSettings
 from bluelm_cli.streaming import show_stream
 
 __all__ = ["ChatRepl", "run_chat"]
@@ -59,18 +63,21 @@ def run_chat(
     pt_output: Output | None = None,
     stdin: TextIO | None = None,
     err_console: Console | None = None,
+    settings: ResolvedSettings | None = None,
+    keep_history: bool = True,
 ) -> int:
     """Chat until /exit, Ctrl-D or end of input; returns the exit status.
 
     With a terminal on stdin and stdout (or an injected ``pt_input``), this is the prompt_toolkit REPL;
     otherwise it reads one message or slash command per line from ``stdin`` and prints plain answers,
-    with errors and notes on stderr.
+    with errors and notes on stderr. ``settings`` (as resolved at start) is what /show parameters
+    reports; ``keep_history=False`` keeps the input history in memory only (--no-history).
     """
     interactive = pt_input is not None or (sys.stdin.isatty() and sys.stdout.isatty())
     if err_console is None:
         err_console = console if interactive else Console(stderr=True, highlight=False)
     out = ChatOutput(console, err_console, interactive=interactive)
-    repl = ChatRepl(chat, out, paths=paths, verbose=verbose, interactive=interactive)
+    repl = ChatRepl(chat, out, paths=paths, verbose=verbose, interactive=interactive, settings=settings)
     for warning in chat.session.warnings:
         out.warn(warning)
     if not interactive:
@@ -81,7 +88,7 @@ def run_chat(
     repl.show_banner()
     if resumed:
         repl.show_resumed()
-    prompt_session = _prompt_session(repl, pt_input, pt_output)
+    prompt_session = _prompt_session(repl, pt_input, pt_output, keep_history=keep_history)
     return _interactive_loop(repl, prompt_session)
 
 
@@ -92,9 +99,18 @@ class ChatRepl:
     """
 
     def __init__(
-        self, chat: Chat, out: ChatOutput, *, paths: UserPaths, verbose: bool = False, interactive: bool = True
+        self,
+        chat: Chat,
+        out: ChatOutput,
+        *,
+        paths: UserPaths,
+        verbose: bool = False,
+        interactive: bool = True,
+        settings: ResolvedSettings | None = None,
     ) -> None:
         self.chat = chat
+        self.settings = settings
+        self.attachments: list[Attachment] = []  # /file: they go with the next message
         self.out = out
         self.paths = paths
         self.verbose = verbose
@@ -150,16 +166,23 @@ class ChatRepl:
         if not stripped:
             return
         try:
-            if stripped.startswith("//"):
-                self.answer(self.chat.send(stripped.removeprefix("/")))
+            if block_is_open(stripped):  # a block left open at the end of the input: it ends there
+                stripped += f"\n{QUOTES}"
+            if unwrap_block(stripped) != stripped:
+                if unwrap_block(stripped).strip():  # an empty """ """ block sends nothing
+                    self._send(unwrap_block(stripped))
+            elif stripped.startswith("//"):
+                self._send(stripped.removeprefix("/"))
             elif stripped.startswith("/"):
                 outcome = run_command(self, stripped)
                 if isinstance(outcome, ShowAnswer):
                     self.answer(outcome.stream)
                 elif isinstance(outcome, ExitChat):
                     self.exit_requested = True
+            elif hint := foreign_line_hint(stripped):
+                raise UsageError(hint)
             else:
-                self.answer(self.chat.send(stripped))
+                self._send(stripped)
         except BlueLMError as exc:
             self.failures += 1
             self.out.error(str(exc))
@@ -168,6 +191,12 @@ class ChatRepl:
             self.out.error(f"unexpected {type(exc).__name__}: {exc}")
             if self.verbose:
                 self.out.err_console.print(Text(traceback.format_exc(), style="dim"))
+
+    def _send(self, message: str) -> None:
+        """Send a message, with the files attached by /file before it (kept attached if it is refused)."""
+        stream = self.chat.send(with_attachments(self.attachments, message))
+        self.attachments.clear()
+        self.answer(stream)
 
     # ------------------------------------------------------------------------------------- answers
     def answer(self, stream: TurnStream) -> AnswerResult:
@@ -312,15 +341,23 @@ def _terminal_modes(change: Callable[[list], list]) -> Iterator[None]:
 
 
 def _script_loop(repl: ChatRepl, stdin: TextIO) -> int:
+    block: list[str] = []  # the lines of a """ block read so far
     try:
         for number, line in enumerate(_lines(stdin), start=1):
             if line is None:
                 repl.failures += 1
                 repl.out.error(f"line {number} of standard input is not valid UTF-8 and was skipped; convert it first, e.g. with iconv -t UTF-8")
                 continue
+            if block or block_is_open(line):
+                block.append(line)
+                if block_is_open("\n".join(block)):
+                    continue
+                line, block = "\n".join(block), []
             repl.handle(line)
             if repl.exit_requested:
                 break
+        if block:
+            repl.handle("\n".join(block))
     except KeyboardInterrupt:
         return ExitStatus.INTERRUPTED
     if not repl.may_exit():
@@ -345,7 +382,9 @@ def _lines(stdin: TextIO) -> Iterator[str | None]:
 
 
 # ---------------------------------------------------------------------------------- prompt_toolkit
-def _prompt_session(repl: ChatRepl, pt_input: Input | None, pt_output: Output | None) -> PromptSession[str]:
+def _prompt_session(
+    repl: ChatRepl, pt_input: Input | None, pt_output: Output | None, *, keep_history: bool = True
+) -> PromptSession[str]:
     return PromptSession(
         message=FormattedText([("class:prompt", PROMPT)]),
         prompt_continuation=lambda width, line_number, wrap_count: FormattedText(
@@ -353,7 +392,7 @@ def _prompt_session(repl: ChatRepl, pt_input: Input | None, pt_output: Output | 
         ),
         multiline=True,  # Enter is rebound to send; multi-line text still displays and edits as such
         key_bindings=_key_bindings(),
-        history=_open_history(repl, repl.paths.history_file),
+        history=_open_history(repl, repl.paths.history_file) if keep_history else InMemoryHistory(),
         completer=ChatCompleter(),
         complete_while_typing=True,
         search_ignore_case=True,
@@ -374,6 +413,10 @@ def _key_bindings() -> KeyBindings:
         state = buffer.complete_state
         if state is not None and state.current_completion is not None:
             buffer.apply_completion(state.current_completion)  # Enter picks the highlighted completion
+            return
+        if block_is_open(buffer.text) or input_is_pending(event):
+            # Inside a """ block, or a pasted line with more of the paste right behind it: a newline.
+            buffer.insert_text("\n")
             return
         buffer.validate_and_handle()
 

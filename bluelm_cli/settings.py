@@ -25,6 +25,7 @@ TOML, at ``$BLUELM_HOME/config.toml`` (or the platform's config directory, see
     system = "You are a concise assistant."   # placed before the first turn
     compile = true                     # torch.compile fast path on CUDA
     api = "http://localhost:8000/v1"   # chat with a served model (see the README's "Chatting with a served model")
+    history = false                    # keep no input history file (bluelm chat --no-history)
 
 Values may also be written as strings (``temperature = "0.3"``); they get the same checks as flags.
 The environment variables are ``BLUELM_MODEL`` (the model) and ``BLUELM_API`` (a server's URL); the API
@@ -274,6 +275,10 @@ SPECS: dict[str, SettingSpec] = {
         ),
         SettingSpec(
             "compile", bool, True, "Use the torch.compile fast path on CUDA.",
+            _parse_bool, "true or false",
+        ),
+        SettingSpec(
+            "history", bool, True, "Keep the chat's input history in a file (Up, Ctrl-R); off for typing secrets.",
             _parse_bool, "true or false",
         ),
     )

@@ -25,6 +25,7 @@ from bluelm_cli.cli import app
 from bluelm_cli.engine import ChatEngine
 from bluelm_cli.prompt import ContextOverflowError, fit_prompt
 from bluelm_cli.loading import load_model
+from bluelm_cli.session import Session
 from bluelm_cli.settings import SamplingSettings
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 
@@ -346,7 +347,7 @@ def test_bad_config_syntax_and_unknown_key() -> None:
     assert result.exit_code == 1
     assert result.stderr == (
         f"Error: config file {path}: unknown setting 'temprature'; known settings: model, source, device, dtype, "
-        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile\n"
+        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, history\n"
     )
 
 
@@ -445,3 +446,52 @@ def test_ctrl_c_stops_the_answer_with_status_130(models: dict[str, Path]) -> Non
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert stderr.splitlines()[-1] == "Interrupted."
     assert (first + rest).endswith(b"\n")  # the partial answer is kept and ends the line
+
+
+# ------------------------------------------------------------------------------ ask -c, --session, -f
+def test_ask_continues_a_session_like_a_chat_turn(tiny: Path, tiny_engine: ChatEngine) -> None:
+    from bluelm_cli.paths import user_paths
+    from bluelm_cli.prompt import HistoryTurn
+
+    first = ask(tiny, "-t", "0", "-n", "6", "--session", "pipe", GREEDY_PROMPT)
+    assert first.exit_code == 0, first.stderr
+    second = ask(tiny, "-t", "0", "-n", "6", "-c", "and then?")
+    assert second.exit_code == 0, second.stderr
+    session = Session.resume(user_paths().sessions_dir, "pipe")
+    assert [turn.user for turn in session.turns] == [GREEDY_PROMPT, "and then?"]
+    assert first.stdout == session.turns[0].answer + "\n" and second.stdout == session.turns[1].answer + "\n"
+    # The second answer is what the engine gives with the first exchange in the prompt.
+    tiny_engine.reset()
+    history = [HistoryTurn(GREEDY_PROMPT, session.turns[0].answer_ids)]
+    plan = fit_prompt(tiny_engine.encoder, None, history, "and then?", context_limit=2048, max_new_tokens=6)
+    assert tiny_engine.stream(plan, SamplingSettings(max_new_tokens=6, temperature=0)).finish().text == session.turns[1].answer
+
+
+def test_ask_continue_without_sessions_is_one_line() -> None:
+    from bluelm_cli.paths import user_paths
+
+    result = invoke(["ask", "--model", "/nonexistent", "-c", "hi"])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"Error: there are no saved sessions in {user_paths().sessions_dir} yet; start a new chat instead\n"
+
+
+def test_ask_file_goes_before_the_question(tiny: Path, tiny_engine: ChatEngine, tmp_path: Path) -> None:
+    from bluelm_cli.attachments import fenced
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("alpha beta\n", encoding="utf-8")
+    question = fenced(str(notes), "alpha beta") + "\n\n" + GREEDY_PROMPT
+    expected, _, _ = greedy_answer(tiny_engine, question, 6)
+    result = ask(tiny, "-t", "0", "-n", "6", "-f", str(notes), GREEDY_PROMPT)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    tokens = len(tiny_engine.encoder.encode_plain(fenced(str(notes), "alpha beta")))
+    assert f"Attached {notes} ({tokens} tokens)" in stderr_lines(result)
+
+
+def test_ask_refuses_a_binary_file_before_loading_the_model(tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\x00\x01\x02")
+    result = invoke(["ask", "--model", "/nonexistent", "-f", str(blob), "what is it?"])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"Error: {blob} is a binary file (3 bytes); only text files can go into a message\n"

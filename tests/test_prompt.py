@@ -9,7 +9,8 @@ import pytest
 from bluelm_cli.engine import TokenizerEncoder
 from bluelm_cli.loading import load_tokenizer
 from bluelm_cli.modeling import BlueLMTokenizer
-from bluelm_cli.prompt import HistoryTurn, build_prompt_ids, prompt_text, user_segment
+from bluelm_cli.errors import BlueLMError
+from bluelm_cli.prompt import HistoryTurn, build_continuation_ids, build_prompt_ids, fit_continuation, prompt_text, user_segment
 from bluelm_cli.tiny_checkpoint import train_tokenizer
 
 GREETING = "你好，有什么可以帮助你吗？"  # the web demo's display-only greeting
@@ -154,3 +155,32 @@ def test_empty_history_has_no_greeting_ids(tokenizer: BlueLMTokenizer) -> None:
     prompt = build(tokenizer, None, [], "hello")
     assert prompt.ids == [tokenizer.bos_token_id] + tokenizer.encode_plain("[|Human|]:hello[|AI|]:")
     assert prompt.ids[:3] == [1, *pieces(tokenizer, "▁ [|Human|]:")]
+
+
+
+# ------------------------------------------------------------------------------------------ /continue
+def test_continuation_leaves_the_last_answer_open(tokenizer: BlueLMTokenizer) -> None:
+    history = [HistoryTurn("你好", answer_ids(tokenizer))]
+    open_turn = HistoryTurn("Hello, who are you?", [7, 8, 9])
+    closed = build(tokenizer, None, history, "Hello, who are you?")
+    prompt = build_continuation_ids(TokenizerEncoder(tokenizer.encode_plain, 1, 2, tokenizer.decode, tokenizer.sp_model.get_piece_size()), None, history, open_turn)
+    assert prompt.ids == closed.ids + [7, 8, 9]  # the answer's ids as generated, and no </s> after them
+    assert prompt.turn_starts == closed.turn_starts and prompt.message_start == closed.message_start
+
+
+def test_continuation_drops_old_turns_to_fit_and_refuses_when_the_exchange_alone_cannot() -> None:
+    from fakes import CharEncoder
+
+    encoder = CharEncoder()
+    history = [HistoryTurn("a" * 10, encoder.encode_plain("b" * 10)), HistoryTurn("c" * 10, encoder.encode_plain("d" * 10))]
+    open_turn = HistoryTurn("question", encoder.encode_plain("cut off"), "cut off")
+    # <s> + two exchanges of 23 ids + [|Human|]:question[|AI|]: (10) + "cut off" (7) = 64 ids.
+    whole = fit_continuation(encoder, None, history, open_turn, context_limit=74, max_new_tokens=10)
+    assert (len(whole.ids), whole.dropped_turns, whole.partial_answer, whole.message) == (64, 0, "cut off", "question")
+    assert whole.ids[-7:] == encoder.encode_plain("cut off") and encoder.eos_id not in whole.ids[-8:]
+    one_dropped = fit_continuation(encoder, None, history, open_turn, context_limit=60, max_new_tokens=10)
+    assert (len(one_dropped.ids), one_dropped.dropped_turns) == (41, 1)
+    assert one_dropped.history == (history[1],)
+    with pytest.raises(BlueLMError, match=r"^the exchange to continue is already 18 tokens and at most 15 fit in the"
+                       r" context window with room for 10 more; lower max_new_tokens \(/set max_new_tokens N\) or /retry$"):
+        fit_continuation(encoder, None, history, open_turn, context_limit=25, max_new_tokens=10)

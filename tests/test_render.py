@@ -422,11 +422,27 @@ def test_plain_mode_when_not_a_terminal() -> None:
     assert _plain_stream(console, out) == "".join(DELTAS)
 
 
-def test_plain_mode_with_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_color_keeps_the_markdown_layout_and_drops_the_colours(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NO_COLOR", "1")
-    console, out = make_console()
-    assert wants_plain_output(console)
-    assert _plain_stream(console, out) == safe_for_terminal("".join(DELTAS))
+    console, out = make_console(height=40)
+    assert console.no_color and not wants_plain_output(console)
+    document = CODE + "\n" + TABLE
+    with StreamRenderer(console, max_refresh_per_second=FAST) as renderer:
+        for delta in chunks(document, [4] * len(document)):
+            renderer.feed(delta)
+    screen = Terminal(40)
+    screen.write(out.getvalue())
+    text = screen.text()
+    assert "```" not in text and "|---" not in text  # rendered as Markdown, not raw
+    assert "def greet(name: str) -> str:" in text and "\n BlueLM-7B-Chat          7B    2K\n" in text  # the code, the table laid out
+    attributes = {code for params in re.findall(r"\x1b\[([0-9;]*)m", out.getvalue()) for code in params.split(";") if code}
+    assert attributes and attributes <= {"0", "1", "2", "3", "4", "7", "9"}  # bold, dim, italic, underline: no colour
+    # The one-shot render (a resumed session, /load, bluelm sessions show) looks the same.
+    one_shot, one_shot_out = make_console(height=40)
+    render_markdown(one_shot, document)
+    expected = Terminal(40)
+    expected.write(one_shot_out.getvalue())
+    assert expected.screen() == screen.screen()
 
 
 @pytest.mark.parametrize("term", ["dumb", "unknown"])

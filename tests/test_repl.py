@@ -30,7 +30,7 @@ from bluelm_cli.commands import COMMANDS, ChatCompleter, code_blocks
 from bluelm_cli.engine import ChatEngine
 from bluelm_cli.loading import load_model
 from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.repl import run_chat
+from bluelm_cli.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session, Turn
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 
@@ -93,10 +93,25 @@ def chat(
     *,
     verbose: bool = False,
     resumed: bool = False,
+    keep_history: bool = True,
 ) -> Chat:
-    """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did."""
+    """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did.
+
+    After a chunk that submits a line, the next waits until the REPL has handled it (answered it): keys
+    that arrive while an answer streams are read together at the next prompt, as one burst, and a burst
+    of lines is one message."""
     console = Console(file=io.StringIO(), width=200, highlight=False)
     done = threading.Event()
+    handled = threading.Semaphore(0)
+    handle = ChatRepl.handle
+
+    def handle_and_tell(self: ChatRepl, text: str) -> None:
+        try:
+            handle(self, text)
+        finally:
+            handled.release()
+
+    ChatRepl.handle = handle_and_tell  # type: ignore[method-assign]
     with create_pipe_input() as pipe:
 
         def feed() -> None:
@@ -104,17 +119,22 @@ def chat(
                 if done.wait(PAUSE):
                     return
                 pipe.send_text(chunk)
+                if chunk.endswith("\r") and chunk.strip("\r") and not chunk.startswith("\x1b[200~"):
+                    while not handled.acquire(timeout=0.1):  # until the REPL has handled the line
+                        if done.is_set():
+                            return
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
         try:
             status = run_chat(
                 ChatService(engine, session), console=console, paths=paths, verbose=verbose, resumed=resumed,
-                pt_input=pipe, pt_output=DummyOutput(),
+                pt_input=pipe, pt_output=DummyOutput(), keep_history=keep_history,
             )
         finally:
             done.set()
             feeder.join()  # before the pipe closes: its descriptor number may be reused by the next test
+            ChatRepl.handle = handle  # type: ignore[method-assign]
     return Chat(status, console.file.getvalue(), session)  # type: ignore[attr-defined]
 
 
@@ -158,6 +178,20 @@ def test_alt_enter_inserts_a_newline(engine: ChatEngine, session: Session, paths
 def test_bracketed_paste_is_one_message(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
     result = chat(engine, session, paths, ["\x1b[200~a\nb\r\nc\x1b[201~", "\r", "/exit\r"])
     assert result.users == ["a\nb\nc"]
+
+
+def test_a_burst_of_lines_is_one_message(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    # What tmux paste-buffer (without -p) sends: the whole block at once, each newline an Enter (CR).
+    result = chat(engine, session, paths, ["first line\rsecond line\r/third line\r", "/exit\r"])
+    assert result.users == ["first line\nsecond line\n/third line"]
+    assert "Error" not in result.out
+
+
+def test_typed_triple_quote_block_is_one_message(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    # Typed: every Enter arrives on its own, long after the last key, so only the quotes keep the block open.
+    keys = ['"""', "\r", "line one", "\r", "/line two", "\r", '"""', "\r", "/exit\r"]
+    result = chat(engine, session, paths, keys)
+    assert result.users == ["line one\n/line two"]
 
 
 def test_huge_paste_is_refused_with_its_token_count(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
@@ -265,6 +299,28 @@ def test_history_file_is_private_and_searchable(engine: ChatEngine, session: Ses
     assert result.users == ["remember this"]
 
 
+def test_no_history_keeps_no_file(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    result = chat(engine, session, paths, ["my secret\r", "\x1b[A", "\r", "/exit\r"], keep_history=False)
+    assert result.users == ["my secret", "my secret"]  # Up still recalls it within the chat
+    assert not paths.history_file.exists() and not paths.data_dir.exists()
+
+
+def test_show_info_describes_the_loaded_model(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
+    result = chat(engine, session, paths, ["/show info\r", "/exit\r"])
+    config = engine.model.config
+    count = sum(parameter.numel() for parameter in engine.model.parameters())
+    assert (
+        f"architecture  BlueLMForCausalLM, {config.num_hidden_layers} layers, hidden size {config.hidden_size},"
+        f" {config.num_attention_heads} attention heads\n"
+        f"parameters    {count / 1e3:.2f}K ({count:,})\n"
+        "context       2048 tokens\n"
+        "dtype         float32\n"
+        "device        cpu\n"
+        "quantization  none\n"
+        f"from          {engine.loaded.folder}\n"
+    ) in result.out
+
+
 def test_history_that_cannot_be_written_is_a_warning(engine: ChatEngine, session: Session, paths: UserPaths) -> None:
     paths.data_dir.parent.mkdir(parents=True, exist_ok=True)
     paths.data_dir.write_text("a file where the data directory should be")
@@ -288,7 +344,11 @@ def test_completion_of_commands_settings_and_paths(tmp_path: Path) -> None:
         return [c.text for c in ChatCompleter().get_completions(Document(text), CompleteEvent(completion_requested=True))]
 
     assert complete("/re") == ["/reset", "/retry"]
-    assert complete("/") == [f"/{c.name}" for c in COMMANDS]
+    assert complete("/") == [f"/{name}" for c in COMMANDS for name in (c.name, *c.aliases) if name != "?"]
+    assert complete("/b") == ["/bye"] and complete("/q") == ["/quit"] and complete("/cl") == ["/clear"]
+    assert complete("/co") == ["/continue", "/copy"] and complete("/fi") == ["/file"]
+    assert complete("/set parameter te") == ["temperature "] and complete("/set ver") == ["verbose"]
+    assert complete("/show p") == ["parameters"]
     assert complete("/set te") == ["temperature "]
     assert "system " in complete("/set ")
     assert "compile " not in complete("/set ")  # only what /set can change

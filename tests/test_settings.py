@@ -25,7 +25,7 @@ from bluelm_cli.settings import (
     resolve_settings,
 )
 
-KNOWN = "model, source, device, dtype, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile"
+KNOWN = "model, source, device, dtype, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, history"
 
 
 # --------------------------------------------------------------------------- parse_setting

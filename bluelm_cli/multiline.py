@@ -1,0 +1,62 @@
+"""Multi-line messages without bracketed paste: ollama's `\"\"\"` blocks, and a burst of pasted lines.
+
+Where the terminal does not bracket a paste (tmux paste-buffer without -p, some SSH clients), a pasted
+block arrives as keystrokes, its newlines as Enter. Two things make it one message:
+
+- a message that begins with `\"\"\"` goes on, line after line, until a line ends with `\"\"\"` (as in
+  `ollama run`); the quotes are not sent;
+- an Enter that is followed by more input already waiting (in prompt_toolkit's key queue, or readable
+  on the terminal within :data:`BURST_GAP_S`) is a pasted newline, not a send: nobody types the next
+  key that fast after Enter.
+"""
+
+from __future__ import annotations
+
+import select
+
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyPressEvent
+from prompt_toolkit.keys import Keys
+
+__all__ = ["BURST_GAP_S", "QUOTES", "block_is_open", "input_is_pending", "unwrap_block"]
+
+QUOTES = '"""'
+# Keystrokes of a paste follow each other within microseconds (a few ms if a network splits them);
+# typing the next key after Enter takes a person 100 ms or more.
+BURST_GAP_S = 0.01
+
+
+def block_is_open(text: str) -> bool:
+    """Whether `text` starts a `\"\"\"` block that no line has closed yet."""
+    stripped = text.strip()
+    if not stripped.startswith(QUOTES):
+        return False
+    return len(stripped) < 2 * len(QUOTES) or not stripped.endswith(QUOTES)
+
+
+def unwrap_block(text: str) -> str:
+    """The message inside a closed `\"\"\"` block (the text itself if it is not one)."""
+    stripped = text.strip()
+    if len(stripped) >= 2 * len(QUOTES) and stripped.startswith(QUOTES) and stripped.endswith(QUOTES):
+        return stripped[len(QUOTES) : -len(QUOTES)].strip("\n")
+    return text
+
+
+def input_is_pending(event: KeyPressEvent, gap_s: float = BURST_GAP_S) -> bool:
+    """Whether more keys follow this one as part of the same burst (a paste, not typing)."""
+    queue = event.app.key_processor.input_queue
+    if any(key.key != Keys.CPRResponse and key.data != "_Flush" for key in queue):
+        return True
+    return _readable(event.app.input, gap_s)
+
+
+def _readable(pt_input: Input, timeout: float) -> bool:
+    try:
+        fileno = pt_input.fileno()
+    except (NotImplementedError, OSError, ValueError):
+        return False
+    try:
+        ready, _, _ = select.select([fileno], [], [], timeout)
+    except (OSError, ValueError):
+        return False
+    return bool(ready)

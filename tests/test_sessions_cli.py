@@ -1,0 +1,137 @@
+"""`bluelm sessions` (list, show, rm, search): read the journals without a model; exact outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bluelm_cli.cli import app
+from bluelm_cli.finish import FinishReason
+from bluelm_cli.paths import user_paths
+from bluelm_cli.session import Session, Turn
+
+runner = CliRunner()
+
+
+def invoke(*args: str):  # noqa: ANN201 - typer's Result
+    result = runner.invoke(app, list(args))
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def make_session(name: str, model_id: str, turns: list[tuple[str, str]], when: float, system: str | None = None) -> Session:
+    session = Session.new(user_paths().sessions_dir, name=name, model_id=model_id, system=system)
+    for user, answer in turns:
+        session.add_turn(Turn(user, answer, finish_reason=FinishReason.STOP))
+    assert session.journal is not None
+    os.utime(session.journal, (when, when))
+    return session
+
+
+def local(when: float) -> str:
+    return datetime.fromtimestamp(when).astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+@pytest.fixture
+def two_sessions() -> tuple[float, float]:
+    older, newer = 1_780_000_000.0, 1_780_086_400.0
+    make_session("rust-help", "/data/BlueLM-7B-Chat", [
+        ("How do I read a file in Rust, line by line, without loading it all?", "Use `BufReader::lines()`."),
+        ("and in Python?", "Iterate over the **file object**: `for line in open(path)`."),
+    ], older, system="Be brief.")
+    make_session("poem", "vivo-ai/BlueLM-7B-Chat", [("写一首关于杭州的诗", "西湖春色……")], newer)
+    return older, newer
+
+
+def test_listing_shows_turns_time_model_and_the_first_message(two_sessions: tuple[float, float]) -> None:
+    older, newer = two_sessions
+    result = invoke("sessions")
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout == (
+        f"poem          1 turn   {local(newer)}  vivo-ai/BlueLM-7B-Chat  “写一首关于杭州的诗”\n"
+        f"rust-help     2 turns  {local(older)}  BlueLM-7B-Chat  “How do I read a file in Rust, line by l…”\n"
+    )
+
+
+def test_show_renders_json_and_markdown(two_sessions: tuple[float, float]) -> None:
+    rendered = invoke("sessions", "show", "rust-help")
+    assert rendered.exit_code == 0
+    assert rendered.stdout == (
+        "Session rust-help · /data/BlueLM-7B-Chat · 2 turns\n"
+        "System: Be brief.\n"
+        "\n"
+        "> How do I read a file in Rust, line by line, without loading it all?\n"
+        "Use `BufReader::lines()`.\n"
+        "\n"
+        "> and in Python?\n"
+        "Iterate over the **file object**: `for line in open(path)`.\n"
+        "\n"
+    )
+    data = json.loads(invoke("sessions", "show", "rust-help", "--json").stdout)
+    assert (data["format"], data["name"], data["system"]) == ("bluelm-cli.session", "rust-help", "Be brief.")
+    assert [(t["user"], t["answer"]) for t in data["turns"]][1] == ("and in Python?", "Iterate over the **file object**: `for line in open(path)`.")
+    markdown = invoke("sessions", "show", "--markdown").stdout  # no name: the most recent
+    assert markdown.startswith("# BlueLM chat: poem\n\n- Model: `vivo-ai/BlueLM-7B-Chat`\n")
+    assert markdown.endswith("## Turn 1\n\n**You:**\n\n写一首关于杭州的诗\n\n**BlueLM:**\n\n西湖春色……\n")
+
+
+def test_rm_deletes_and_unknown_names_are_one_line_errors(two_sessions: tuple[float, float]) -> None:
+    sessions_dir = user_paths().sessions_dir
+    missing = invoke("sessions", "rm", "poem", "nope")
+    assert (missing.exit_code, missing.stdout) == (1, "")
+    assert missing.stderr == f"Error: no session named 'nope' in {sessions_dir}; known sessions: poem, rust-help\n"
+    assert (sessions_dir / "poem.jsonl").exists()  # nothing is deleted when one name is wrong
+    removed = invoke("sessions", "rm", "poem")
+    assert (removed.exit_code, removed.stdout, removed.stderr) == (0, "Removed session poem\n", "")
+    assert [p.name for p in sessions_dir.iterdir()] == ["rust-help.jsonl"]
+    shown = invoke("sessions", "show", "poem")
+    assert (shown.exit_code, shown.stderr) == (1, f"Error: no session named 'poem' in {sessions_dir}; known sessions: rust-help\n")
+    assert invoke("sessions", "show", "a/b").stderr.startswith("Error: invalid session name 'a/b'")
+
+
+def test_search_finds_text_in_messages_and_answers(two_sessions: tuple[float, float]) -> None:
+    found = invoke("sessions", "search", "PYTHON")
+    assert (found.exit_code, found.stderr) == (0, "")
+    assert found.stdout == "rust-help #2 you: and in Python?\n"
+    found = invoke("sessions", "search", "line")
+    assert found.stdout == (
+        "rust-help #1 you: How do I read a file in Rust, line by line, without loading it a…\n"
+        "rust-help #1 bluelm: Use `BufReader::lines()`.\n"
+        "rust-help #2 bluelm: …ver the **file object**: `for line in open(path)`.\n"
+    )
+    assert invoke("sessions", "search", "西湖").stdout == "poem #1 bluelm: 西湖春色……\n"
+    nothing = invoke("sessions", "search", "kotlin")
+    assert (nothing.exit_code, nothing.stdout, nothing.stderr) == (1, "", "No session has 'kotlin'.\n")
+
+
+def test_search_snippets_are_cut_around_the_match() -> None:
+    make_session("long", "m", [("x " * 100 + "needle" + " y" * 100, "ok")], 1_780_000_000.0)
+    assert invoke("sessions", "search", "needle").stdout == (
+        "long #1 you: …x x x x x x x x x x x x x x x needle y y y y y y y y y y y y y y y…\n"
+    )
+
+
+def test_no_sessions_yet() -> None:
+    result = invoke("sessions")
+    assert (result.exit_code, result.stdout) == (0, f"No sessions yet in {user_paths().sessions_dir}.\n")
+
+
+@pytest.mark.parametrize("args", [["sessions"], ["sessions", "show"], ["sessions", "search", "x"], ["sessions", "rm", "x"]])
+def test_sessions_commands_never_import_torch(args: list[str], two_sessions: tuple[float, float]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "bluelm_cli", *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=dict(os.environ), timeout=60,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "bluelm_cli.sessions_cli" in imported  # the report was parsed
+    top_level = {name.split(".")[0] for name in imported}
+    assert "torch" not in top_level and "transformers" not in top_level
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode == (1 if args[-1] == "x" else 0)
