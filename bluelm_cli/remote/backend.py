@@ -53,7 +53,7 @@ class RemoteBackend:
         for turn in plan.history:
             messages += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.answer}]
         messages.append({"role": "user", "content": plan.message})
-        if plan.partial_answer is not None:  # /continue: the open answer goes last, to be extended
+        if plan.partial_answer:  # /continue: the open answer goes last, to be extended
             messages.append({"role": "assistant", "content": plan.partial_answer})
         body: dict[str, Any] = {
             "model": self.model.name,
@@ -67,7 +67,7 @@ class RemoteBackend:
         }
         if settings.seed is not None:
             body["seed"] = settings.seed
-        if plan.partial_answer is not None:
+        if plan.partial_answer:
             # vLLM's and SGLang's way to extend the last assistant message instead of answering after it.
             body["continue_final_message"], body["add_generation_prompt"] = True, False
         if self._send_extras:
