@@ -67,6 +67,10 @@ class LoadProgress:
     def note(self, text: str) -> None:
         self._backend._post(LoadEvent("note", text))
 
+    def elapsed(self) -> float:
+        """Seconds since the load began (its imports included: the user waited for them too)."""
+        return self._backend.elapsed()
+
 
 LoadFunction = Callable[[LoadProgress], Backend]
 
@@ -141,8 +145,8 @@ class BackgroundBackend:
 
     @property
     def loading(self) -> bool:
-        """The loader thread is still running."""
-        return self._thread is not None and self._thread.is_alive() and self._loaded is None and self._error is None
+        """The load has not ended (it may not have started yet)."""
+        return self._loaded is None and self._error is None
 
     @property
     def has_events(self) -> bool:
@@ -165,7 +169,7 @@ class BackgroundBackend:
         made safe first — the caller has restored the terminal and the journal is fsync'd record by record
         (its lock is an OS lock that goes with the process) — and only the streams are left to flush here;
         the loader holds nothing that must be cleaned up (a partial hub download is resumed next time)."""
-        if not self.loading:
+        if self._thread is None or not self._thread.is_alive():
             return
         for stream in (sys.stdout, sys.stderr):
             try:

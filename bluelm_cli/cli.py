@@ -218,7 +218,6 @@ def _load_engine_in_background(settings: ResolvedSettings, quantization: str | N
     from bluelm_cli.fastpath import make_runner
     from bluelm_cli.loading import load_model
 
-    started = time.perf_counter()
     loaded = load_model(
         settings["model"],
         source=settings["source"],
@@ -229,7 +228,7 @@ def _load_engine_in_background(settings: ResolvedSettings, quantization: str | N
         on_warning=progress.warn,
         on_config=lambda context: check_max_new_tokens(settings["max_new_tokens"], context),
     )
-    progress.note(_loaded_line(loaded, time.perf_counter() - started))
+    progress.note(_loaded_line(loaded, progress.elapsed()))
     return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note))
 
 
