@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from bluelm_cli.errors import BlueLMError
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.prompt import PromptEncoder, PromptPlan
 from bluelm_cli.settings import SamplingSettings
 
-__all__ = ["AnswerResult", "AnswerStream", "Backend", "BackendInfo"]
+__all__ = ["AnswerResult", "AnswerStream", "Backend", "BackendInfo", "ModelLoading"]
 
 
 class AnswerResult(Protocol):
@@ -70,3 +71,10 @@ class Backend(Protocol):
     def stream(self, plan: PromptPlan, settings: SamplingSettings) -> AnswerStream: ...
 
     def info(self) -> BackendInfo: ...
+
+
+class ModelLoading(BlueLMError):
+    """The backend's model is still loading (in the background): what needs it must wait or say so."""
+
+    def __init__(self, message: str = "the model is still loading") -> None:
+        super().__init__(message)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bluelm_cli.backend import AnswerResult, AnswerStream, Backend
+from bluelm_cli.backend import AnswerResult, AnswerStream, Backend, ModelLoading
 from bluelm_cli.errors import BlueLMError
 from bluelm_cli.conversation import Conversation
 from bluelm_cli.finish import FinishReason
@@ -70,15 +70,29 @@ class Chat:
     def __init__(self, backend: Backend, session: Session) -> None:
         self.backend = backend
         self.session = session
-        # A resumed session's answers are sent back as their ids; ids this model lacks (another model's
-        # journal, a damaged one) would crash the model, so those answers are re-encoded from their text.
-        for number, turn in enumerate(session.turns, start=1):
+        self._ids_checked = False
+        session.warnings.extend(self.check_answer_ids())
+
+    def check_answer_ids(self) -> list[str]:
+        """A resumed or loaded session's answers are sent back as their ids; ids this model lacks (another
+        model's journal, a damaged one) would crash the model, so those answers are re-encoded from their
+        text, with a warning each. Runs once the backend's model is there (it may still be loading)."""
+        if self._ids_checked:
+            return []
+        try:
+            self.backend.encoder
+        except ModelLoading:
+            return []
+        self._ids_checked = True
+        warnings = []
+        for number, turn in enumerate(self.session.turns, start=1):
             bad = self._foreign_id(turn)
             if bad is not None:
                 turn.answer_ids = []
-                session.warnings.append(
+                warnings.append(
                     f"turn {number} holds token id {bad}, which this model does not have; its answer is sent as text"
                 )
+        return warnings
 
     # ------------------------------------------------------------------------------------ queries
     @property
@@ -144,6 +158,7 @@ class Chat:
         return TurnStream(last.user, plan, stream, replaces_last=True, continues=last)
 
     def _start(self, message: str, turns: Sequence[Turn], *, replaces_last: bool, truncate: bool) -> TurnStream:
+        self.session.warnings.extend(self.check_answer_ids())  # the face ran it already when it saw the load end
         settings = self.sampling
         check_max_new_tokens(settings.max_new_tokens, self.backend.context_limit)
         plan = fit_prompt(
@@ -197,13 +212,25 @@ class Chat:
 
     def set_setting(self, key: str, value: object) -> object:
         if key == "max_new_tokens":
-            check_max_new_tokens(parse_sampling_setting(key, value), self.backend.context_limit)
+            try:
+                limit = self.backend.context_limit
+            except ModelLoading:  # checked when a message is sent
+                limit = None
+            if limit is not None:
+                check_max_new_tokens(parse_sampling_setting(key, value), limit)
         return self.session.set_setting(key, value)
 
     def adopt(self, other: Conversation) -> None:
         """Continue a loaded conversation (its turns, system prompt and settings) in this session.
 
-        Refused (nothing changes) if it holds token ids this model does not have."""
+        Refused (nothing changes) if it holds token ids this model does not have; while the model is still
+        loading, those answers are sent as text instead (with a warning once it has loaded)."""
+        try:
+            self.backend.encoder
+        except ModelLoading:
+            self.session.adopt(other)
+            self._ids_checked = False
+            return
         for number, turn in enumerate(other.turns, start=1):
             bad = self._foreign_id(turn)
             if bad is not None:

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from bluelm_cli.backend import Backend
+    from bluelm_cli.background import LoadProgress
     from bluelm_cli.chat import Chat, TurnStream
     from bluelm_cli.engine import ChatEngine
     from bluelm_cli.loading import LoadedModel
@@ -191,7 +192,7 @@ def _load(settings: ResolvedSettings, quantization: str | None, console: Console
     """Load the model with a status line on stderr, then say how long it took."""
     from rich.markup import escape
 
-    from bluelm_cli.loading import dtype_name, load_model
+    from bluelm_cli.loading import load_model
 
     started = time.perf_counter()
     # Paths and ids may hold "[…]", which rich would take for markup: every interpolation is escaped.
@@ -207,12 +208,35 @@ def _load(settings: ResolvedSettings, quantization: str | None, console: Console
             on_config=(lambda context: check_max_new_tokens(settings["max_new_tokens"], context)) if chatting else None,
         )
     settings.apply_checkpoint_defaults(loaded.generation_defaults)
-    dtype = dtype_name(loaded.dtype)
-    console.print(
-        f"[dim]Loaded {escape(loaded.model_id)} on {loaded.device} ({dtype}, context {loaded.context_length}) "
-        f"in {time.perf_counter() - started:.1f} s[/]"
-    )
+    console.print(f"[dim]{escape(_loaded_line(loaded, time.perf_counter() - started))}[/]")
     return loaded
+
+
+def _loaded_line(loaded: LoadedModel, seconds: float) -> str:
+    from bluelm_cli.loading import dtype_name
+
+    return (f"Loaded {loaded.model_id} on {loaded.device} ({dtype_name(loaded.dtype)}, context {loaded.context_length})"
+            f" in {seconds:.1f} s")
+
+
+def _load_engine_in_background(settings: ResolvedSettings, quantization: str | None, progress: LoadProgress) -> ChatEngine:
+    """`_load` + `_engine` for a chat whose prompt is already up: progress goes to the status line."""
+    from bluelm_cli.engine import ChatEngine
+    from bluelm_cli.fastpath import make_runner
+    from bluelm_cli.loading import load_model
+
+    loaded = load_model(
+        settings["model"],
+        source=settings["source"],
+        device=settings["device"],
+        dtype=settings["dtype"],
+        quantization=quantization,
+        on_status=progress.status,
+        on_warning=progress.warn,
+        on_config=lambda context: check_max_new_tokens(settings["max_new_tokens"], context),
+    )
+    progress.note(_loaded_line(loaded, progress.elapsed()))
+    return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note))
 
 
 def _engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console) -> ChatEngine:
@@ -446,6 +470,7 @@ def chat(
     debug: DebugOpt = False,
 ) -> int:
     """Chat in the terminal: multi-turn, streaming, /help for commands. Reads lines when stdin is piped."""
+    from bluelm_cli.background import BackgroundBackend, LoadFailed
     from bluelm_cli.paths import ensure_dir
     from bluelm_cli.session import Session, validate_session_name
 
@@ -459,7 +484,18 @@ def chat(
     resumed: Session | None = None
     if resume is not None:
         resumed = Session.resume(paths.sessions_dir, None if resume in ("", "last") else resume)
-    engine, model_id = _backend(settings, quantization, api_key, errors)
+    # On a terminal the prompt comes at once and a local model loads behind it; a script (or --api) waits for it.
+    background: BackgroundBackend | None = None
+    if not settings["api"] and sys.stdin.isatty() and sys.stdout.isatty():
+        _early_checkpoint_defaults(settings)
+        background = BackgroundBackend(
+            lambda progress: _load_engine_in_background(settings, quantization, progress),
+            status=f"Loading {settings['model']}",
+        )
+        engine: Any = background
+        model_id = settings["model"]
+    else:
+        engine, model_id = _backend(settings, quantization, api_key, errors)
     if resumed is not None:
         session = resumed
         for key, value in _explicit_sampling(settings).items():
@@ -478,8 +514,53 @@ def chat(
     from bluelm_cli.chat import Chat
     from bluelm_cli.repl import run_chat
 
-    return run_chat(Chat(engine, session), console=Console(highlight=False), paths=paths, verbose=verbose,
-                    resumed=resumed is not None, settings=settings, keep_history=bool(settings["history"]))
+    chat_service = Chat(engine, session)
+    on_model_ready = None
+    if background is not None and resumed is None:
+        on_model_ready = _late_checkpoint_defaults(chat_service, settings, background)
+    try:
+        status = run_chat(chat_service, console=Console(highlight=False), paths=paths, verbose=verbose,
+                          resumed=resumed is not None, on_model_ready=on_model_ready, settings=settings,
+                          keep_history=bool(settings["history"]))
+    except KeyboardInterrupt:
+        status = ExitStatus.INTERRUPTED
+    except LoadFailed:
+        if resumed is None and not session.turns:  # nothing was said: leave no empty session behind
+            _discard(session)
+        raise
+    if background is not None:
+        background.exit_now_if_loading(status)
+    return status
+
+
+def _discard(session: Any) -> None:
+    session.close()
+    try:
+        session.journal.unlink()
+    except OSError:
+        pass
+
+
+def _early_checkpoint_defaults(settings: ResolvedSettings) -> None:
+    """The checkpoint's generation_config.json defaults before its weights load, when it is on this machine
+    (a new session records them); its warnings come from the load itself."""
+    folder = _local_checkpoint(settings["model"])
+    if folder is not None:
+        settings.apply_checkpoint_defaults(read_generation_config(folder)[0])
+
+
+def _late_checkpoint_defaults(chat: Chat, settings: ResolvedSettings, background: Any) -> Any:
+    """After a first download: the checkpoint's defaults, for the settings the user has not changed since."""
+    created_with = settings.sampling().as_dict()
+
+    def apply() -> None:
+        changed = settings.apply_checkpoint_defaults(background.loaded.loaded.generation_defaults)
+        current = chat.sampling.as_dict()
+        for key in changed:
+            if current.get(key) == created_with.get(key):
+                chat.set_setting(key, settings[key])
+
+    return apply
 
 
 def _explicit_sampling(settings: ResolvedSettings) -> dict[str, Any]:

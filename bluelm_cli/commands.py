@@ -19,6 +19,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion, Path
 from prompt_toolkit.document import Document
 
 from bluelm_cli.attachments import Attachment, check_fits, read_attachment, token_count
+from bluelm_cli.backend import ModelLoading
 from bluelm_cli.chat import Chat, TurnStream
 from bluelm_cli.clipboard import copy_to_clipboard
 from bluelm_cli.errors import BlueLMError, UsageError
@@ -177,14 +178,19 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
     if what:
         raise UsageError(f"usage: /show [info|parameters|system]; '{args}' is not one of them")
     chat = ctx.chat
-    info = chat.backend.info()
     session = chat.session
     settings = chat.sampling.as_dict()
     active = len(session.active_turns())
+    try:
+        info = chat.backend.info()
+        model = f"{info.model_id} ({info.device}, {info.dtype})"
+        context = f"{chat.context_used()} / {chat.context_limit} tokens in use"
+    except ModelLoading:  # what needs the tokenizer says so rather than making /show wait
+        model, context = f"{session.model_id} (model loading)", "(model loading)"
     rows: list[tuple[str, str]] = [
-        ("model", f"{info.model_id} ({info.device}, {info.dtype})"),
+        ("model", model),
         ("session", f"{session.name} · {_count(len(session.turns), 'turn')}, {active} in the context"),
-        ("context", f"{chat.context_used()} / {chat.context_limit} tokens in use"),
+        ("context", context),
         ("system", "(unset)" if not session.system else repr(session.system)),
     ]
     rows += [(key, "(unset)" if settings[key] is None else str(settings[key])) for key in GENERATION_KEYS]

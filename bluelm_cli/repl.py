@@ -25,19 +25,21 @@ from prompt_toolkit.filters import is_searching
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.input import Input
-from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent, merge_key_bindings
 from prompt_toolkit.output import Output
 from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.text import Text
 
 from bluelm_cli.attachments import Attachment, with_attachments
-from bluelm_cli.backend import AnswerResult
+from bluelm_cli.background import BackgroundBackend, LoadFailed
+from bluelm_cli.backend import AnswerResult, ModelLoading
 from bluelm_cli.chat import Chat, TurnStream
 from bluelm_cli.commands import ChatCompleter, ExitChat, ShowAnswer, run_command
 from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.habits import foreign_line_hint
+from bluelm_cli.load_view import LoadView
 from bluelm_cli.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
 from bluelm_cli.output import PROMPT, ChatOutput
 from bluelm_cli.paths import UserPaths, ensure_dir
@@ -65,8 +67,12 @@ def run_chat(
     err_console: Console | None = None,
     settings: ResolvedSettings | None = None,
     keep_history: bool = True,
+    on_model_ready: Callable[[], None] | None = None,
 ) -> int:
     """Chat until /exit, Ctrl-D or end of input; returns the exit status.
+
+    A :class:`BackgroundBackend` starts loading once the prompt is up (script mode waits for it first);
+    ``on_model_ready`` then runs in this thread. A load error raises its LoadFailed (one line, status 1).
 
     With a terminal on stdin and stdout (or an injected ``pt_input``), this is the prompt_toolkit REPL;
     otherwise it reads one message or slash command per line from ``stdin`` and prints plain answers,
@@ -78,17 +84,26 @@ def run_chat(
         err_console = console if interactive else Console(stderr=True, highlight=False)
     out = ChatOutput(console, err_console, interactive=interactive)
     repl = ChatRepl(chat, out, paths=paths, verbose=verbose, interactive=interactive, settings=settings)
+    if isinstance(chat.backend, BackgroundBackend):
+        repl.loading = LoadView(chat.backend, out, on_loaded=lambda: repl.model_loaded(on_model_ready))
     for warning in chat.session.warnings:
         out.warn(warning)
     if not interactive:
         if stdin is None and sys.stdin.isatty():
             out.warn("standard output is not a terminal, so this chat reads one message per line (script mode);"
                      " run it without the pipe for the interactive prompt")
+        if repl.loading is not None:
+            try:
+                repl.loading.wait_until_loaded()
+            except KeyboardInterrupt:
+                return ExitStatus.INTERRUPTED
         return _script_loop(repl, stdin if stdin is not None else sys.stdin)
     repl.show_banner()
     if resumed:
         repl.show_resumed()
     prompt_session = _prompt_session(repl, pt_input, pt_output, keep_history=keep_history)
+    if repl.loading is not None:
+        repl.loading.attach(prompt_session)
     return _interactive_loop(repl, prompt_session)
 
 
@@ -120,19 +135,31 @@ class ChatRepl:
         self.exit_status = ExitStatus.OK  # 128 + N when signal N ended the chat, as a shell reports it
         self.failures = 0  # inputs that ended in an error (script mode exits non-zero if any did)
         self._exit_warned = False
+        self.loading: LoadView | None = None  # while the model loads in the background
 
     # ------------------------------------------------------------------------------------- output
     def show_banner(self) -> None:
-        info = self.chat.backend.info()
-        quantized = f", {info.quantization}" if info.quantization else ""
-        line = Text.assemble(
-            ("BlueLM chat", "bold"),
-            f" · {info.model_id} · {info.device} · {info.dtype}{quantized} · {info.context_limit}-token context",
-        )
+        try:
+            info = self.chat.backend.info()
+        except ModelLoading:  # its device, dtype and context come in the "Loaded …" line
+            line = Text.assemble(("BlueLM chat", "bold"), f" · {self.chat.session.model_id} · loading in the background")
+        else:
+            quantized = f", {info.quantization}" if info.quantization else ""
+            line = Text.assemble(
+                ("BlueLM chat", "bold"),
+                f" · {info.model_id} · {info.device} · {info.dtype}{quantized} · {info.context_limit}-token context",
+            )
         self.out.console.print(line)
         self.out.note(
             f"Session {self.chat.session.name} · /help for commands · Alt-Enter for a new line · Ctrl-D or /exit quits"
         )
+
+    def model_loaded(self, then: Callable[[], None] | None = None) -> None:
+        """The background load has ended well: what waited for the model runs now."""
+        for warning in self.chat.check_answer_ids():
+            self.out.warn(warning)
+        if then is not None:
+            then()
 
     def show_resumed(self) -> None:
         session = self.chat.session
@@ -166,23 +193,17 @@ class ChatRepl:
         if not stripped:
             return
         try:
-            if block_is_open(stripped):  # a block left open at the end of the input: it ends there
-                stripped += f"\n{QUOTES}"
-            if unwrap_block(stripped) != stripped:
-                if unwrap_block(stripped).strip():  # an empty """ """ block sends nothing
-                    self._send(unwrap_block(stripped))
-            elif stripped.startswith("//"):
-                self._send(stripped.removeprefix("/"))
-            elif stripped.startswith("/"):
-                outcome = run_command(self, stripped)
-                if isinstance(outcome, ShowAnswer):
-                    self.answer(outcome.stream)
-                elif isinstance(outcome, ExitChat):
-                    self.exit_requested = True
-            elif hint := foreign_line_hint(stripped):
-                raise UsageError(hint)
-            else:
-                self._send(stripped)
+            try:
+                self._dispatch(stripped)
+            except ModelLoading:
+                if self.loading is None:
+                    raise
+                # Nothing was done yet (what needs the model asks for it first): wait for it, then do it.
+                with self._hangup_stops_answer():
+                    self.loading.wait_until_loaded()
+                self._dispatch(stripped)
+        except LoadFailed:
+            raise  # ends the chat
         except BlueLMError as exc:
             self.failures += 1
             self.out.error(str(exc))
@@ -191,6 +212,25 @@ class ChatRepl:
             self.out.error(f"unexpected {type(exc).__name__}: {exc}")
             if self.verbose:
                 self.out.err_console.print(Text(traceback.format_exc(), style="dim"))
+
+    def _dispatch(self, stripped: str) -> None:
+        if block_is_open(stripped):  # a block left open at the end of the input: it ends there
+            stripped += f"\n{QUOTES}"
+        if unwrap_block(stripped) != stripped:
+            if unwrap_block(stripped).strip():  # an empty """ """ block sends nothing
+                self._send(unwrap_block(stripped))
+        elif stripped.startswith("//"):
+            self._send(stripped.removeprefix("/"))
+        elif stripped.startswith("/"):
+            outcome = run_command(self, stripped)
+            if isinstance(outcome, ShowAnswer):
+                self.answer(outcome.stream)
+            elif isinstance(outcome, ExitChat):
+                self.exit_requested = True
+        elif hint := foreign_line_hint(stripped):
+            raise UsageError(hint)
+        else:
+            self._send(stripped)
 
     def _send(self, message: str) -> None:
         """Send a message, with the files attached by /file before it (kept attached if it is refused)."""
@@ -246,12 +286,24 @@ class ChatRepl:
 
 # ------------------------------------------------------------------------------------------ loops
 def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int:
+    loading = repl.loading
     with _terminal_restored(), _signals_end_the_chat(repl, prompt_session):
         while not repl.exit_requested:
             try:
-                text = prompt_session.prompt()
+                if loading is not None:
+                    loading.show_events()  # what the load said while no prompt was up
+                    text = prompt_session.prompt(pre_run=loading.start_after_first_draw)
+                    loading.show_events()  # before the line is acted on: a load that just ended is seen first
+                else:
+                    text = prompt_session.prompt()
             except KeyboardInterrupt:
+                if loading is not None and loading.stop_requested:
+                    return ExitStatus.INTERRUPTED  # Ctrl-C on an empty line during the load
                 continue  # Ctrl-C at the prompt clears the line
+            except LoadFailed:
+                assert loading is not None
+                loading.show_events()  # the warnings that came before it; raises it again
+                raise
             except EOFError:
                 if repl.exit_status or repl.may_exit():
                     break
@@ -391,7 +443,7 @@ def _prompt_session(
             [("class:continuation", _CONTINUATION.rjust(width))]
         ),
         multiline=True,  # Enter is rebound to send; multi-line text still displays and edits as such
-        key_bindings=_key_bindings(),
+        key_bindings=merge_key_bindings([_key_bindings(), repl.loading.key_bindings()]) if repl.loading else _key_bindings(),
         history=_open_history(repl, repl.paths.history_file) if keep_history else InMemoryHistory(),
         completer=ChatCompleter(),
         complete_while_typing=True,
