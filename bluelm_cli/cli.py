@@ -163,7 +163,8 @@ def _resolve(flags: dict[str, Any]) -> tuple[ResolvedSettings, UserPaths]:
 def _stderr_console() -> Console:
     from rich.console import Console
 
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    # Status lines word-wrap on a terminal; into a file or a pipe each stays one line.
+    return Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 def _print_error(message: str) -> None:
@@ -347,11 +348,15 @@ def ask(
             f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
             f"kept its last {stream.plan.truncated_to} (--truncate)"
         )
-    _show_ask(stream, raw=raw or as_json, quiet=as_json)
-    committed = chat.commit(stream)
+    failed = _show_ask(stream, raw=raw or as_json, quiet=as_json)
+    committed = chat.commit(stream)  # `ask -c`: journaled even when the answer could not be written out
     result = committed.result
     if committed.journal_error:
         _print_error(committed.journal_error)
+    if isinstance(failed, BrokenPipeError):
+        raise failed  # the reader went away (`| head`): quietly
+    if failed is not None:
+        raise BlueLMError(f"the answer could not be written to standard output ({type(failed).__name__}: {failed})")
     if as_json:
         sys.stdout.write(json.dumps(result_json(result), ensure_ascii=False) + "\n")
     if verbose:
@@ -411,17 +416,22 @@ def _one_shot_chat(engine: Backend, settings: ResolvedSettings, model_id: str) -
 
 
 def _start_ask(chat: Chat, question: str, truncate: bool) -> TurnStream:
-    from bluelm_cli.prompt import ContextOverflowError
+    from bluelm_cli.prompt import ContextOverflowError, SystemPromptTooLongError
 
     try:
         return chat.send(question, truncate=truncate)
+    except SystemPromptTooLongError:
+        raise
     except ContextOverflowError as overflow:
         if truncate:
             raise BlueLMError("no room is left for the prompt; lower --max-new-tokens") from None
         raise BlueLMError(f"{overflow} (or pass --truncate to keep only its end)") from None
 
 
-def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> None:
+def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> Exception | None:
+    """Stream the answer to stdout. A failure to write it (a closed pipe, a full disk, an encoding) stops the
+    answer and is returned, after the worker has finished its step: exiting while it runs a torch op aborts
+    the process (SIGABRT), and the caller still commits the answer."""
     from rich.console import Console
 
     from bluelm_cli.render import StreamRenderer
@@ -429,22 +439,22 @@ def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> None:
 
     if quiet:
         show_stream(stream, _NullRenderer())
-        return
+        return None
     console = Console(highlight=False)
     renderer = StreamRenderer(console, markdown=not raw)
-    renderer.start()
     try:
+        renderer.start()
         result = show_stream(stream, renderer)
-    except BrokenPipeError:
+        if not result.text.endswith("\n") and (raw or not console.is_terminal):
+            sys.stdout.write("\n")
+    except Exception as error:  # noqa: BLE001 - reported by the caller once the turn is committed
         stream.stop()
-        try:  # wait out the worker's last step: exiting while it runs a torch op aborts the process (SIGABRT)
-            for _ in stream:
-                pass
-        except Exception:  # noqa: BLE001 - the closed pipe is what gets reported
+        try:
+            stream.finish()
+        except Exception:  # noqa: BLE001 - the write failure is what gets reported
             pass
-        raise
-    if not result.text.endswith("\n") and (raw or not console.is_terminal):
-        sys.stdout.write("\n")
+        return error
+    return None
 
 
 class _NullRenderer:
@@ -732,4 +742,10 @@ def export(
 
 
 def main() -> None:
+    if sys.stdin is None:  # started with stdin closed (`<&-`): it reads as empty
+        sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the life of the process
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to answer
+        if sys.stderr is not None:
+            sys.stderr.write("Error: standard output is closed; give bluelm a terminal, a file or a pipe to write to\n")
+        sys.exit(ExitStatus.ERROR)
     app()

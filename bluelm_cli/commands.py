@@ -25,7 +25,7 @@ from bluelm_cli.clipboard import copy_to_clipboard
 from bluelm_cli.errors import BlueLMError, UsageError
 from bluelm_cli.habits import foreign_command_hint, foreign_set_hint
 from bluelm_cli.output import ChatOutput
-from bluelm_cli.paths import UserPaths, ensure_dir
+from bluelm_cli.paths import UserPaths, ensure_dir, expand_user
 from bluelm_cli.session import Session
 from bluelm_cli.settings import GENERATION_KEYS, SAMPLING_KEYS, SPECS, ResolvedSettings
 from bluelm_cli.show import info_rows, parameter_rows, session_values
@@ -100,7 +100,7 @@ def _reset(ctx: CommandContext, args: str) -> Outcome:
 def _save(ctx: CommandContext, args: str) -> Outcome:
     session = ctx.chat.session
     if args:
-        path = Path(_unquote(args)).expanduser()
+        path = expand_user(_unquote(args))
     else:
         path = ensure_dir(ctx.paths.sessions_dir) / f"{session.name or 'chat'}.json"
     written = session.save(path)
@@ -111,7 +111,7 @@ def _save(ctx: CommandContext, args: str) -> Outcome:
 def _load(ctx: CommandContext, args: str) -> Outcome:
     if not args:
         raise UsageError("usage: /load PATH (a session saved with /save as .json)")
-    path = Path(_unquote(args)).expanduser()
+    path = expand_user(_unquote(args))
     loaded = Session.load(path)  # raises before anything changes: the current conversation stays intact
     running = ctx.chat.session.model_id
     if loaded.model_id != running:

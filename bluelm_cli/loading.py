@@ -176,6 +176,7 @@ def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
         raise BlueLMError(
             f"{folder} has no weights (model.safetensors, pytorch_model.bin or a sharded index); download the checkpoint again"
         )
+    _indexed_shards(folder)  # every shard an index names is a file in this folder (before any is read)
     return config
 
 
@@ -257,7 +258,7 @@ def load_model(
     tokenizer = load_tokenizer(folder)
     if on_status:
         on_status(f"Loading {model} onto {target} as {dtype_name(torch_dtype)}")
-    config = BlueLMConfig.from_pretrained(str(folder))
+    config = _read_config(folder)
     if on_config:
         on_config(config.context_length)
     generation_defaults, problems = read_generation_config(folder)
@@ -314,6 +315,12 @@ def load_model(
         raise BlueLMError(f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:  # e.g. a config.json with fewer layers than the weights: never run a truncated model
+        raise BlueLMError(
+            f"the weights in {folder} hold {len(unexpected)} tensors its config.json does not describe (first:"
+            f" {unexpected[0]}); the config is from another model, download the checkpoint again"
+        )
     missing = [key for key in info.get("missing_keys", []) if "rotary_emb" not in key]
     if missing:
         raise BlueLMError(
@@ -346,7 +353,11 @@ def _indexed_shards(folder: Path) -> list[Path]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             raise BlueLMError(f"{index} is not a valid weight index; download the checkpoint again") from None
         for name in names:
-            if not (folder / name).is_file():
+            shard = folder / name
+            if "/" in name or "\\" in name or name.startswith(".") or not shard.resolve().is_relative_to(folder.resolve()):
+                # An index must name files beside it: never read /dev/zero or ../../etc/passwd as weights.
+                raise BlueLMError(f"{index} names {name!r}, which is not a file in {folder}; the index is damaged")
+            if not shard.is_file():
                 raise BlueLMError(
                     f"the weights in {folder} are incomplete: {name}, listed in {index_name}, is missing; download the checkpoint again"
                 )
@@ -396,11 +407,34 @@ def _bitsandbytes_config(quantization: str, compute_dtype: torch.dtype) -> Any:
 
 def _generation_config(values: dict[str, Any]) -> Any:
     from transformers import GenerationConfig
+    from transformers.utils import logging as transformers_logging
 
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its notes on sampling flags are about generate(), not us
     try:
         return GenerationConfig.from_dict(dict(values))
     except Exception:  # noqa: BLE001 - any other bad field: transformers' defaults, our settings still apply
         return GenerationConfig()
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def _read_config(folder: Path) -> BlueLMConfig:
+    """config.json as a BlueLMConfig, or one line saying what is wrong with it."""
+    try:
+        config = BlueLMConfig.from_pretrained(str(folder))
+    except BlueLMError:
+        raise
+    except Exception as error:  # noqa: BLE001 - transformers' validation errors span several lines
+        raise BlueLMError(
+            f"{folder / 'config.json'} is not a valid BlueLM config ({_first_line(error)}); download the checkpoint again"
+        ) from None
+    if config.context_length < 16:
+        raise BlueLMError(
+            f"{folder / 'config.json'} says the context window is {config.context_length} tokens; the config is"
+            " damaged, download the checkpoint again"
+        )
+    return config
 
 
 def _first_line(error: BaseException) -> str:

@@ -74,3 +74,12 @@ def ensure_dir(path: Path) -> Path:
     if not path.is_dir():
         raise BlueLMError(f"cannot create directory {path}: a file with that name exists; move it away")
     return path
+
+
+def expand_user(path: str | Path) -> Path:
+    """``~/x`` and ``~user/x`` expanded; an unknown user is a BlueLMError, not a RuntimeError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = str(path).split("/", 1)[0]
+        raise BlueLMError(f"{path}: there is no user {user.lstrip('~')!r} whose home {user} could mean") from None

@@ -85,6 +85,19 @@ class ContextOverflowError(BlueLMError):
         )
 
 
+class SystemPromptTooLongError(ContextOverflowError):
+    """The system prompt alone leaves no room for a message."""
+
+    def __init__(self, system_tokens: int, context_limit: int, max_new_tokens: int) -> None:
+        self.message_tokens, self.fits = 0, 0
+        BlueLMError.__init__(
+            self,
+            f"the system prompt is {system_tokens} tokens, which leaves no room for a message in the"
+            f" {context_limit}-token context window (with {max_new_tokens} for the answer); shorten it"
+            " (/set system none clears it)",
+        )
+
+
 def prompt_text(system: str | None, history: Sequence[tuple[str, str]], message: str) -> str:
     """The prompt as text, for display and golden tests: the string the publisher's demos build."""
     parts = [BOS_TEXT, system or ""]
@@ -140,6 +153,10 @@ def fit_prompt(
     last tokens (cut as ids: re-encoding decoded text could shift a token at the cut).
     """
     budget = context_limit - max_new_tokens
+    if system:
+        system_tokens = len(encoder.encode_plain(system))
+        if 1 + system_tokens + 2 >= budget:  # <s>, the system text, the two tags: no room for any message
+            raise SystemPromptTooLongError(system_tokens, context_limit, max_new_tokens)
     alone = build_prompt_ids(encoder, system, [], message)
     if len(alone.ids) > budget:
         message_ids = encoder.encode_plain(message)

@@ -51,7 +51,11 @@ __all__ = ["ChatRepl", "run_chat"]
 
 _CONTINUATION = ". "
 _PROMPT_STYLE = Style.from_dict({"prompt": "bold ansicyan", "continuation": "ansibrightblack"})
-_HANGUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGHUP", "SIGTERM") if hasattr(signal, name))
+# Signals whose default action ends the process: they stop an answer (journaled) and end the chat with
+# the terminal restored, exit 128+N. (Ctrl-\ sends SIGQUIT.)
+_HANGUP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGHUP", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
 
 
 def run_chat(
@@ -202,7 +206,7 @@ class ChatRepl:
                 with self._hangup_stops_answer():
                     self.loading.wait_until_loaded()
                 self._dispatch(stripped)
-        except LoadFailed:
+        except (LoadFailed, BrokenPipeError):
             raise  # ends the chat
         except BlueLMError as exc:
             self.failures += 1
@@ -241,14 +245,23 @@ class ChatRepl:
     # ------------------------------------------------------------------------------------- answers
     def answer(self, stream: TurnStream) -> AnswerResult:
         """Stream an answer to the screen, then commit it; Ctrl-C stops it and the partial answer is kept."""
-        self._show(stream)
-        committed = self.chat.commit(stream)
+        shown = self._show(stream)
+        committed = self.chat.commit(stream)  # whatever happened on screen, the answer is kept
+        if isinstance(shown, BrokenPipeError):
+            raise shown  # the reader went away (`| head`): the chat ends quietly, the turn is journaled
+        if shown is not None:
+            raise BlueLMError(
+                f"the answer could not be shown ({type(shown).__name__}: {shown}); it is kept in the session"
+            )
         self.out.after_answer(committed, show_stats=self.show_stats)
         if committed.result.finish_reason is FinishReason.ERROR:
             self.failures += 1  # kept and journaled, but script mode still reports the failure
         return committed.result
 
-    def _show(self, stream: TurnStream) -> None:
+    def _show(self, stream: TurnStream) -> Exception | None:
+        """Stream the answer to the screen. A failure to write it (the terminal went away, a full disk
+        under a redirect, an encoding) stops the answer and is returned: the answer is still committed,
+        and the model's worker is never left running (a torch op at interpreter exit aborts the process)."""
         renderer = StreamRenderer(self.out.console, markdown=self.interactive)
         with self._hangup_stops_answer(), _keys_not_echoed(self.interactive):
             try:
@@ -259,10 +272,11 @@ class ChatRepl:
                 stream.stop()
                 renderer.finish()
                 stream.finish()
-            except OSError:
-                # The terminal went away (a dropped SSH connection): the answer so far is still recorded.
+            except Exception as error:  # noqa: BLE001 - reported by answer() once the turn is committed
                 stream.stop()
                 stream.finish()
+                return error
+        return None
 
     @contextmanager
     def _hangup_stops_answer(self) -> Iterator[None]:
@@ -495,4 +509,23 @@ def _open_history(repl: ChatRepl, path: Path) -> History:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         repl.out.warn(f"the prompt history is not kept: cannot write {path} ({reason})")
         return InMemoryHistory()
-    return FileHistory(str(path))
+    return _SafeFileHistory(str(path), repl)
+
+
+class _SafeFileHistory(FileHistory):
+    """FileHistory that survives a write failure (a full disk): warned once, kept in memory from then on.
+    prompt_toolkit would otherwise print a traceback and "Press ENTER to continue" mid-chat."""
+
+    def __init__(self, filename: str, repl: ChatRepl) -> None:
+        super().__init__(filename)
+        self._repl = repl
+        self._broken = False
+
+    def store_string(self, string: str) -> None:
+        if self._broken:
+            return
+        try:
+            super().store_string(string)
+        except OSError as exc:
+            self._broken = True
+            self._repl.out.warn(f"the prompt history is no longer written: {self.filename!s} ({exc.strerror or exc})")

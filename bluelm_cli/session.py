@@ -10,6 +10,7 @@ are :mod:`bluelm_cli.transcript`'s job.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +34,7 @@ from bluelm_cli.journal import (
     replay,
     validate_session_name,
 )
-from bluelm_cli.paths import ensure_dir
+from bluelm_cli.paths import ensure_dir, expand_user
 from bluelm_cli.settings import SamplingSettings, parse_sampling_setting
 
 __all__ = ["Session", "SessionInfo", "Turn", "list_sessions", "utc_now", "validate_session_name"]
@@ -254,8 +255,9 @@ class Session(Conversation):
         """Write a copy: a Markdown transcript for .md/.markdown, JSON otherwise (atomic).
 
         Never onto a session journal: that would replace the live history with a file it can't replay."""
-        path = Path(path).expanduser()
-        if path.suffix.lower() == JOURNAL_SUFFIX and (_same_file(path, self.journal) or _is_journal(path)):
+        path = expand_user(path)
+        target = Path(os.path.realpath(path))  # through symbolic links: a link to a journal is a journal
+        if _same_file(target, self.journal) or _is_journal(target):
             raise BlueLMError(
                 f"{path} is a session journal, which bluelm keeps itself; save the copy under another name (.json or .md)"
             )
@@ -264,7 +266,7 @@ class Session(Conversation):
     @classmethod
     def load(cls, path: Path) -> Session:
         """A conversation saved with /save (or a journal), not journaled itself."""
-        return cls.from_conversation(transcript.load(path))
+        return cls.from_conversation(transcript.load(expand_user(path)))
 
 
 def _same_file(path: Path, other: Path | None) -> bool:
@@ -275,8 +277,10 @@ def _same_file(path: Path, other: Path | None) -> bool:
 
 
 def _is_journal(path: Path) -> bool:
-    """An existing file that starts like a session journal."""
+    """An existing regular file that starts like a session journal (a FIFO is never opened: it would block)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as handle:
             first = handle.readline(4096)
     except OSError:

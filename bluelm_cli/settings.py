@@ -380,10 +380,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
         return {}
     except IsADirectoryError:
         raise BlueLMError(f"config file {path} is a directory; remove it or point BLUELM_HOME elsewhere") from None
+    except NotADirectoryError:
+        raise BlueLMError(
+            f"{path.parent} is a file, not a folder; point BLUELM_HOME at a folder (or remove that file)"
+        ) from None
     except OSError as exc:
         raise BlueLMError(f"cannot read config file {path}: {exc.strerror or exc}; check its permissions") from None
     try:
-        table = tomllib.loads(data.decode("utf-8"))
+        table = tomllib.loads(data.decode("utf-8").removeprefix("\ufeff"))  # editors on Windows write a BOM
     except UnicodeDecodeError:
         raise BlueLMError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:

@@ -7,6 +7,7 @@ loaded back). Saving is atomic: a temporary file in the same directory, fsync, `
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -31,6 +32,7 @@ from bluelm_cli.sanitize import safe_for_terminal
 FORMAT = "bluelm-cli.session"
 VERSION = 1
 MARKDOWN_SUFFIXES = (".md", ".markdown")
+MAX_LOAD_BYTES = 1 << 30
 
 
 def to_json_dict(conversation: Conversation) -> dict[str, Any]:
@@ -86,6 +88,19 @@ def load(path: Path) -> Conversation:
         conversation, _ = replay(path, repair=False)
         return conversation
     try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BlueLMError(f"no such file: {path}; check the path") from None
+    except OSError as exc:
+        raise BlueLMError(f"cannot read {path} ({reason(exc)}); check the path") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise BlueLMError(f"{path} is a directory; give the path of a saved session (.json)")
+    if not stat.S_ISREG(info.st_mode):
+        # A FIFO would wait forever, a device never end: only regular files are sessions.
+        raise BlueLMError(f"{path} is not a regular file; give the path of a saved session (.json)")
+    if info.st_size > MAX_LOAD_BYTES:
+        raise BlueLMError(f"{path} is {info.st_size // 2**20} MB, more than a saved session can be; check the path")
+    try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise BlueLMError(f"no such file: {path}; check the path") from None
@@ -131,13 +146,18 @@ def atomic_write(path: Path, data: bytes) -> None:
 
     A symbolic link is written through (its target is replaced, the link stays); a device, FIFO, socket
     or folder at the path is refused rather than replaced by a regular file."""
-    path = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        path = Path(os.path.realpath(path)) if path.is_symlink() else path
+    except OSError:
+        pass  # a name too long, say: the checks below report it
     mode = None
     try:
         info = path.stat()
     except (FileNotFoundError, NotADirectoryError):
         info = None  # the folder checks below say what is wrong
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise BlueLMError(f"cannot save to {_short(path)}: the path is too long; choose a shorter one") from None
         raise BlueLMError(f"cannot save to {path} ({reason(exc)}); choose another path") from None
     if info is not None:
         if stat.S_ISDIR(info.st_mode):
@@ -151,8 +171,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         what = "is not a directory" if directory.exists() else "does not exist"
         raise BlueLMError(f"cannot save to {path}: {directory} {what}; create it or choose another path")
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name[:200]}.", suffix=".tmp")
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise BlueLMError(f"cannot save to {path}: the file name is too long; choose a shorter one") from None
         raise BlueLMError(f"cannot save to {path}: {directory} is not writable ({reason(exc)})") from None
     try:
         try:
@@ -170,5 +192,12 @@ def atomic_write(path: Path, data: bytes) -> None:
                 pass
             raise
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            raise BlueLMError(f"cannot save to {_short(path)}: the file name is too long; choose a shorter one") from None
         raise BlueLMError(f"cannot save to {path} ({reason(exc)}); the existing file, if any, is unchanged") from None
     fsync_dir(directory)
+
+
+def _short(path: Path, keep: int = 80) -> str:
+    text = str(path)
+    return text if len(text) <= keep else f"{text[:40]}…{text[-39:]}"

@@ -187,15 +187,16 @@ def test_sighup_during_an_answer_keeps_the_partial_answer(checkpoint: Path, home
     assert turn["finish_reason"] == "interrupted" and 0 < len(turn["answer_ids"]) < 1900
 
 
-def test_sigterm_during_an_answer_journals_it_and_exits_143(checkpoint: Path, home: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT], ids=["SIGTERM", "SIGQUIT (Ctrl-\\)"])
+def test_a_signal_during_an_answer_journals_it_and_exits_128_plus_n(checkpoint: Path, home: Path, signum: int) -> None:
     child = spawn(checkpoint, home, "--session", "term-mid", max_new_tokens=1900)
     try:
         send(child, "tell me a very long story")
         child.expect_exact("thinking")
-        child.kill(signal.SIGTERM)
+        child.kill(signum)
         child.expect(pexpect.EOF)
         child.close()
-        assert child.exitstatus == 128 + signal.SIGTERM  # supervisors see the signal
+        assert child.exitstatus == 128 + signum  # supervisors see the signal
     finally:
         child.close(force=True)
     (turn,) = journal_turns(home, "term-mid")

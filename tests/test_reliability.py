@@ -394,3 +394,146 @@ def test_unknown_option_suggests_only_close_names() -> None:
     assert far.exit_code == 2 and far.stderr == "Error: No such option: --frobnicate (see 'bluelm ask --help')\n"
     near = runner.invoke(app, ["ask", "--truncat", "x"])
     assert near.stderr == "Error: No such option: --truncat; did you mean --truncate? (see 'bluelm ask --help')\n"
+
+
+# -------------------------------------------------------------------- the second campaign's findings
+def test_save_through_a_link_to_a_journal_is_refused(paths: UserPaths, tmp_path: Path) -> None:
+    session = new_session(paths, "linked")
+    session.add_turn(Turn(user="keep me", answer="a", answer_ids=[]))
+    link = tmp_path / "innocent.json"
+    link.symlink_to(session.journal)  # type: ignore[arg-type]
+    with pytest.raises(BlueLMError, match="is a session journal, which bluelm keeps itself"):
+        session.save(link)
+    session.close()
+    assert [t.user for t in Session.resume(paths.sessions_dir, "linked").turns] == ["keep me"]
+
+
+def test_load_refuses_what_is_not_a_regular_file(paths: UserPaths, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    with pytest.raises(BlueLMError, match="is not a regular file; give the path of a saved session"):
+        Session.load(fifo)  # would wait forever for a writer
+    with pytest.raises(BlueLMError, match="there is no user 'nosuchuser"):
+        Session.load(Path("~nosuchuser/x.json"))
+
+
+def test_save_names_a_path_that_is_too_long(paths: UserPaths, tmp_path: Path) -> None:
+    session = new_session(paths)
+    longest = tmp_path / ("d" * 250 + ".json")  # 255 bytes: the longest name a file can have
+    assert session.save(longest) == longest and longest.is_file()  # its temporary name must fit too
+    with pytest.raises(BlueLMError, match="too long; choose a shorter one"):
+        session.save(tmp_path / ("e" * 300 + ".json"))
+
+
+def _copy(checkpoint: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(checkpoint, folder)
+    return folder
+
+
+def _ask_error(folder: Path) -> list[str]:
+    result = runner.invoke(app, ["ask", "--model", str(folder), "--device", "cpu", "-n", "3", "hi"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    return [line for line in result.stderr.splitlines() if not line.startswith("Warning:")]
+
+
+def test_a_weight_index_naming_files_outside_the_folder_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+    for target in ("/dev/zero", "../../../../etc/passwd"):
+        folder = _copy(checkpoint, tmp_path, f"index{len(target)}")
+        index = folder / "pytorch_model.bin.index.json"
+        data = json.loads(index.read_text())
+        first = next(iter(data["weight_map"]))
+        data["weight_map"][first] = target
+        index.write_text(json.dumps(data))
+        assert _ask_error(folder) == [
+            f"Error: {index} names {target!r}, which is not a file in {folder}; the index is damaged"
+        ]
+
+
+def test_weights_the_config_does_not_describe_are_refused(checkpoint: Path, tmp_path: Path) -> None:
+    folder = _copy(checkpoint, tmp_path, "fewer")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (folder / "config.json").write_text(json.dumps(config))
+    (line,) = _ask_error(folder)
+    assert line.startswith(f"Error: the weights in {folder} hold ") and "its config.json does not describe" in line
+
+
+@pytest.mark.parametrize(("key", "value"), [("vocab_size", "lots"), ("max_position_embeddings", 0)])
+def test_an_invalid_config_value_is_one_line(checkpoint: Path, tmp_path: Path, key: str, value: object) -> None:
+    folder = _copy(checkpoint, tmp_path, f"bad-{key}")
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    (line,) = _ask_error(folder)
+    assert line.startswith(f"Error: {folder / 'config.json'} ")
+
+
+def test_a_system_prompt_that_leaves_no_room_says_so(paths: UserPaths) -> None:
+    chat = Chat(FakeBackend(context_limit=128), new_session(paths))
+    chat.set_setting("system", "s" * 200)
+    chat.set_setting("max_new_tokens", "16")
+    with pytest.raises(BlueLMError, match=r"^the system prompt is 200 tokens, which leaves no room for a message in the 128-token"):
+        chat.send("hi")
+
+
+def test_config_file_with_a_bom_and_a_home_that_is_a_file(paths: UserPaths, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    paths.config_file.parent.mkdir(parents=True, exist_ok=True)
+    paths.config_file.write_bytes(b'\xef\xbb\xbftemperature = 0.25\n')
+    shown = runner.invoke(app, ["config"])
+    assert shown.exit_code == 0 and next(l for l in shown.stdout.splitlines() if l.startswith("temperature")).split()[1] == "0.25"
+    home_file = tmp_path / "home-file"
+    home_file.write_text("")
+    monkeypatch.setenv("BLUELM_HOME", str(home_file))
+    result = runner.invoke(app, ["config"])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {home_file} is a file, not a folder; point BLUELM_HOME at a folder (or remove that file)\n"
+
+
+def test_a_history_file_that_stops_being_writable_is_one_warning(paths: UserPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prompt_toolkit.history import FileHistory
+
+    from bluelm_cli.repl import _open_history
+
+    repl = repl_for(Chat(FakeBackend(), new_session(paths)))
+    history = _open_history(repl, paths.history_file)
+
+    def full(self: FileHistory, string: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FileHistory, "store_string", full)
+    history.store_string("one")
+    history.store_string("two")
+    text = repl.out.console.file.getvalue()  # type: ignore[attr-defined]
+    assert text.count("Warning: the prompt history is no longer written") == 1 and "No space left" in text
+
+
+def test_an_answer_that_cannot_be_written_is_kept_and_reported(checkpoint: Path, tmp_path: Path) -> None:
+    """stdout on a full device (and an encoding that can't hold the answer): one line, exit 1, never an
+    abort from the model's worker (exit 134), and `ask --session` still journals the turn."""
+    home = tmp_path / "home"
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "ascii"}
+    command = [sys.executable, "-m", "bluelm_cli", "ask", "--model", str(checkpoint), "--device", "cpu",
+               "-n", "40", "-t", "0", "--session", "out", "你好"]
+    with open(os.devnull, "w") as sink:
+        result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.PIPE,
+                                text=True, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith(("Warning:", "Loaded"))]
+    assert result.returncode in (0, 1), result.stderr
+    if result.returncode == 1:
+        assert len(lines) == 1 and lines[0].startswith("Error: the answer could not be written to standard output")
+    turns = [r for r in map(json.loads, (home / "sessions" / "out.jsonl").read_text().splitlines()) if r["type"] == "turn"]
+    assert len(turns) == 1
+
+
+def test_closed_standard_streams_are_one_line(checkpoint: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "BLUELM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    closed_stdout = subprocess.run(
+        [sys.executable, "-c", "import os, sys; os.close(1); sys.stdout = None; "
+         "sys.argv = ['bluelm', 'ask', 'hi']; from bluelm_cli.cli import main; main()"],
+        env=env, capture_output=False, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=120,
+    )
+    assert closed_stdout.returncode == 1
+    assert closed_stdout.stderr == "Error: standard output is closed; give bluelm a terminal, a file or a pipe to write to\n"
