@@ -19,9 +19,14 @@ if transformers_tests_dir() is None:
     )
 
 import importlib
+import inspect
+from unittest import mock
+
+from transformers.cache_utils import StaticCache
+from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
+from transformers.models.auto import modeling_auto
 
 from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM, BlueLMModel
-from bluelm_cli.modeling.modeling_bluelm import BlueLMRotaryEmbedding
 
 _causal_lm_tester = importlib.import_module(f"{PACKAGE_NAME}.causal_lm_tester")
 CausalLMModelTest = _causal_lm_tester.CausalLMModelTest
@@ -35,9 +40,64 @@ class BlueLMModelTester(CausalLMModelTester):
     causal_lm_class = BlueLMForCausalLM
 
 
+# Tests a test tree newer than the installed transformers cannot run here, each with what it needs that the
+# installed release lacks. transformers' own Llama fails them the same way (test_llama_control.py), so they say
+# nothing about BlueLM; each is skipped only while the tree really uses that name and the library lacks it.
+_TREE_MISMATCHES = {
+    "test_assisted_decoding_matches_greedy_search": (
+        '"dynamic_full"', lambda: "dynamic_full" not in ALL_CACHE_IMPLEMENTATIONS,
+        "the test tree uses cache_implementation='dynamic_full', which this transformers does not have",
+    ),
+    "test_assisted_decoding_sample": (
+        '"dynamic_full"', lambda: "dynamic_full" not in ALL_CACHE_IMPLEMENTATIONS,
+        "the test tree uses cache_implementation='dynamic_full', which this transformers does not have",
+    ),
+    "test_generate_compilation_all_outputs": (
+        ".get_max_cache_shape()", lambda: not hasattr(StaticCache, "get_max_cache_shape"),
+        "the test tree calls StaticCache.get_max_cache_shape(), which this transformers does not have",
+    ),
+}
+
+
+def _tree_mismatch(test_name: str, test: object) -> str | None:
+    for prefix, (used_name, library_lacks_it, reason) in _TREE_MISMATCHES.items():
+        # The module, not the method: the call can sit in a helper, and parameterized tests are wrappers.
+        if test_name.startswith(prefix) and used_name in inspect.getsource(inspect.getmodule(test)):
+            return reason if library_lacks_it() else None
+    return None
+
+
+# Excluded on purpose: BlueLM implements RoPE types "default" and its own "ntkmixed" and refuses every other
+# type with one clear error (issue 9) rather than compute it as plain RoPE; these generic tests build linear,
+# dynamic and yarn configs and expect them to run.
+_REFUSED_ROPE_TESTS = ("test_model_rope_scaling_from_config", "test_model_rope_scaling_frequencies")
+_REFUSED_ROPE_REASON = "BlueLM refuses RoPE types other than 'default' and 'ntkmixed' by design (issue 9)"
+
+
 class BlueLMModelTest(CausalLMModelTest, unittest.TestCase):
     model_tester_class = BlueLMModelTester
     # Same split as transformers' Llama test (used by the offload / parallelism tests).
     model_split_percents = [0.5, 0.7, 0.8]
-    rotary_embedding_layer = BlueLMRotaryEmbedding
     _torch_compile_train_cls = BlueLMForCausalLM
+
+    def setUp(self) -> None:
+        super().setUp()
+        # Several generic tests pick the classes they check by name from transformers' built-in name tables
+        # (MODEL_MAPPING_NAMES for "the base model", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES for "a causal-LM head"),
+        # which only in-library models are in; `AutoModel.register` does not add to them. Without this, those
+        # tests silently skip BlueLM (test_causal_lm_loss_honors_shift_labels, test_model_rope_with_partial_rotation)
+        # or train the base model as if it were a head (test_training). Listing BlueLM there for the duration of
+        # each test makes them check BlueLM exactly as they check a built-in model of the same kind.
+        for table, class_name in (
+            (modeling_auto.MODEL_MAPPING_NAMES, BlueLMModel.__name__),
+            (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, BlueLMForCausalLM.__name__),
+        ):
+            patcher = mock.patch.dict(table, {BlueLMConfig.model_type: class_name})
+            patcher.start()
+            self.addCleanup(patcher.stop)
+        test_name = self._testMethodName
+        if test_name.startswith(_REFUSED_ROPE_TESTS):
+            self.skipTest(_REFUSED_ROPE_REASON)
+        mismatch = _tree_mismatch(test_name, getattr(type(self), test_name))
+        if mismatch is not None:
+            self.skipTest(mismatch)
