@@ -10,7 +10,7 @@ import unittest
 
 import pytest
 
-from tests.transformers_generic.conftest import PACKAGE_NAME, transformers_tests_dir
+from tests.transformers_generic.conftest import PACKAGE_NAME, transformers_tests_dir, tree_mismatch
 
 if transformers_tests_dir() is None:
     pytest.skip(
@@ -19,11 +19,8 @@ if transformers_tests_dir() is None:
     )
 
 import importlib
-import inspect
 from unittest import mock
 
-from transformers.cache_utils import StaticCache
-from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 from transformers.models.auto import modeling_auto
 
 from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM, BlueLMModel
@@ -38,33 +35,6 @@ class BlueLMModelTester(CausalLMModelTester):
     # Our names follow transformers' convention except the config's module, so name them explicitly.
     config_class = BlueLMConfig
     causal_lm_class = BlueLMForCausalLM
-
-
-# Tests a test tree newer than the installed transformers cannot run here, each with what it needs that the
-# installed release lacks. transformers' own Llama fails them the same way (test_llama_control.py), so they say
-# nothing about BlueLM; each is skipped only while the tree really uses that name and the library lacks it.
-_TREE_MISMATCHES = {
-    "test_assisted_decoding_matches_greedy_search": (
-        '"dynamic_full"', lambda: "dynamic_full" not in ALL_CACHE_IMPLEMENTATIONS,
-        "the test tree uses cache_implementation='dynamic_full', which this transformers does not have",
-    ),
-    "test_assisted_decoding_sample": (
-        '"dynamic_full"', lambda: "dynamic_full" not in ALL_CACHE_IMPLEMENTATIONS,
-        "the test tree uses cache_implementation='dynamic_full', which this transformers does not have",
-    ),
-    "test_generate_compilation_all_outputs": (
-        ".get_max_cache_shape()", lambda: not hasattr(StaticCache, "get_max_cache_shape"),
-        "the test tree calls StaticCache.get_max_cache_shape(), which this transformers does not have",
-    ),
-}
-
-
-def _tree_mismatch(test_name: str, test: object) -> str | None:
-    for prefix, (used_name, library_lacks_it, reason) in _TREE_MISMATCHES.items():
-        # The module, not the method: the call can sit in a helper, and parameterized tests are wrappers.
-        if test_name.startswith(prefix) and used_name in inspect.getsource(inspect.getmodule(test)):
-            return reason if library_lacks_it() else None
-    return None
 
 
 # Excluded on purpose: BlueLM implements RoPE types "default" and its own "ntkmixed" and refuses every other
@@ -98,6 +68,6 @@ class BlueLMModelTest(CausalLMModelTest, unittest.TestCase):
         test_name = self._testMethodName
         if test_name.startswith(_REFUSED_ROPE_TESTS):
             self.skipTest(_REFUSED_ROPE_REASON)
-        mismatch = _tree_mismatch(test_name, getattr(type(self), test_name))
+        mismatch = tree_mismatch(test_name, getattr(type(self), test_name))
         if mismatch is not None:
             self.skipTest(mismatch)

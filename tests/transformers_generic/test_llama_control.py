@@ -12,7 +12,7 @@ import unittest
 
 import pytest
 
-from tests.transformers_generic.conftest import PACKAGE_NAME, transformers_tests_dir
+from tests.transformers_generic.conftest import PACKAGE_NAME, transformers_tests_dir, tree_mismatch
 
 if transformers_tests_dir() is None:
     pytest.skip(
@@ -34,3 +34,9 @@ class LlamaControlModelTest(_causal_lm_tester.CausalLMModelTest, unittest.TestCa
     model_tester_class = LlamaControlModelTester
     model_split_percents = [0.5, 0.7, 0.8]
     _torch_compile_train_cls = LlamaForCausalLM
+
+    def setUp(self) -> None:
+        super().setUp()
+        mismatch = tree_mismatch(self._testMethodName, getattr(type(self), self._testMethodName))
+        if mismatch is not None:
+            self.skipTest(mismatch)
