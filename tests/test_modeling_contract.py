@@ -281,6 +281,26 @@ def test_labels_loss_is_next_token_cross_entropy(gqa_folder: Path) -> None:
     assert float(out.loss) > 0
 
 
+def test_loss_trains_against_shift_labels_when_given(gqa_folder: Path) -> None:
+    """Sequence/context-parallel trainers pass targets already aligned with the logits as `shift_labels`.
+
+    transformers' generic suite checks this (test_causal_lm_loss_honors_shift_labels) only for models in its own
+    name tables; here BlueLM is held to it without the transformers tree: the loss is cross entropy of every
+    position's logits against `shift_labels`, and `labels` no longer matter once `shift_labels` is given.
+    """
+    model = _load(gqa_folder)
+    ids = _ids(2, 10, seed=7)
+    shift_labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    shift_labels[1, :4] = -100
+    with torch.no_grad():
+        out = model(ids, labels=ids, shift_labels=shift_labels)
+        other_labels = model(ids, labels=torch.flip(ids, dims=[1]), shift_labels=shift_labels)
+    logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
+    expected = torch.nn.functional.cross_entropy(logits, shift_labels.reshape(-1), ignore_index=-100)
+    assert abs(float(out.loss) - float(expected)) <= 1e-6
+    assert float(other_labels.loss) == float(out.loss)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(gqa_folder: Path) -> None:
     ids = _ids(2, 12, seed=7)
     results = []
