@@ -38,7 +38,7 @@ from bluelm_cli.export import export_checkpoint
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE, HF_CHAT_TEMPLATE
 from bluelm_cli.loading import load_model
 from bluelm_cli.prompt import AI_TAG, HUMAN_TAG, HistoryTurn, build_prompt_ids
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint, tokenizer_model_bytes
 
 NTK = {"type": "ntkmixed", "factor": 16.0, "power": 0.25}
 # The same tiny checkpoints as tests/test_export.py.
@@ -102,6 +102,12 @@ def random_strings(count: int, seed: int) -> list[str]:
     return ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 40))) for _ in range(count)]
 
 
+def types_control_text(conversation: Conversation) -> bool:
+    """A message holding "<s>" or "</s>" as text: our engine encodes it as characters, while llama.cpp
+    tokenizes a rendered chat prompt with special tokens parsed, so there it becomes BOS/EOS."""
+    return any(tag in json.dumps(conversation, ensure_ascii=False) for tag in ("<s>", "</s>"))
+
+
 def engine_ids(sp: Any, conversation: Conversation) -> list[int]:
     system, history, message = conversation
     # An answer's ids as the model generates them after "[|AI|]:": the answer tokenized in place.
@@ -160,7 +166,7 @@ def metadata_variant(gguf: Any, variant: Variant, tag_ids: Sequence[int]) -> Ite
         yield
 
 
-def compare_logits(llm: Any, model: Any, pieces: int, prompts: dict[str, list[int]]) -> dict[str, float]:
+def compare_logits(llm: Any, model: Any, pieces: int, prompts: dict[str, list[int]], setting: str) -> dict[str, float]:
     result = {}
     for name, ids in prompts.items():
         llm.reset()
@@ -169,8 +175,17 @@ def compare_logits(llm: Any, model: Any, pieces: int, prompts: dict[str, list[in
         with torch.no_grad():
             ours = model(torch.tensor([ids])).logits[0, :, :pieces].float().numpy()
         result[name] = float(np.abs(theirs - ours).max())
-        print(f"  logits  {name:<34} {len(ids):>5} positions  max |Δ| = {result[name]:.3e}  (|logit| ≤ {np.abs(ours).max():.2f})")
+        print(f"  logits  {setting:<28} {name:<30} {len(ids):>5} positions  max |Δ| = {result[name]:.3e}"
+              f"  (|logit| ≤ {np.abs(ours).max():.2f})")
     return result
+
+
+# llama.cpp's defaults keep the KV cache in float16 (and flash attention, where on, computes in float16);
+# a float32 cache without flash attention shows what the export itself does.
+LLAMA_SETTINGS = {
+    "float32 KV cache, no flash attn": {"type_k": 0, "type_v": 0, "flash_attn": False},  # GGML_TYPE_F32
+    "llama.cpp defaults (f16 KV)": {},
+}
 
 
 def verify(label: str, folder: Path, work: Path) -> dict[str, Any]:
@@ -197,9 +212,11 @@ def verify(label: str, folder: Path, work: Path) -> dict[str, Any]:
     if long_context:  # past the original 2,048 positions, where ntkmixed's factors matter most
         prompts["random ids, 2,600 positions"] = [sp.bos_id()] + torch.randint(4, pieces, (2599,), generator=rng).tolist()
     n_ctx = 4096 if long_context else 2048
-    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, seed=0)
-    logits = compare_logits(llm, model, pieces, prompts)
-    del llm
+    logits = {}
+    for setting, options in LLAMA_SETTINGS.items():
+        llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, **options)
+        logits[setting] = compare_logits(llm, model, pieces, prompts, setting)
+        del llm
 
     cases = conversations(200, seed=len(label))
     expected = [engine_ids(sp, c) for c in cases]
@@ -214,25 +231,63 @@ def verify(label: str, folder: Path, work: Path) -> dict[str, Any]:
         for path_name, tokenize in (("llama-server", server_chat_ids), ("llama-cpp-python", python_chat_ids)):
             got = [tokenize(vocab, variant.template, c) for c in cases]
             misses = [(c, e, g) for c, e, g in zip(cases, expected, got) if g != e]
-            typed_eos = [m for m in misses if "</s>" in json.dumps(m[0], ensure_ascii=False)]
+            typed = [m for m in misses if types_control_text(m[0])]
             row[path_name] = len(cases) - len(misses)
-            row[f"{path_name} misses with a typed '</s>'"] = len(typed_eos)
+            row[f"{path_name} misses with '<s>'/'</s>' typed"] = len(typed)
             print(f"  chat    {variant.name:<82} {path_name:<16} {len(cases) - len(misses):>3}/{len(cases)} identical"
-                  f" ({len(typed_eos)} of the misses have '</s>' typed in a message)")
-            shown = misses if index == 0 else misses[:1]
+                  f" (misses: {len(typed)} with '<s>' or '</s>' typed in a message, {len(misses) - len(typed)} others)")
+            shown = [m for m in misses if not types_control_text(m[0])][:3] + typed[:1]
             for case, exp, g in shown:
                 print(f"      differs: {json.dumps(case, ensure_ascii=False)}")
                 print(f"        bluelm:    {exp}")
                 print(f"        llama.cpp: {g}")
         chat_agreement[variant.name] = row
         if index == 0:
-            strings = random_strings(3000, seed=len(label)) + TEXTS
+            strings = [s for s in random_strings(3000, seed=len(label)) + TEXTS if s]  # SentencePiece: "" → []
             plain = sum(vocab.tokenize(s.encode("utf-8"), add_bos=True, special=False) == [1] + sp.encode(s) for s in strings)
             spaced = sum(vocab.tokenize((" " + s).encode("utf-8"), add_bos=True, special=False) == [1] + sp.encode(s) for s in strings)
             chat_agreement["plain text"] = {"as is": plain, "with a leading space": spaced, "of": len(strings)}
             print(f"  plain   {len(strings)} strings (special=False): {plain} identical as is, {spaced} with ' ' prepended")
         del vocab
     return {"logits_max_abs_diff": logits, "tokenization": chat_agreement}
+
+
+def nfkc_tokenizer(path: Path) -> Path:
+    """The tiny tokenizer trained with SentencePiece's default Unicode normalization (nmt_nfkc) instead of
+    identity: llama.cpp applies no normalization, so this shows what a normalizing tokenizer.model costs."""
+    import sentencepiece as spm
+
+    from bluelm_cli.tiny_checkpoint import _CORPUS
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS), model_prefix=str(path.with_suffix("")), model_type="bpe", vocab_size=600,
+        hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        user_defined_symbols=[HUMAN_TAG, AI_TAG], add_dummy_prefix=True, split_digits=True,
+        allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="nmt_nfkc",
+        max_sentence_length=4096, shuffle_input_sentence=False, num_threads=1, minloglevel=2,
+    )
+    return path
+
+
+def verify_normalizing_tokenizer(work: Path) -> dict[str, Any]:
+    import sentencepiece
+    from llama_cpp import Llama
+
+    folder = build_checkpoint(work / "tiny-nfkc", TinySpec(seed=7), tokenizer_model=nfkc_tokenizer(work / "nfkc.model"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    path = export_checkpoint(str(folder), work / "nfkc.gguf", format="gguf", dtype="float32")
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    strings = [s for s in random_strings(3000, seed=11) + TEXTS if s] + ["全角：标点，符号！", "ＡＢＣ１２３", "①②", "ﬁ"]
+    identity = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_model_bytes())
+    changed = [s for s in strings if sp.normalize(s) != identity.normalize(s)]
+    plain = sum(vocab.tokenize((" " + s).encode("utf-8"), add_bos=True, special=False) == [1] + sp.encode(s) for s in strings)
+    plain_changed = sum(vocab.tokenize((" " + s).encode("utf-8"), add_bos=True, special=False) == [1] + sp.encode(s) for s in changed)
+    cases = conversations(200, seed=11)
+    chat = sum(server_chat_ids(vocab, GGUF_CHAT_TEMPLATE, c) == engine_ids(sp, c) for c in cases)
+    print(f"nfkc tokenizer (normalization_rule_name=nmt_nfkc): plain (' ' prepended) {plain}/{len(strings)} identical"
+          f" ({plain_changed}/{len(changed)} of the strings its normalizer changes); chat (llama-server) {chat}/{len(cases)}")
+    return {"plain": plain, "of": len(strings), "plain_nfkc_changed": plain_changed, "of_nfkc_changed": len(changed),
+            "chat": chat, "chat_of": len(cases)}
 
 
 def main() -> int:
@@ -250,6 +305,8 @@ def main() -> int:
     results = {"llama_cpp_python": llama_cpp.__version__}
     for label, folder in folders.items():
         results[label] = verify(label, folder, work)
+    if not args.model:
+        results["nfkc tokenizer"] = verify_normalizing_tokenizer(work)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
