@@ -1,19 +1,25 @@
 """Check an exported GGUF against llama.cpp (through llama-cpp-python): logits and chat-prompt token ids.
 
-Not part of the test suite: llama-cpp-python compiles llama.cpp from source (~25 min on 2 shared cores).
+Not part of the test suite: llama-cpp-python compiles llama.cpp from source (8.5 min here on 2 shared
+cores, niced, 2026-11-25, with the CMAKE_ARGS below).
 
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python
-    python scripts/verify_gguf_llamacpp.py            # tiny 2K and 32K (ntkmixed, GQA) checkpoints built here
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python
+    python scripts/verify_gguf_llamacpp.py [--json OUT]     # tiny 2K and 32K (ntkmixed, GQA) checkpoints built here
     python scripts/verify_gguf_llamacpp.py --model FOLDER   # a real BlueLM checkpoint instead (slow)
 
 For each checkpoint it exports a float32 GGUF and prints:
-- logits: the largest |llama.cpp − bluelm| over every position of several prompts (bluelm in float32);
-- chat prompts: how many conversations llama.cpp tokenizes, from the GGUF's own chat template rendered
-  the way llama-cpp-python renders it (jinja2, BOS added by the tokenizer, special tokens parsed), to
-  exactly the ids bluelm's engine builds (bluelm_cli/prompt.py build_prompt_ids), for the exported
-  metadata and for the alternatives (tokenizer.ggml.add_space_prefix, the tags' token type, a template
-  without the explicit spaces), so the choice in gguf_file.py is a measured one;
-- plain text: how many strings llama.cpp tokenizes to SentencePiece's ids with no template.
+- logits: the largest |llama.cpp − bluelm| over every position of several prompts (bluelm in float32),
+  with a float32 KV cache and with llama.cpp's defaults (float16 KV cache);
+- chat prompts: how many of 200 conversations llama.cpp tokenizes to exactly the ids bluelm's engine
+  builds (bluelm_cli/prompt.py build_prompt_ids), from the GGUF's own chat template rendered as
+  llama-cpp-python renders it (jinja2) and tokenized as llama-server does (leading BOS text stripped, BOS
+  added, special tokens parsed) and as llama-cpp-python's chat handler does (no BOS added); for the
+  exported metadata and the alternatives (tokenizer.ggml.add_space_prefix, the tags' token type, the
+  template without its spaces or its BOS text), so the choice in gguf_file.py is a measured one;
+- plain text: how many strings llama.cpp tokenizes to SentencePiece's ids with no template;
+- for the tiny checkpoints, the same for a tokenizer trained with Unicode normalization (nmt_nfkc).
+The README ("llama.cpp and the chat format") has the figures of the last run.
 """
 
 from __future__ import annotations
