@@ -23,6 +23,8 @@ from bluelm_cli.prompt import HistoryTurn, build_prompt_ids
 from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
 from bluelm_cli.prompt import AI_TAG, HUMAN_TAG
 
+# llama.cpp (llama-cpp-python 0.3.36) with a float32 KV cache: measured ≤ 1.0e-5 (scripts/verify_gguf_llamacpp.py).
+LLAMA_CPP_LOGIT_TOLERANCE = 5e-5
 SPECS = {
     "2k": TinySpec(weights_format="bin-sharded", seed=5),
     "32k": TinySpec(rope_scaling=NTK, num_attention_heads=8, num_key_value_heads=2, weights_format="safetensors", seed=6),
@@ -247,6 +249,46 @@ def test_gguf_bfloat16_holds_the_rounded_weights(exported, tmp_path: Path) -> No
         weights.update(load_file(shard))
     raw = torch.from_numpy(np.array(tensors["output.weight"].data).view(np.int16).copy()).view(torch.bfloat16)
     assert torch.equal(raw.reshape(weights["lm_head.weight"].shape), weights["lm_head.weight"].to(torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------ llama.cpp (optional)
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", list(SPECS))
+def test_llama_cpp_gives_bluelm_logits_and_chat_prompt_ids(exported, tmp_path: Path, name: str) -> None:
+    """llama.cpp itself on the GGUF; needs llama-cpp-python, which compiles from source and is no test
+    dependency: skipped without it (scripts/verify_gguf_llamacpp.py prints the full comparison)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    source, _ = exported[name]
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.gguf"), "-m", str(source), "-f", "gguf", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    sp = _sentencepiece(source)
+    pieces = sp.get_piece_size()
+    # A float32 KV cache (GGML_TYPE_F32 = 0) without flash attention: llama.cpp's default float16 cache alone
+    # moves logits by up to 1.6e-3, which would hide what the export does.
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=512, logits_all=True, verbose=False,
+                          type_k=0, type_v=0, flash_attn=False)
+    ids = [1] + torch.randint(4, pieces, (255,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm.eval(ids)
+    ours = load_model(str(source), device="cpu", dtype="float32").model
+    with torch.no_grad():
+        expected = ours(torch.tensor([ids])).logits[0, :, :pieces].numpy()
+    assert np.abs(np.asarray(llm.scores[: len(ids)]) - expected).max() <= LLAMA_CPP_LOGIT_TOLERANCE
+
+    template = llm.metadata["tokenizer.chat_template"]
+    for system, history, message in _conversations(random.Random(1)):
+        turns = [HistoryTurn(user=u, answer_ids=sp.encode(AI_TAG + a)[2:]) for u, a in history]
+        engine_ids = build_prompt_ids(TokenizerEncoder(sp.encode, 1, 2, sp.decode, pieces), system, turns, message).ids
+        messages = ([{"role": "system", "content": system}] if system else [])
+        for user, answer in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": message})
+        text = Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")(messages=messages).prompt
+        # llama-cpp-python's chat handler adds no BOS to a template's prompt; llama-server strips the
+        # template's BOS text and adds the token (common/chat.cpp). Both parse special tokens.
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == engine_ids, (system, history, message)
+        assert llm.tokenize(text.removeprefix("<s>").encode(), add_bos=True, special=True) == engine_ids
 
 
 # ------------------------------------------------------------------------------------------------- CLI

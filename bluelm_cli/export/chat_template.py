@@ -30,11 +30,14 @@ HF_CHAT_TEMPLATE = (
     f"{{%- if add_generation_prompt -%}}{{{{- '{AI_TAG}' -}}}}{{%- endif -%}}"
 )
 
-# For the GGUF: llama.cpp adds the BOS itself, and its SentencePiece tokenizer puts the dummy prefix after
-# every special or user-defined token, where SentencePiece puts it once per span between </s> tokens. The
-# GGUF therefore turns the automatic prefix off (tokenizer.ggml.add_space_prefix = false) and this
-# template writes it: a space at the start of each span, which llama.cpp escapes to "▁".
+# For the GGUF: llama.cpp's SentencePiece tokenizer puts the dummy prefix after every special or
+# user-defined token, where SentencePiece puts it once per span between </s> tokens. The GGUF therefore
+# turns the automatic prefix off (tokenizer.ggml.add_space_prefix = false) and this template writes it: a
+# space at the start of each span, which llama.cpp escapes to "▁". It starts with the BOS text because
+# llama-cpp-python's chat handler adds no BOS of its own to a template's prompt, while llama.cpp's server
+# strips a leading BOS text and adds the BOS token: both then send exactly one.
 GGUF_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
     "{%- set ns = namespace(span_open=false) -%}"
     "{%- for message in messages -%}"
     + _CONTENT
