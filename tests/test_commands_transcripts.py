@@ -9,6 +9,7 @@ stopping it mid-answer) are checked at the end with a tiny real checkpoint, stil
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -21,8 +22,8 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from bluelm_cli.chat import Chat
-from bluelm_cli.clipboard import osc52_sequence
-from bluelm_cli.commands import COMMANDS
+from bluelm_cli.clipboard import MAX_OSC52_BYTES, copy_to_clipboard, osc52_sequence
+from bluelm_cli.commands import COMMANDS, code_blocks
 from bluelm_cli.engine import ChatEngine
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.loading import load_model
@@ -167,7 +168,7 @@ def test_ctrl_c_during_an_answer_keeps_the_partial_answer(paths: UserPaths) -> N
     assert (turn.user, turn.answer, turn.finish_reason) == ("tell me a long story", "one two ", FinishReason.INTERRUPTED)
     assert turn.answer_ids == CharEncoder().encode_plain("one two ")
     assert [r["finish_reason"] for r in journal(chat.session) if r["type"] == "turn"] == ["interrupted"]
-    assert repl.failures == 0
+    assert repl.failures == 0 and not repl.exit_requested  # the chat goes on
 
 
 def test_dropped_turns_are_announced(paths: UserPaths) -> None:
@@ -463,6 +464,26 @@ def test_copy_uses_osc52(paths: UserPaths, tmp_path: Path, monkeypatch: pytest.M
         f"{osc52_sequence('echo hi' + chr(10), {})}Copied code block 2 (8 characters) to the clipboard\n"
         "Error: the last answer has 2 code blocks; use a number from 1 to 2\n"
     )
+
+
+def test_osc52_sequences() -> None:
+    encoded = base64.b64encode("héllo".encode()).decode()
+    assert osc52_sequence("héllo", {}) == f"\x1b]52;c;{encoded}\x07"
+    assert osc52_sequence("x", {"TMUX": "/tmp/tmux-0/default,1,0"}) == (
+        "\x1b]52;c;eA==\x07" "\x1bPtmux;\x1b\x1b]52;c;eA==\x07\x1b\\"
+    )
+    assert osc52_sequence("x", {"TERM": "screen-256color"}) == "\x1bP\x1b]52;c;eA==\x07\x1b\\"
+    stream = io.StringIO()
+    copy_to_clipboard("x", stream, {})
+    assert stream.getvalue() == "\x1b]52;c;eA==\x07"
+    with pytest.raises(ValueError, match="too large"):
+        copy_to_clipboard("x" * MAX_OSC52_BYTES, io.StringIO(), {})
+
+
+def test_code_blocks() -> None:
+    text = "a\n\n```\none\n```\n\n    indented\n\n~~~py\ntwo\n~~~\n"
+    assert code_blocks(text) == ["one\n", "indented\n", "two\n"]
+    assert code_blocks("no code") == []
 
 
 def test_exit_ends_the_chat_and_ignores_what_follows(paths: UserPaths) -> None:
