@@ -9,7 +9,6 @@ nothing about terminals; it is the local :class:`~bluelm_cli.chat.Backend`, and 
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from bluelm_cli.loading import LoadedModel, dtype_name
 from bluelm_cli.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.settings import SamplingSettings
 from bluelm_cli.tokenizer import StreamDetokenizer
+from bluelm_cli.worker_stream import WorkerStream
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,7 @@ class ChatEngine:
         )
 
 
-class GenerationStream:
+class GenerationStream(WorkerStream[GenerationResult]):
     """Iterate for text deltas; `result` holds the GenerationResult once iteration ends.
 
     `stop()` may be called from any thread (or a signal handler); generation ends within one decoding
@@ -308,58 +308,11 @@ class GenerationStream:
 
     def __init__(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings, min_new_tokens: int = 0) -> None:
         self.plan = plan
-        self.result: GenerationResult | None = None
-        self._outcome: tuple[str, object] | None = None
         self._stop = threading.Event()
-        self._queue: queue.Queue[tuple[str, object]] = queue.Queue()
-        self._thread = threading.Thread(
-            target=self._run, args=(engine, plan, settings, min_new_tokens), name="bluelm-generate", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings, min_new_tokens: int) -> None:
-        outcome: tuple[str, object]
-        try:
-            emit = lambda delta: self._queue.put(("delta", delta))  # noqa: E731
-            outcome = ("done", engine._generate(plan, settings, min_new_tokens, self._stop, emit))
-        except BaseException as error:  # noqa: BLE001 - handed to the consuming thread
-            outcome = ("error", error)
-        # Kept beside the queue too: a Ctrl-C landing between the consumer's get() and its handling of
-        # the item would otherwise lose the end of the stream, and draining would wait forever.
-        self._outcome = outcome
-        self._queue.put(outcome)
+        self._start(lambda emit: engine._generate(plan, settings, min_new_tokens, self._stop, emit), "bluelm-generate")
 
     def stop(self) -> None:
         self._stop.set()
-
-    def __iter__(self) -> GenerationStream:
-        return self
-
-    def __next__(self) -> str:
-        # Not a generator on purpose: a KeyboardInterrupt raised while waiting must leave the stream
-        # usable, so the caller can stop() and go on draining the partial answer.
-        while self.result is None:
-            try:
-                # A timeout keeps the consuming thread responsive to Ctrl-C on every platform.
-                kind, payload = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._outcome is None or not self._queue.empty():
-                    continue
-                kind, payload = self._outcome  # its queue item was lost to an interrupt
-            if kind == "delta":
-                return payload  # type: ignore[return-value]
-            if kind == "done":
-                self.result = payload  # type: ignore[assignment]
-                break
-            raise payload  # type: ignore[misc]
-        raise StopIteration
-
-    def finish(self) -> GenerationResult:
-        """Drain the stream (discarding deltas) and return the result; used after stop()."""
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
 
 
 def _architecture(config: object) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import queue
 import socket
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.prompt import HUMAN_TAG
+from bluelm_cli.worker_stream import WorkerStream
 from bluelm_cli.remote.http import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, HttpClient, RemoteError, error_detail
 
 _FINISH = {"length": FinishReason.LENGTH, "abort": FinishReason.ERROR, "error": FinishReason.ERROR}
@@ -62,12 +62,11 @@ class _Progress:
     last_at: float = 0.0
 
 
-class RemoteStream:
+class RemoteStream(WorkerStream[RemoteResult]):
     """Text deltas of one served answer (the :class:`~bluelm_cli.backend.AnswerStream` protocol)."""
 
     def __init__(self, client: HttpClient, body: dict[str, Any], *, prompt_tokens: int, context_limit: int,
                  on_rejected_fields: Callable[[dict[str, Any], RemoteError], dict[str, Any] | None] | None = None) -> None:
-        self.result: RemoteResult | None = None
         self._client = client
         self._body = body
         self._prompt_tokens = prompt_tokens
@@ -76,31 +75,8 @@ class RemoteStream:
         self._stop = threading.Event()
         self._socket: socket.socket | None = None
         self._socket_lock = threading.Lock()
-        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._outcome: tuple[str, Any] | None = None
         self._emitted = 0  # characters of the answer handed to the consumer
-        self._thread = threading.Thread(target=self._run, name="bluelm-remote", daemon=True)
-        self._thread.start()
-
-    # ----------------------------------------------------------------------------- the consumer side
-    def __iter__(self) -> RemoteStream:
-        return self
-
-    def __next__(self) -> str:
-        while self.result is None:
-            try:
-                kind, payload = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._outcome is None or not self._queue.empty():
-                    continue
-                kind, payload = self._outcome
-            if kind == "delta":
-                return payload  # type: ignore[no-any-return]
-            if kind == "done":
-                self.result = payload
-                break
-            raise payload
-        raise StopIteration
+        self._start(lambda emit: self._answer(), "bluelm-remote")
 
     def stop(self) -> None:
         """Close the HTTP stream; the answer so far is kept (finish "interrupted")."""
@@ -112,22 +88,7 @@ class RemoteStream:
                 except OSError:
                     pass
 
-    def finish(self) -> RemoteResult:
-        for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
-
     # ------------------------------------------------------------------------------- the worker side
-    def _run(self) -> None:
-        outcome: tuple[str, Any]
-        try:
-            outcome = ("done", self._answer())
-        except BaseException as error:  # noqa: BLE001 - handed to the consuming thread
-            outcome = ("error", error)
-        self._outcome = outcome
-        self._queue.put(outcome)
-
     def _answer(self) -> RemoteResult:
         progress = _Progress()
         started = time.perf_counter()
