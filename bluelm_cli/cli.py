@@ -199,18 +199,26 @@ def _load(settings: ResolvedSettings, quantization: str | None, console: Console
     # Paths and ids may hold "[…]", which rich would take for markup: every interpolation is escaped.
     with console.status(f"Loading {escape(settings['model'])}…", spinner="dots") as status:
         loaded = load_model(
-            settings["model"],
-            source=settings["source"],
-            device=settings["device"],
-            dtype=settings["dtype"],
-            quantization=quantization,
+            **_model_source(settings, quantization, chatting=chatting),
             on_status=lambda text: status.update(escape(text) + "…"),
             on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(text)}"),
-            on_config=(lambda context: check_max_new_tokens(settings["max_new_tokens"], context)) if chatting else None,
         )
     settings.apply_checkpoint_defaults(loaded.generation_defaults)
     console.print(f"[dim]{escape(_loaded_line(loaded, time.perf_counter() - started))}[/]")
     return loaded
+
+
+def _model_source(settings: ResolvedSettings, quantization: str | None, *, chatting: bool = True) -> dict[str, Any]:
+    """What `load_model` is told about the model, whichever way it loads (with a status line or behind the
+    prompt); a chat also has max_new_tokens checked against the model's context before the weights load."""
+    return {
+        "model": settings["model"],
+        "source": settings["source"],
+        "device": settings["device"],
+        "dtype": settings["dtype"],
+        "quantization": quantization,
+        "on_config": (lambda context: check_max_new_tokens(settings["max_new_tokens"], context)) if chatting else None,
+    }
 
 
 def _loaded_line(loaded: LoadedModel, seconds: float) -> str:
@@ -226,16 +234,7 @@ def _load_engine_in_background(settings: ResolvedSettings, quantization: str | N
     from bluelm_cli.fastpath import make_runner
     from bluelm_cli.loading import load_model
 
-    loaded = load_model(
-        settings["model"],
-        source=settings["source"],
-        device=settings["device"],
-        dtype=settings["dtype"],
-        quantization=quantization,
-        on_status=progress.status,
-        on_warning=progress.warn,
-        on_config=lambda context: check_max_new_tokens(settings["max_new_tokens"], context),
-    )
+    loaded = load_model(**_model_source(settings, quantization), on_status=progress.status, on_warning=progress.warn)
     progress.note(_loaded_line(loaded, progress.elapsed()))
     return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note))
 

@@ -251,6 +251,24 @@ class SessionInfo:
     unreadable: str | None = None  # why nothing could be read (then turns is 0)
 
 
+def find_journal(sessions_dir: Path, name: str | None) -> Path:
+    """The journal of session `name`, or of the most recently used readable one (None); BlueLMError if none."""
+    sessions_dir = Path(sessions_dir)
+    if name is None:
+        infos = [info for info in list_sessions(sessions_dir) if info.unreadable is None]
+        if not infos:
+            raise BlueLMError(f"there are no saved sessions in {sessions_dir} yet; start a new chat instead")
+        return infos[0].path
+    path = journal_path(sessions_dir, name)
+    if not path.is_file():
+        known = [info.name for info in list_sessions(sessions_dir)]
+        hint = f"known sessions: {', '.join(known[:10])}{', …' if len(known) > 10 else ''}" if known else (
+            "there are no saved sessions yet"
+        )
+        raise BlueLMError(f"no session named '{name}' in {sessions_dir}; {hint}")
+    return path
+
+
 def list_sessions(sessions_dir: Path) -> list[SessionInfo]:
     """Sessions with a readable journal in ``sessions_dir``, most recently used first."""
     sessions_dir = Path(sessions_dir)

@@ -27,6 +27,7 @@ from bluelm_cli.journal import (
     SessionInfo,
     append_record,
     create_exclusive,
+    find_journal,
     fsync_dir,
     journal_path,
     list_sessions,
@@ -200,20 +201,7 @@ class Session(Conversation):
     @classmethod
     def resume(cls, sessions_dir: Path, name: str | None = None) -> Session:
         """Reopen a session from its journal (``name=None``: the most recently used one)."""
-        sessions_dir = Path(sessions_dir)
-        if name is None:
-            infos = [info for info in list_sessions(sessions_dir) if info.unreadable is None]
-            if not infos:
-                raise BlueLMError(f"there are no saved sessions in {sessions_dir} yet; start a new chat instead")
-            path = infos[0].path
-        else:
-            path = journal_path(sessions_dir, name)
-            if not path.is_file():
-                known = [info.name for info in list_sessions(sessions_dir)]
-                hint = f"known sessions: {', '.join(known[:10])}{', …' if len(known) > 10 else ''}" if known else (
-                    "there are no saved sessions yet"
-                )
-                raise BlueLMError(f"no session named '{name}' in {sessions_dir}; {hint}")
+        path = find_journal(sessions_dir, name)
         lock = JournalLock.acquire(path, path.name[: -len(JOURNAL_SUFFIX)])
         try:
             conversation, warnings = replay(path, repair=os.access(path, os.W_OK))

@@ -16,7 +16,7 @@ import typer
 
 from bluelm_cli.conversation import Conversation
 from bluelm_cli.errors import BlueLMError, ExitStatus
-from bluelm_cli.journal import SessionInfo, journal_path, list_sessions, replay
+from bluelm_cli.journal import SessionInfo, find_journal, list_sessions, replay
 from bluelm_cli.paths import user_paths
 
 __all__ = ["sessions_app"]
@@ -179,24 +179,11 @@ def _listed(sessions_dir: Path) -> list[_Listed]:
 
 
 def _existing_journal(sessions_dir: Path, name: str) -> Path:
-    path = journal_path(sessions_dir, name)
-    if not path.is_file():
-        known = [info.name for info in list_sessions(sessions_dir)]
-        hint = f"known sessions: {', '.join(known[:10])}{', …' if len(known) > 10 else ''}" if known else "there are no saved sessions yet"
-        raise BlueLMError(f"no session named '{name}' in {sessions_dir}; {hint}")
-    return path
+    return find_journal(sessions_dir, name)
 
 
 def _conversation(name: str | None) -> Conversation:
-    sessions_dir = user_paths().sessions_dir
-    if name is None:
-        infos = [info for info in list_sessions(sessions_dir) if info.unreadable is None]
-        if not infos:
-            raise BlueLMError(f"there are no saved sessions in {sessions_dir} yet")
-        path = infos[0].path
-    else:
-        path = _existing_journal(sessions_dir, name)
-    conversation, _ = replay(path, repair=False)
+    conversation, _ = replay(find_journal(user_paths().sessions_dir, name), repair=False)
     return conversation
 
 
