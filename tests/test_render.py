@@ -434,7 +434,10 @@ def test_no_color_keeps_the_markdown_layout_and_drops_the_colours(monkeypatch: p
     screen.write(out.getvalue())
     text = screen.text()
     assert "```" not in text and "|---" not in text  # rendered as Markdown, not raw
-    assert "def greet(name: str) -> str:" in text and "\n BlueLM-7B-Chat          7B    2K\n" in text  # the code, the table laid out
+    # The code, and the table laid out in columns (the spacing and rule style are rich's: one CI run drew
+    # this table in another box style, cause not found, so the test asks for columns, not rich's exact box).
+    assert "def greet(name: str) -> str:" in text
+    assert re.search(r"\n +BlueLM-7B-Chat +7B +2K\n +BlueLM-7B-Chat-32K +7B +32K\n", text), text
     attributes = {code for params in re.findall(r"\x1b\[([0-9;]*)m", out.getvalue()) for code in params.split(";") if code}
     assert attributes and attributes <= {"0", "1", "2", "3", "4", "7", "9"}  # bold, dim, italic, underline: no colour
     # The one-shot render (a resumed session, /load, bluelm sessions show) looks the same.
