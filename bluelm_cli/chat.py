@@ -127,10 +127,7 @@ class Chat:
         last = self.last_turn()
         if last is None:
             raise BlueLMError("nothing to retry yet; send a message first")
-        turns = self.session.active_turns()
-        if turns and turns[-1] is last:
-            turns = turns[:-1]
-        return self._start(last.user, turns, replaces_last=True, truncate=False)
+        return self._start(last.user, self._turns_before(last), replaces_last=True, truncate=False)
 
     def continue_(self) -> TurnStream:
         """Go on with the last answer where it was cut off (max_new_tokens, Ctrl-C, the context's end).
@@ -142,20 +139,24 @@ class Chat:
             raise BlueLMError("nothing to continue yet; send a message first")
         if FinishReason(last.finish_reason) is FinishReason.STOP:
             raise BlueLMError("the last answer ended on its own, so there is nothing to continue; /retry asks for a new one")
-        turns = self.session.active_turns()
-        if turns and turns[-1] is last:
-            turns = turns[:-1]
+        self.session.warnings.extend(self.check_answer_ids())
         settings = self.sampling
+        check_max_new_tokens(settings.max_new_tokens, self.backend.context_limit)
         plan = fit_continuation(
             self.backend.encoder,
             self.session.system,
-            _history(turns),
+            _history(self._turns_before(last)),
             HistoryTurn(last.user, last.answer_ids, last.answer),
             context_limit=self.backend.context_limit,
             max_new_tokens=settings.max_new_tokens,
         )
         stream = self.backend.stream(plan, settings)
         return TurnStream(last.user, plan, stream, replaces_last=True, continues=last)
+
+    def _turns_before(self, last: Turn) -> list[Turn]:
+        """The turns the model sees before `last` (the one being answered again or continued)."""
+        turns = self.session.active_turns()
+        return turns[:-1] if turns and turns[-1] is last else turns
 
     def _start(self, message: str, turns: Sequence[Turn], *, replaces_last: bool, truncate: bool) -> TurnStream:
         self.session.warnings.extend(self.check_answer_ids())  # the face ran it already when it saw the load end

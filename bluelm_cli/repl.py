@@ -16,7 +16,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TextIO
 
@@ -278,24 +278,15 @@ class ChatRepl:
                 return error
         return None
 
-    @contextmanager
-    def _hangup_stops_answer(self) -> Iterator[None]:
+    def _hangup_stops_answer(self) -> AbstractContextManager[None]:
         """While an answer streams, SIGHUP/SIGTERM stop it like Ctrl-C, so it is journaled, and then end the chat."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
 
         def stop_and_exit(signum: int, frame: object) -> None:
             self.exit_requested = True
             self.exit_status = 128 + signum
             raise KeyboardInterrupt
 
-        previous = {signum: signal.signal(signum, stop_and_exit) for signum in _HANGUP_SIGNALS}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        return _on_ending_signals(stop_and_exit)
 
 
 # ------------------------------------------------------------------------------------------ loops
@@ -331,13 +322,9 @@ def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int
     return repl.exit_status
 
 
-@contextmanager
-def _signals_end_the_chat(repl: ChatRepl, prompt_session: PromptSession[str]) -> Iterator[None]:
+def _signals_end_the_chat(repl: ChatRepl, prompt_session: PromptSession[str]) -> AbstractContextManager[None]:
     """SIGTERM/SIGHUP at the prompt end the chat through prompt_toolkit's own exit, so it puts the terminal
     back as it found it (a signal raised inside its event loop would leave echo and line editing off)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def end(signum: int, frame: object) -> None:
         repl.exit_requested = True
@@ -346,12 +333,22 @@ def _signals_end_the_chat(repl: ChatRepl, prompt_session: PromptSession[str]) ->
         if app.is_running and app.loop is not None:
             app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
 
-    previous = {signum: signal.signal(signum, end) for signum in _HANGUP_SIGNALS}
+    return _on_ending_signals(end)
+
+
+@contextmanager
+def _on_ending_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` for every signal that would end the process, for the block; the previous ones after it.
+    Only the main thread may set signal handlers: elsewhere (tests driving the REPL) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in _HANGUP_SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 @contextmanager

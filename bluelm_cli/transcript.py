@@ -84,28 +84,14 @@ def load(path: Path) -> Conversation:
     path = Path(path).expanduser()
     if path.suffix.lower() in MARKDOWN_SUFFIXES:
         raise BlueLMError(f"{path} is a Markdown transcript, which is for reading only; load a session saved as .json")
+    _refuse_what_is_not_a_session_file(path)
     if path.suffix.lower() == JOURNAL_SUFFIX:
         conversation, _ = replay(path, repair=False)
         return conversation
     try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise BlueLMError(f"no such file: {path}; check the path") from None
-    except OSError as exc:
-        raise BlueLMError(f"cannot read {path} ({reason(exc)}); check the path") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise BlueLMError(f"{path} is a directory; give the path of a saved session (.json)")
-    if not stat.S_ISREG(info.st_mode):
-        # A FIFO would wait forever, a device never end: only regular files are sessions.
-        raise BlueLMError(f"{path} is not a regular file; give the path of a saved session (.json)")
-    if info.st_size > MAX_LOAD_BYTES:
-        raise BlueLMError(f"{path} is {info.st_size // 2**20} MB, more than a saved session can be; check the path")
-    try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise BlueLMError(f"no such file: {path}; check the path") from None
-    except IsADirectoryError:
-        raise BlueLMError(f"{path} is a directory; give the path of a saved session (.json)") from None
     except OSError as exc:
         raise BlueLMError(f"cannot read {path} ({reason(exc)}); check its permissions") from None
     try:
@@ -139,6 +125,22 @@ def load(path: Path) -> Conversation:
         )
     except BadRecord as exc:
         raise BlueLMError(f"{path} is a damaged bluelm session ({exc}); it cannot be loaded") from None
+
+
+def _refuse_what_is_not_a_session_file(path: Path) -> None:
+    """Before anything is read (a journal too): a FIFO would wait forever and a device never end."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BlueLMError(f"no such file: {path}; check the path") from None
+    except OSError as exc:
+        raise BlueLMError(f"cannot read {path} ({reason(exc)}); check the path") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise BlueLMError(f"{path} is a directory; give the path of a saved session (.json)")
+    if not stat.S_ISREG(info.st_mode):
+        raise BlueLMError(f"{path} is not a regular file; give the path of a saved session (.json)")
+    if info.st_size > MAX_LOAD_BYTES:
+        raise BlueLMError(f"{path} is {info.st_size // 2**20} MB, more than a saved session can be; check the path")
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -413,6 +413,10 @@ def test_load_refuses_what_is_not_a_regular_file(paths: UserPaths, tmp_path: Pat
     os.mkfifo(fifo)
     with pytest.raises(BlueLMError, match="is not a regular file; give the path of a saved session"):
         Session.load(fifo)  # would wait forever for a writer
+    journal_fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(journal_fifo)
+    with pytest.raises(BlueLMError, match="is not a regular file"):
+        Session.load(journal_fifo)  # a journal is read whole too: the same wait
     with pytest.raises(BlueLMError, match="there is no user 'nosuchuser"):
         Session.load(Path("~nosuchuser/x.json"))
 
