@@ -248,10 +248,27 @@ class ChatEngine:
         finish = FinishReason.LENGTH
         first_token_at = last_token_at = 0.0
         stop_ids = torch.tensor([self._eos_id, self._human_id], dtype=torch.long, device=self.device)
+        reader = _TokenReader(self.device)
         while True:
             if len(answer_ids) < min_new_tokens:
                 logits = logits.index_fill(-1, stop_ids, float("-inf"))
-            token = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
+            sampled = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
+            reader.copy(sampled)
+            # The sampled token goes into the history on the device, and the next forward is queued before the
+            # host reads the token: the host's work for this token (stop checks, detokenizing, streaming) then
+            # overlaps the GPU's next forward. If the token turns out to end the answer, that one forward was
+            # spare; the cache then holds the stop token too, and `_cached_ids` says so.
+            history_ids[:, length] = sampled
+            length += 1
+            more = len(answer_ids) + 1 < settings.max_new_tokens and length < self.context_limit
+            if more and not stop_event.is_set():
+                logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
+                queued = True
+            else:
+                queued = False
+            token = reader.value()
+            if queued:
+                self._cached_ids.append(token)
             now = time.perf_counter()
             if not answer_ids and not first_token_at:
                 first_token_at = now
@@ -260,8 +277,6 @@ class ChatEngine:
                 finish = FinishReason.STOP
                 break
             answer_ids.append(token)
-            history_ids[0, length] = token
-            length += 1
             delta = detokenizer.add(token)
             if delta:
                 emit(delta)
@@ -273,11 +288,6 @@ class ChatEngine:
                 break
             if length >= self.context_limit:
                 finish = FinishReason.CONTEXT
-                break
-            logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
-            self._cached_ids.append(token)
-            if stop_event.is_set():
-                finish = FinishReason.INTERRUPTED
                 break
         tail = detokenizer.flush()
         if tail:
@@ -353,12 +363,42 @@ def _sample(
     processors: LogitsProcessorList,
     generator: torch.Generator | None,
     greedy: bool,
-) -> int:
+) -> torch.Tensor:
+    """The next token as a [1] tensor on the logits' device (reading it on the host is the caller's one sync)."""
     scores = processors(input_ids, logits.float()) if processors else logits
     if greedy:
-        return int(scores.argmax(dim=-1)[0])
+        return scores.argmax(dim=-1)
     probabilities = torch.softmax(scores.float(), dim=-1)
     # torch.multinomial's own draw for one sample (argmax of p / Exp(1) noise, the same random stream), without
-    # its two validity checks, each a device-to-host sync: the int() below is the one sync a token needs.
+    # its two validity checks, each a device-to-host sync.
     noise = torch.empty_like(probabilities).exponential_(1, generator=generator)
-    return int((probabilities / noise).argmax(dim=-1)[0])
+    return (probabilities / noise).argmax(dim=-1)
+
+
+class _TokenReader:
+    """Reads a sampled token on the host while later work stays queued on the GPU.
+
+    `tensor.item()` would wait for everything queued on the stream, the next forward included; an asynchronous
+    copy into pinned memory and an event wait only for the sampling. On a CPU every op has already run.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._pending: torch.Tensor | None = None
+        if self._cuda:
+            self._host = torch.empty((1,), dtype=torch.long, pin_memory=True)
+            self._copied = torch.cuda.Event()
+
+    def copy(self, token: torch.Tensor) -> None:
+        if self._cuda:
+            self._host.copy_(token.view(1), non_blocking=True)
+            self._copied.record()
+        else:
+            self._pending = token
+
+    def value(self) -> int:
+        if self._cuda:
+            self._copied.synchronize()
+            return int(self._host[0])
+        assert self._pending is not None
+        return int(self._pending.view(-1)[0])

@@ -3,8 +3,11 @@
 1. Instrumented: a real generation whose decode steps are timed one by one (`TimedRunner`), with the
    device synchronised before and after each forward so its GPU time falls inside the window. Whatever
    remains of the decode window (first to last answer token) is the engine's own per-token work:
-   sampling, the repetition penalty, detokenizing, streaming through the worker queue. On a GPU the
-   syncs stop that work overlapping the forward, so this is an upper bound there; on a CPU it is exact.
+   sampling, the repetition penalty, detokenizing, streaming through the worker queue. The engine queues
+   a token's forward before the host reads the token, so the first forward runs before the window opens
+   and the window holds one forward fewer than it has tokens after the first. On a GPU the syncs stop
+   the engine's work overlapping the forward, as it does in a plain run: an upper bound there; on a CPU
+   it is exact.
 2. Stubbed: the same decode loop with the forward replaced by a fixed logits row of a chosen vocabulary
    size (`CachedLogitsRunner`): every token then costs only the engine's own work. This isolates the
    sampling cost at the published 7B vocabulary (100,096) on any machine.
@@ -30,21 +33,26 @@ PUBLISHED_VOCAB = 100_096  # BlueLM-7B's config.json vocab_size
 class ForwardSplit:
     """One instrumented generation: the decode window split into forward passes and everything else."""
 
-    decode_steps: int  # forward passes between the first and the last answer token
-    window_s: float  # first to last answer token
-    forward_s: float  # summed forward passes (device-synchronised)
+    decode_steps: int  # forward passes of the answer: one per token after the first (which the prefill gives)
+    window_s: float  # first to last answer token: decode_steps intervals
+    forward_s: float  # summed forward passes (device-synchronised), decode_steps of them
+    first_forward_s: float  # the one queued before the first token was read, outside the window
 
     @property
     def forward_ms_per_token(self) -> float:
         return 1000 * self.forward_s / self.decode_steps
 
     @property
+    def _outside_s(self) -> float:
+        return self.window_s - (self.forward_s - self.first_forward_s)
+
+    @property
     def outside_ms_per_token(self) -> float:
-        return 1000 * (self.window_s - self.forward_s) / self.decode_steps
+        return 1000 * self._outside_s / self.decode_steps
 
     @property
     def outside_fraction(self) -> float:
-        return (self.window_s - self.forward_s) / self.window_s
+        return self._outside_s / self.window_s
 
 
 @dataclass
@@ -67,8 +75,7 @@ class TimedRunner(StepRunner):
         super().__init__(inner.model)
         self.inner = inner
         self.max_positions = inner.max_positions
-        self.decode_calls = 0
-        self.decode_seconds = 0.0
+        self.decode_times: list[float] = []
 
     def new_cache(self) -> Cache:
         return self.inner.new_cache()
@@ -81,8 +88,7 @@ class TimedRunner(StepRunner):
         started = time.perf_counter()
         logits = self.inner.decode(cache, token, position)
         _synchronize(token.device)
-        self.decode_seconds += time.perf_counter() - started
-        self.decode_calls += 1
+        self.decode_times.append(time.perf_counter() - started)
         return logits
 
 
@@ -123,10 +129,11 @@ def measure_split(engine: ChatEngine, prompt_ids: list[int], settings: SamplingS
     timed = TimedRunner(engine.runner)
     instrumented = ChatEngine(engine.loaded, runner=timed)
     result = instrumented.stream(PromptPlan(prompt_ids), settings, min_new_tokens=settings.max_new_tokens).finish()
-    steps = timed.decode_calls
-    if steps < 1 or result.decode_tok_s <= 0:
-        raise ValueError("the overhead measurement needs at least two answer tokens")
-    return ForwardSplit(decode_steps=steps, window_s=(result.new_tokens - 1) / result.decode_tok_s, forward_s=timed.decode_seconds)
+    steps = len(timed.decode_times)
+    if steps < 2 or result.decode_tok_s <= 0 or steps != result.new_tokens - 1:
+        raise ValueError("the overhead measurement needs at least three answer tokens, all of them decoded")
+    return ForwardSplit(decode_steps=steps, window_s=(result.new_tokens - 1) / result.decode_tok_s,
+                        forward_s=sum(timed.decode_times), first_forward_s=timed.decode_times[0])
 
 
 def measure_stub(engine: ChatEngine, prompt_ids: list[int], settings: SamplingSettings, vocab_size: int) -> float:

@@ -252,13 +252,14 @@ def test_stops_at_eos(loaded: LoadedModel) -> None:
     assert len(result.answer_ids) == 3 and result.new_tokens == 3
     assert loaded.tokenizer.eos_token_id not in result.answer_ids
     check_text(engine, result, deltas)
-    assert len(engine.cached_ids) == result.prompt_tokens + 3
-    assert result.context_tokens == result.prompt_tokens + 3 + 1
+    # The </s> was read too (the next forward is queued before the host sees the token): the cache holds it.
+    assert engine.cached_ids == (*engine.cached_ids[: result.prompt_tokens], *result.answer_ids, loaded.tokenizer.eos_token_id)
+    assert result.context_tokens == len(engine.cached_ids) == result.prompt_tokens + 3 + 1
     # The next turn continues from the whole answer, and still equals a fresh encoding.
     history = [HistoryTurn("hello", result.answer_ids)]
     engine.runner.force = {}
     after, _ = run(engine, None, history, "again")
-    assert after.reused_tokens == result.prompt_tokens + 3
+    assert after.reused_tokens == result.prompt_tokens + 3 + 1  # the answer's closing </s> included
     assert after.answer_ids == fresh(loaded, None, history, "again").answer_ids
 
 
