@@ -104,7 +104,8 @@ class BenchReport:
     answers_match: bool | None = None  # engine and generate() produced the same ids every turn
     repeats: int = 1  # conversations run; per-turn figures are the best of them
     overhead: dict[str, Any] | None = None  # overhead.OverheadReport as a dict
-    compile_s: float | None = None  # the decode step's compile warm-up (set by the CLI, which builds the runner)
+    compile_s: float | None = None  # the fast path's warm-up: capture or compile (set by the CLI, which builds the runner)
+    runner: str | None = None  # which fast path ("graphs", "compiled"); None = eager
 
     def to_json(self) -> str:
         from dataclasses import asdict
@@ -495,7 +496,7 @@ def format_report(report: BenchReport) -> str:
         f"prefill      {report.prefill_tok_s:,.0f} tok/s (turn 1)",
         f"TTFT         {report.ttft_s * 1000:.1f} ms (turn 1)",
         f"decode       {report.decode_tok_s:,.1f} tok/s (mean over {len(report.turns)} turns)",
-        *([f"compile      {report.compile_s:.2f} s (decode-step warm-up at start)"] if report.compile_s is not None else []),
+        *([f"warm-up      {report.compile_s:.2f} s (the {report.runner} decode step, at start)"] if report.compile_s is not None else []),
         "peak memory  "
         + (f"GPU {report.peak_gpu_mem_gb:.2f} GB, " if report.peak_gpu_mem_gb is not None else "")
         + f"host {report.peak_host_mem_gb:.2f} GB",

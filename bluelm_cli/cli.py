@@ -239,13 +239,14 @@ def _load_engine_in_background(settings: ResolvedSettings, quantization: str | N
     return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note))
 
 
-def _engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console) -> ChatEngine:
+def _engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None) -> ChatEngine:
     from bluelm_cli.engine import ChatEngine
-    from bluelm_cli.fastpath import make_runner
+    from bluelm_cli.fastpath import DEFAULT_RUNNER, make_runner
 
     from rich.markup import escape
 
-    runner = make_runner(loaded, enabled=bool(settings["compile"]), on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
+    runner = make_runner(loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER,
+                         on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
     return ChatEngine(loaded, runner=runner)
 
 
@@ -659,6 +660,7 @@ def bench(
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure plain model.generate() re-encoding the history each turn, and print ratios.")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="Run the conversation N times; keep each turn's best figures.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `turns` list.")] = False,
+    runner: Annotated[str, typer.Option(help="The CUDA fast path to measure: graphs (CUDA graphs per attention window, the chat's) or compiled (torch.compile).")] = "graphs",
     debug: DebugOpt = False,
 ) -> int:
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""
@@ -666,10 +668,12 @@ def bench(
         return _bench_served(flags, api_key, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
                              repeats=repeats, as_json=as_json, other_options=baseline or random_weights)
     from bluelm_cli.bench import SHAPES, format_report, random_weights_model, run_bench
-    from bluelm_cli.engine import ChatEngine
-    from bluelm_cli.fastpath import CompiledRunner
+    from bluelm_cli.engine import StepRunner
+    from bluelm_cli.fastpath import RUNNERS
     from bluelm_cli.loading import pick_device, pick_dtype
 
+    if runner not in RUNNERS:
+        raise UsageError(f"unknown runner '{runner}'; use one of {', '.join(RUNNERS)}")
     settings, _ = _resolve(flags)
     errors = _stderr_console()
     if random_weights:
@@ -688,13 +692,14 @@ def bench(
         loaded = _load(settings, None, errors, chatting=False)
         label = loaded.model_id
     runner_started = time.perf_counter()
-    engine = _engine(loaded, settings, errors)
+    engine = _engine(loaded, settings, errors, runner)
     runner_s = time.perf_counter() - runner_started
     with errors.status("Running the benchmark conversation…"):
         report = run_bench(engine, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
                            baseline=baseline, model_label=label, repeats=repeats)
-    if isinstance(engine.runner, CompiledRunner):
+    if type(engine.runner) is not StepRunner:
         report.compile_s = runner_s
+        report.runner = runner
     typer.echo(report.to_json() if as_json else format_report(report))
     return ExitStatus.OK
 

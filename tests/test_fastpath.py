@@ -1,6 +1,7 @@
-"""The CUDA fast path's logic, checked on the CPU: a StaticCache with a compiled decode step gives the
-same greedy answers as the eager engine across turns, with cache reuse and divergence; a compiler
-failure falls back to eager with a warning. The real CUDA-graph run is a GPU-only test."""
+"""The CUDA fast path's logic, checked on the CPU: a static cache with a compiled decode step, and a windowed
+static cache stepped eagerly window by window, give the same greedy answers as the eager engine across turns,
+with cache reuse and divergence; a capture or compiler failure falls back to eager with a warning. The real
+CUDA-graph runs are GPU-only tests."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from bluelm_cli import fastpath
 from bluelm_cli.engine import ChatEngine, StepRunner
-from bluelm_cli.fastpath import CompiledRunner, make_runner
+from bluelm_cli.fastpath import CompiledRunner, GraphRunner, attention_windows, make_runner
 from bluelm_cli.loading import LoadedModel, load_model
 from bluelm_cli.prompt import HistoryTurn
 from bluelm_cli.settings import SamplingSettings
@@ -50,18 +51,37 @@ def test_compiled_static_cache_runner_equals_eager(loaded: LoadedModel) -> None:
     assert conversation(ChatEngine(loaded, runner=runner)) == conversation(ChatEngine(loaded))
 
 
-def test_compile_failure_falls_back_to_eager(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    class Broken(CompiledRunner):
-        def warm_up(self, steps: int = 3) -> None:
-            raise RuntimeError("inductor exploded\nmore detail")
+def test_windowed_graph_runner_stepped_eagerly_equals_eager(loaded: LoadedModel) -> None:
+    # Windows of 16, 32, ... 256 slots: the six turns cross several, and cropping moves back across them.
+    runner = GraphRunner(loaded.model, loaded.context_length, use_graphs=False, smallest_window=16)
+    runner.warm_up()
+    assert runner.windows == [16, 32, 64, 128, 256]
+    assert conversation(ChatEngine(loaded, runner=runner)) == conversation(ChatEngine(loaded))
 
-    monkeypatch.setattr(fastpath, "CompiledRunner", Broken)
+
+def test_attention_windows_double_up_to_the_cache_length() -> None:
+    assert attention_windows(2048) == [256, 512, 1024, 2048]
+    assert attention_windows(12288) == [256, 512, 1024, 2048, 4096, 8192, 12288]
+    assert attention_windows(200) == [200]
+    runner = GraphRunner(torch.nn.Linear(1, 1), 2048, use_graphs=False)
+    assert [runner.window_for(n) for n in (1, 256, 257, 2048)] == [256, 256, 512, 2048]
+    with pytest.raises(ValueError):
+        runner.window_for(2049)
+
+
+@pytest.mark.parametrize("kind, cls", [("graphs", GraphRunner), ("compiled", CompiledRunner)])
+def test_fast_path_failure_falls_back_to_eager(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, kind: str, cls: type) -> None:
+    class Broken(cls):  # type: ignore[valid-type, misc]
+        def warm_up(self, *args: object) -> None:
+            raise RuntimeError("capture exploded\nmore detail")
+
+    monkeypatch.setattr(fastpath, cls.__name__, Broken)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
     on_cuda = dataclasses.replace(loaded, device=torch.device("cuda"))
     messages: list[str] = []
-    runner = make_runner(on_cuda, on_status=messages.append)
+    runner = make_runner(on_cuda, on_status=messages.append, kind=kind)
     assert type(runner) is StepRunner
-    assert messages[-1] == "Warning: compiling failed (inductor exploded); using the eager path"
+    assert messages[-1] == "Warning: the fast path failed (capture exploded); using the eager path"
 
 
 def test_no_compilation_off_cuda_or_when_disabled(loaded: LoadedModel) -> None:
@@ -72,11 +92,12 @@ def test_no_compilation_off_cuda_or_when_disabled(loaded: LoadedModel) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_equals_eager(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind, cls", [("graphs", GraphRunner), ("compiled", CompiledRunner)])
+def test_cuda_graph_decode_equals_eager(tmp_path: Path, kind: str, cls: type) -> None:
     folder = build_checkpoint(tmp_path / "ckpt", TinySpec(max_position_embeddings=256, seed=5))
     loaded = load_model(str(folder), device="cuda", dtype="float32")
-    runner = make_runner(loaded)
-    assert isinstance(runner, CompiledRunner)
+    runner = make_runner(loaded, kind=kind)
+    assert isinstance(runner, cls)
     assert conversation(ChatEngine(loaded, runner=runner)) == conversation(ChatEngine(loaded))
 
 
