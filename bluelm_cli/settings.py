@@ -23,7 +23,7 @@ TOML, at ``$BLUELM_HOME/config.toml`` (or the platform's config directory, see
     repetition_penalty = 1.1           # 1.0..2.0
     seed = 42                          # >= 0; leave out for a random seed
     system = "You are a concise assistant."   # placed before the first turn
-    compile = true                     # torch.compile fast path on CUDA
+    compile = true                     # CUDA fast path: static KV cache + CUDA-graph decode
     api = "http://localhost:8000/v1"   # chat with a served model (see the README's "Chatting with a served model")
     history = false                    # keep no input history file (bluelm chat --no-history)
 
@@ -274,7 +274,7 @@ SPECS: dict[str, SettingSpec] = {
             env="BLUELM_API", optional=True, metavar="URL",
         ),
         SettingSpec(
-            "compile", bool, True, "Use the torch.compile fast path on CUDA.",
+            "compile", bool, True, "Use the CUDA fast path (static KV cache, decode replayed from CUDA graphs).",
             _parse_bool, "true or false",
         ),
         SettingSpec(

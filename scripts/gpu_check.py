@@ -310,6 +310,12 @@ def step_imports(check: Check, limit: float) -> dict[str, Any]:
                 raise RuntimeError(f"{label} failed")
             runs.append(round(time.perf_counter() - started, 3))
         data[label] = {"runs_s": runs, "best_s": min(runs)}
+    # Where the engine's import time goes (15 s on an H100 machine on 2026-11-25, 3.4 s on the CPU box).
+    rc, output = check.run(_python("-X", "importtime", "-c", "import bluelm_cli.engine"), max(5.0, step_ends - time.monotonic()))
+    if rc == 0:
+        rows = [line.split("|") for line in output.splitlines() if line.startswith("import time:") and "|" in line]
+        timed = [(int(row[1]), row[2].rstrip()) for row in rows if row[1].strip().isdigit()]
+        data["slowest_imports_us"] = {name: cumulative for cumulative, name in sorted(timed, reverse=True)[:15]}
     return data
 
 
