@@ -255,6 +255,12 @@ def make_runner(
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
     if not enabled or loaded.device.type != "cuda" or loaded.quantization:
         return StepRunner(loaded.model)
+    placed_on = {str(device) for device in (getattr(loaded.model, "hf_device_map", None) or {}).values()}
+    if len(placed_on) > 1:
+        # A graph is captured on one device's stream; a model spread over several GPUs steps eagerly.
+        if on_status:
+            on_status(f"The model spans {len(placed_on)} devices: decoding on the eager path")
+        return StepRunner(loaded.model)
     if on_status:
         what = "Capturing the decode step" if kind == "graphs" else "Compiling the decode step"
         on_status(f"{what} for this GPU (once per start; --no-compile skips it)…")

@@ -101,6 +101,26 @@ def test_cuda_graph_decode_equals_eager(tmp_path: Path, kind: str, cls: type) ->
     assert conversation(ChatEngine(loaded, runner=runner)) == conversation(ChatEngine(loaded))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_per_window_equal_eager(tmp_path: Path) -> None:
+    # Windows of 16 ... 256 slots: the conversation replays several graphs and crops back across them.
+    folder = build_checkpoint(tmp_path / "ckpt", TinySpec(max_position_embeddings=256, seed=5))
+    loaded = load_model(str(folder), device="cuda", dtype="float32")
+    runner = GraphRunner(loaded.model, loaded.context_length, smallest_window=16)
+    runner.warm_up()
+    assert sorted(runner._graphs) == [16, 32, 64, 128, 256]
+    assert conversation(ChatEngine(loaded, runner=runner)) == conversation(ChatEngine(loaded))
+
+
+def test_a_model_spread_over_several_devices_steps_eagerly(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    on_cuda = dataclasses.replace(loaded, device=torch.device("cuda"))
+    monkeypatch.setattr(loaded.model, "hf_device_map", {"model.layers.0": 0, "model.layers.1": 1}, raising=False)
+    messages: list[str] = []
+    assert type(make_runner(on_cuda, on_status=messages.append)) is StepRunner
+    assert messages == ["The model spans 2 devices: decoding on the eager path"]
+
+
 def test_static_cache_is_sized_to_free_memory() -> None:
     from bluelm_cli.fastpath import kv_bytes_per_token, static_cache_length
     from bluelm_cli.modeling import BlueLMConfig
