@@ -203,8 +203,13 @@ class ChatRepl:
                 if self.loading is None:
                     raise
                 # Nothing was done yet (what needs the model asks for it first): wait for it, then do it.
-                with self._hangup_stops_answer():
-                    self.loading.wait_until_loaded()
+                try:
+                    with self._hangup_stops_answer():
+                        self.loading.wait_until_loaded()
+                except KeyboardInterrupt:
+                    if not self.exit_requested:  # Ctrl-C, not a hangup: say what became of the line
+                        self.out.note("Not sent: Ctrl-C while it waited for the model (↑ brings the line back)")
+                    raise
                 self._dispatch(stripped)
         except (LoadFailed, BrokenPipeError):
             raise  # ends the chat
