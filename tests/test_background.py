@@ -217,7 +217,7 @@ def test_ctrl_c_while_a_message_waits_cancels_it_and_records_nothing(paths: User
     with pytest.raises(KeyboardInterrupt):
         repl.handle("too early")
     assert chat.session.turns == [] and model.plans == [] and repl.failures == 0
-    assert repl.out.console.file.getvalue() == "Not sent: Ctrl-C while it waited for the model (↑ brings the line back)\n"
+    assert repl.out.console.file.getvalue().endswith("\nNot sent: Ctrl-C while it waited for the model (↑ brings the line back)\n")
     load.release.set()
     while not backend.ready:
         BackgroundBackend.take_events(backend, block=True)
