@@ -486,7 +486,8 @@ def headline_rows(steps: list[dict[str, Any]], cpu: bool) -> list[list[str]]:
         add("profile: graph vs eager logits, relative error", profile["agreement"]["relative_error"], "")
     imports = _data(steps, "imports")
     for label, figures in imports.items():
-        add(f"{label} (fresh process)", figures["best_s"], "s")
+        if isinstance(figures, dict) and "best_s" in figures:
+            add(f"{label} (fresh process)", figures["best_s"], "s")
     first_prompt = _data(steps, "first_prompt")
     for label in ("cold_cache_s", "warm_cache_s"):
         if label in first_prompt:
