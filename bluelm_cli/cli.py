@@ -32,24 +32,27 @@ from bluelm_cli.paths import UserPaths, user_paths
 from bluelm_cli.cli_options import MODEL_SETTINGS, setting_options
 from bluelm_cli.sessions_cli import sessions_app
 from bluelm_cli.settings import (
-    SOURCE_FLAG,
     ResolvedSettings,
-    check_max_new_tokens,
     describe,
     read_generation_config,
     resolve_settings,
 )
 from bluelm_cli.show import format_value
+from bluelm_cli.startup import (
+    api_key_source,
+    load_engine_in_background,
+    load_local,
+    local_engine,
+    open_backend,
+    quantization_choice,
+)
 from bluelm_cli.stats import result_json, stats_line
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from bluelm_cli.backend import Backend
-    from bluelm_cli.background import LoadProgress
     from bluelm_cli.chat import Chat, TurnStream
-    from bluelm_cli.engine import ChatEngine
-    from bluelm_cli.loading import LoadedModel
     from bluelm_cli.session import Session
 
 
@@ -183,109 +186,6 @@ def _silence_closed_stdout() -> None:
         pass
 
 
-def _quantization(load_in_8bit: bool, load_in_4bit: bool) -> str | None:
-    if load_in_8bit and load_in_4bit:
-        raise UsageError("choose one of --load-in-8bit and --load-in-4bit")
-    return "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
-
-
-def _load(settings: ResolvedSettings, quantization: str | None, console: Console, *, chatting: bool = True) -> LoadedModel:
-    """Load the model with a status line on stderr, then say how long it took."""
-    from rich.markup import escape
-
-    from bluelm_cli.loading import load_model
-
-    started = time.perf_counter()
-    # Paths and ids may hold "[…]", which rich would take for markup: every interpolation is escaped.
-    with console.status(f"Loading {escape(settings['model'])}…", spinner="dots") as status:
-        loaded = load_model(
-            **_model_source(settings, quantization, chatting=chatting),
-            on_status=lambda text: status.update(escape(text) + "…"),
-            on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(text)}"),
-        )
-    settings.apply_checkpoint_defaults(loaded.generation_defaults)
-    console.print(f"[dim]{escape(_loaded_line(loaded, time.perf_counter() - started))}[/]")
-    return loaded
-
-
-def _model_source(settings: ResolvedSettings, quantization: str | None, *, chatting: bool = True) -> dict[str, Any]:
-    """What `load_model` is told about the model, whichever way it loads (with a status line or behind the
-    prompt); a chat also has max_new_tokens checked against the model's context before the weights load."""
-    return {
-        "model": settings["model"],
-        "source": settings["source"],
-        "device": settings["device"],
-        "dtype": settings["dtype"],
-        "quantization": quantization,
-        "on_config": (lambda context: check_max_new_tokens(settings["max_new_tokens"], context)) if chatting else None,
-    }
-
-
-def _loaded_line(loaded: LoadedModel, seconds: float) -> str:
-    from bluelm_cli.loading import dtype_name
-
-    return (f"Loaded {loaded.model_id} on {loaded.device} ({dtype_name(loaded.dtype)}, context {loaded.context_length})"
-            f" in {seconds:.1f} s")
-
-
-def _load_engine_in_background(settings: ResolvedSettings, quantization: str | None, progress: LoadProgress) -> ChatEngine:
-    """`_load` + `_engine` for a chat whose prompt is already up: progress goes to the status line."""
-    from bluelm_cli.engine import ChatEngine
-    from bluelm_cli.fastpath import make_runner
-    from bluelm_cli.loading import load_model
-
-    loaded = load_model(**_model_source(settings, quantization), on_status=progress.status, on_warning=progress.warn)
-    progress.note(_loaded_line(loaded, progress.elapsed()))
-    return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note))
-
-
-def _engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None) -> ChatEngine:
-    from bluelm_cli.engine import ChatEngine
-    from bluelm_cli.fastpath import DEFAULT_RUNNER, make_runner
-
-    from rich.markup import escape
-
-    runner = make_runner(loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER,
-                         on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
-    return ChatEngine(loaded, runner=runner)
-
-
-def _api_key(flag: str | None) -> str | None:
-    """--api-key, else BLUELM_API_KEY, else OPENAI_API_KEY (never printed)."""
-    for value in (flag, os.environ.get("BLUELM_API_KEY"), os.environ.get("OPENAI_API_KEY")):
-        if value and value.strip():
-            return value.strip()
-    return None
-
-
-def _api_key_source(flag: str | None) -> str | None:
-    if flag and flag.strip():
-        return SOURCE_FLAG
-    return next((f"env {name}" for name in ("BLUELM_API_KEY", "OPENAI_API_KEY") if os.environ.get(name, "").strip()), None)
-
-
-def _backend(settings: ResolvedSettings, quantization: str | None, api_key: str | None, console: Console) -> tuple[Backend, str]:
-    """The served model (`--api`) or the local one, and its id for the session."""
-    if not settings["api"]:
-        loaded = _load(settings, quantization, console)
-        return _engine(loaded, settings, console), loaded.model_id
-    from rich.markup import escape
-
-    from bluelm_cli.remote import connect
-
-    if quantization:
-        raise UsageError("--load-in-8bit/--load-in-4bit apply to a local model; the server decides how it runs with --api")
-    # With --api, --model names the served model; a model from the environment or config file is a local one.
-    model = settings["model"] if settings.source_of("model") == SOURCE_FLAG else None
-    with console.status(f"Connecting to {escape(settings['api'])}…", spinner="dots"):
-        backend = connect(settings["api"], api_key=_api_key(api_key), model=model, local_tokenizer=model)
-    console.print(
-        f"[dim]Connected to {escape(backend.client.url.api)}: {escape(backend.model.name)}, context "
-        f"{backend.context_limit} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"
-    )
-    return backend, backend.model.name
-
-
 # ---------------------------------------------------------------------------------------------- ask
 def _read_prompt(argument: str | None, *, required: bool = True) -> str:
     """stdin (when piped) first, then a blank line, then the argument."""
@@ -328,12 +228,12 @@ def ask(
     from bluelm_cli.attachments import check_fits, read_attachment, token_count, with_attachments
 
     settings, paths = _resolve(flags)
-    quantization = _quantization(load_in_8bit, load_in_4bit)
+    quantization = quantization_choice(load_in_8bit, load_in_4bit)
     attachments = [read_attachment(str(path)) for path in files or []]
     question = _read_prompt(prompt, required=not attachments)
     resumed = _resume_for_ask(paths, continue_last, session_name)
     errors = _stderr_console()
-    backend, model_id = _backend(settings, quantization, api_key, errors)
+    backend, model_id = open_backend(settings, quantization, api_key, errors)
     chat = _ask_chat(backend, settings, model_id, paths, resumed, session_name)
     if attachments:
         check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
@@ -485,7 +385,7 @@ def chat(
     from bluelm_cli.session import Session, validate_session_name
 
     settings, paths = _resolve(flags)
-    quantization = _quantization(load_in_8bit, load_in_4bit)
+    quantization = quantization_choice(load_in_8bit, load_in_4bit)
     if resume is not None and session_name is not None:
         raise UsageError("use either --resume or --session, not both")
     if session_name is not None:
@@ -499,13 +399,13 @@ def chat(
     if not settings["api"] and sys.stdin.isatty() and sys.stdout.isatty():
         _early_checkpoint_defaults(settings)
         background = BackgroundBackend(
-            lambda progress: _load_engine_in_background(settings, quantization, progress),
+            lambda progress: load_engine_in_background(settings, quantization, progress),
             status=f"Loading {settings['model']}",
         )
         engine: Any = background
         model_id = settings["model"]
     else:
-        engine, model_id = _backend(settings, quantization, api_key, errors)
+        engine, model_id = open_backend(settings, quantization, api_key, errors)
     if resumed is not None:
         session = resumed
         for key, value in _explicit_sampling(settings).items():
@@ -599,7 +499,7 @@ def show_config(
         settings.apply_checkpoint_defaults(values)
     rows = describe(settings)
     # The API key is no setting (a key in the config file would be shown here); only whether one is set.
-    key_source = _api_key_source(None)
+    key_source = api_key_source(None)
     rows.append(("api_key", "(set, not shown)" if key_source else None, key_source or "default"))
     path_rows = {
         "config_file": str(paths.config_file),
@@ -689,10 +589,10 @@ def bench(
             loaded = random_weights_model(shapes, target, pick_dtype(settings["dtype"], target))
         label = f"random weights, {shape if shapes is not folder else folder} shapes"
     else:
-        loaded = _load(settings, None, errors, chatting=False)
+        loaded = load_local(settings, None, errors, chatting=False)
         label = loaded.model_id
     runner_started = time.perf_counter()
-    engine = _engine(loaded, settings, errors, runner)
+    engine = local_engine(loaded, settings, errors, runner)
     runner_s = time.perf_counter() - runner_started
     with errors.status("Running the benchmark conversation…"):
         report = run_bench(engine, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
@@ -712,7 +612,7 @@ def _bench_served(flags: dict[str, Any], api_key: str | None, *, prompt_tokens: 
         raise UsageError("--baseline and --random-weights measure a local model; leave them out with --api")
     settings, _ = _resolve(flags)
     errors = _stderr_console()
-    backend, _ = _backend(settings, None, api_key, errors)
+    backend, _ = open_backend(settings, None, api_key, errors)
     with errors.status("Running the benchmark conversation…"):
         report = run_served_bench(backend, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns, repeats=repeats)
     typer.echo(report.to_json() if as_json else format_served_report(report))
