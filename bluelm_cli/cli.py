@@ -61,6 +61,7 @@ class _BlueLMGroup(TyperGroup):
         debug = "--debug" in argv
         extra.pop("standalone_mode", None)
         try:
+            _refuse_undecodable(argv)
             status = super().main(args=argv, prog_name=prog_name or "bluelm", standalone_mode=False, **extra)
         except _ClickUsageError as error:
             if type(error).__name__ == "NoArgsIsHelpError":
@@ -96,6 +97,19 @@ class _BlueLMGroup(TyperGroup):
         except BrokenPipeError:  # typer itself would exit 1; a reader that went away (`| head`) is no error
             _silence_closed_stdout()
             return ExitStatus.OK
+
+
+def _refuse_undecodable(argv: list[str]) -> None:
+    """An argument that is not UTF-8 (Python keeps its bytes as lone surrogates) would fail much later,
+    in the tokenizer or the journal, with a message naming neither; refuse it first, naming it."""
+    for argument in argv:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError as error:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise UsageError(
+                f"the argument '{shown}' is not valid UTF-8 (byte {error.start}); convert it first, e.g. with iconv -t UTF-8"
+            ) from None
 
 
 def _usage_message(error: Exception) -> str:

@@ -165,6 +165,7 @@ def _short_model(model_id: str) -> str:
 
 
 def _listed(sessions_dir: Path) -> list[_Listed]:
+    _refuse_a_file_in_the_way(sessions_dir)
     listed = []
     for info in list_sessions(sessions_dir):
         if info.unreadable is not None:
@@ -176,6 +177,16 @@ def _listed(sessions_dir: Path) -> list[_Listed]:
             continue  # removed since it was listed
         listed.append(_Listed(info, conversation))
     return listed
+
+
+def _refuse_a_file_in_the_way(sessions_dir: Path) -> None:
+    """A file where the sessions folder (or a folder above it) should be is an error, not "no sessions yet":
+    no chat could journal there either."""
+    for folder in (sessions_dir, *sessions_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise BlueLMError(f"{folder} is a file, not a folder; point BLUELM_HOME at a folder (or remove that file)")
+            return
 
 
 def _existing_journal(sessions_dir: Path, name: str) -> Path:

@@ -541,3 +541,36 @@ def test_closed_standard_streams_are_one_line(checkpoint: Path, tmp_path: Path) 
     )
     assert closed_stdout.returncode == 1
     assert closed_stdout.stderr == "Error: standard output is closed; give bluelm a terminal, a file or a pipe to write to\n"
+
+
+# --------------------------------------------------------------------- the third campaign's findings
+def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_it(checkpoint: Path) -> None:
+    """A non-UTF-8 byte in an argument (`bluelm ask $'caf\\xe9'`, `-s $'\\x9b'`) reaches Python as a lone
+    surrogate; it failed after the load with sentencepiece's "Unable to cast Python instance…", exit 1."""
+    result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "3", "caf\udce9 x"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: the argument 'caf\ufffd x' is not valid UTF-8 (byte 3); convert it first, e.g. with iconv -t UTF-8\n"
+    )
+    system = runner.invoke(app, ["ask", "--model", str(checkpoint), "-s", "\udc9b31m", "hi"])
+    assert system.exit_code == 2 and "is not valid UTF-8 (byte 0)" in system.stderr
+
+
+@pytest.mark.parametrize("where", ["sessions", "home"])
+def test_sessions_says_when_a_file_stands_where_its_folder_should_be(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bluelm sessions` said "No sessions yet" (exit 0) where the sessions folder or BLUELM_HOME is a file."""
+    home = tmp_path / "home"
+    if where == "home":
+        home.write_text("")
+        blocker = home
+    else:
+        home.mkdir()
+        blocker = home / "sessions"
+        blocker.write_text("")
+    monkeypatch.setenv("BLUELM_HOME", str(home))
+    expected = f"Error: {blocker} is a file, not a folder; point BLUELM_HOME at a folder (or remove that file)\n"
+    for command in (["sessions"], ["sessions", "search", "hi"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and result.stderr == expected
