@@ -759,9 +759,22 @@ def export(
     return ExitStatus.OK
 
 
+def _fill_closed_standard_descriptors() -> None:
+    """Put /dev/null on descriptors 0-2 where they were closed (as git does): else the next file opened
+    (a session journal) gets the number, and whatever writes to "stderr" (a C library, a warning) writes
+    into it."""
+    spare = os.open(os.devnull, os.O_RDWR)
+    while spare <= 2:
+        spare = os.open(os.devnull, os.O_RDWR)
+    os.close(spare)
+
+
 def main() -> None:
+    _fill_closed_standard_descriptors()
     if sys.stdin is None:  # started with stdin closed (`<&-`): it reads as empty
         sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the life of the process
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): the chat goes on; its notes go nowhere
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the life of the process
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to answer
         if sys.stderr is not None:
             sys.stderr.write("Error: standard output is closed; give bluelm a terminal, a file or a pipe to write to\n")

@@ -574,3 +574,17 @@ def test_sessions_says_when_a_file_stands_where_its_folder_should_be(
     for command in (["sessions"], ["sessions", "search", "hi"]):
         result = runner.invoke(app, command)
         assert result.exit_code == 1 and result.stderr == expected
+
+
+def test_a_chat_started_with_stderr_closed_answers_and_journals(checkpoint: Path, tmp_path: Path) -> None:
+    """`bluelm chat 2>&-` died at its first warning (sys.stderr is None) with exit 1 and lost the turn; and a
+    closed descriptor 2 would be handed to the next file opened, so stray stderr writes landed in it."""
+    home = tmp_path / "home"
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bluelm_cli", "chat", "--model", str(checkpoint), "-n", "3", "--session", "quiet"],
+        env=env, input="hi\n", stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2), text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip()
+    records = [json.loads(line) for line in (home / "sessions" / "quiet.jsonl").read_text().splitlines()]
+    assert [record["type"] for record in records] == ["start", "turn"] and records[1]["user"] == "hi"
