@@ -340,6 +340,7 @@ def ask(
     """Answer one question and exit (with -c or --session, as the next turn of a saved chat). Plain text
     when piped, rendered Markdown on a terminal."""
     from bluelm_cli.attachments import check_fits, read_attachment, token_count, with_attachments
+    from bluelm_cli.ending_signals import ending_signals_interrupt
 
     settings, paths = _resolve(flags)
     quantization = _quantization(load_in_8bit, load_in_4bit)
@@ -362,7 +363,8 @@ def ask(
             f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
             f"kept its last {stream.plan.truncated_to} (--truncate)"
         )
-    failed = _show_ask(stream, raw=raw or as_json, quiet=as_json)
+    with ending_signals_interrupt() as ending:
+        failed = _show_ask(stream, raw=raw or as_json, quiet=as_json)
     committed = chat.commit(stream)  # `ask -c`: journaled even when the answer could not be written out
     result = committed.result
     if committed.journal_error:
@@ -378,7 +380,7 @@ def ask(
     sys.stdout.flush()
     if result.finish_reason is FinishReason.INTERRUPTED:
         errors.print("[dim]Interrupted.[/]")
-        return ExitStatus.INTERRUPTED
+        return ending.exit_status(otherwise=ExitStatus.INTERRUPTED)
     if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
         _print_error(getattr(result, "error", None) or "the server failed mid-answer")
         return ExitStatus.ERROR

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,7 @@ def test_user_text_from_a_session_file_never_drives_the_terminal(paths: UserPath
 # ------------------------------------------------------------------------------ 2. one session, one chat
 _HOLD = """
 import sys
+import threading
 from bluelm_cli.session import Session
 session = Session.new(sys.argv[1], name="dup", model_id="m")
 print("ready", flush=True)
@@ -588,3 +590,41 @@ def test_a_chat_started_with_stderr_closed_answers_and_journals(checkpoint: Path
     assert result.returncode == 0 and result.stdout.strip()
     records = [json.loads(line) for line in (home / "sessions" / "quiet.jsonl").read_text().splitlines()]
     assert [record["type"] for record in records] == ["start", "turn"] and records[1]["user"] == "hi"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_ask_session_journals_an_answer_ended_by_a_signal(signum: int, tmp_path: Path) -> None:
+    """`bluelm ask --session` killed mid-answer by SIGTERM/SIGHUP (a supervisor, a dropped SSH connection)
+    lost the turn (Ctrl-C kept it); now it is journaled as interrupted, and the exit status names the signal."""
+    from fake_openai import FakeOpenAI, Handler, chunk
+
+    release = threading.Event()
+
+    def partial_then_hang(handler: Handler, _: object) -> None:
+        handler.start_events()
+        handler.send_chunk(chunk("Partial"))
+        release.wait(60)
+
+    server = FakeOpenAI()
+    server.routes[("POST", "/v1/chat/completions")] = partial_then_hang
+    home = tmp_path / "home"
+    env = {**os.environ, "BLUELM_HOME": str(home)}
+
+    def default_signals() -> None:  # a test run under nohup must not hand its ignored SIGHUP on
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bluelm_cli", "ask", "--api", server.url, "--session", "sig", "hi"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.read(len("Partial")) == b"Partial"  # the answer is streaming
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 128 + signum
+    finally:
+        release.set()
+        proc.kill()
+        server.close()
+    turns = [r for r in map(json.loads, (home / "sessions" / "sig.jsonl").read_text().splitlines()) if r["type"] == "turn"]
+    assert [(t["user"], t["answer"], t["finish_reason"]) for t in turns] == [("hi", "Partial", "interrupted")]
