@@ -628,3 +628,29 @@ def test_ask_session_journals_an_answer_ended_by_a_signal(signum: int, tmp_path:
         server.close()
     turns = [r for r in map(json.loads, (home / "sessions" / "sig.jsonl").read_text().splitlines()) if r["type"] == "turn"]
     assert [(t["user"], t["answer"], t["finish_reason"]) for t in turns] == [("hi", "Partial", "interrupted")]
+
+
+def test_a_file_without_a_size_is_read_only_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ask -f /dev/zero` read forever (its size is 0, so the size check passed): a device or a pipe is
+    now read up to the limit and refused past it; a small pipe (`-f <(git diff)`) still works."""
+    from bluelm_cli import attachments
+
+    monkeypatch.setattr(attachments, "MAX_FILE_BYTES", 1024)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a" * 2048)
+    os.close(write_end)
+    try:
+        with pytest.raises(BlueLMError) as refused:
+            attachments.read_attachment(f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert str(refused.value) == (
+        f"/dev/fd/{read_end} gives more than 1.0 KB, far more than fits the context window; give a smaller file or an excerpt"
+    )
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"small\n")
+    os.close(write_end)
+    try:
+        assert attachments.read_attachment(f"/dev/fd/{read_end}").size_bytes == 6
+    finally:
+        os.close(read_end)
