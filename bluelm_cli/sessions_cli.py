@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from bluelm_cli.conversation import Conversation
-from bluelm_cli.errors import BlueLMError, ExitStatus
+from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.journal import SessionInfo, find_journal, list_sessions, replay
 from bluelm_cli.paths import user_paths
 
@@ -88,7 +88,7 @@ def show_command(
     from bluelm_cli import transcript
 
     if as_json and as_markdown:
-        raise BlueLMError("choose one of --json and --markdown")
+        raise UsageError("choose one of --json and --markdown")
     conversation = _conversation(name)
     if as_json:
         sys.stdout.write(json.dumps(transcript.to_json_dict(conversation), ensure_ascii=False, indent=2) + "\n")

@@ -654,3 +654,33 @@ def test_a_file_without_a_size_is_read_only_up_to_the_limit(monkeypatch: pytest.
         assert attachments.read_attachment(f"/dev/fd/{read_end}").size_bytes == 6
     finally:
         os.close(read_end)
+
+
+@pytest.mark.parametrize("export_format", ["hf", "gguf"])
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    export_format: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    """A full disk (here: a file-size limit, EFBIG) during `bluelm export` gave "SafetensorError: …" or
+    "OSError: 38400 requested and 12592 written" and left a half-written OUT folder."""
+    import resource
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = tmp_path / ("out" if export_format == "hf" else "out.gguf")
+    env = {**os.environ, "BLUELM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bluelm_cli", "export", "--model", str(checkpoint), "-f", export_format, str(out)],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, preexec_fn=small_files, timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"Error: cannot write {out} (")
+    assert result.stderr.splitlines()[-1].endswith("); free some space or choose another OUT")
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_sessions_show_with_two_formats_is_a_usage_error(paths: UserPaths) -> None:
+    new_session(paths, "both").close()
+    result = runner.invoke(app, ["sessions", "show", "both", "--json", "--markdown"])
+    assert (result.exit_code, result.stderr) == (2, "Error: choose one of --json and --markdown\n")
