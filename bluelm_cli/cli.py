@@ -777,6 +777,9 @@ def main() -> None:
         sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the life of the process
     if sys.stderr is None:  # started with stderr closed (`2>&-`): the chat goes on; its notes go nowhere
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the life of the process
+    from bluelm_cli.tolerant_stderr import TolerantStderr
+
+    sys.stderr = TolerantStderr(sys.stderr)  # type: ignore[assignment] - a full disk under stderr ends nothing
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to answer
         if sys.stderr is not None:
             sys.stderr.write("Error: standard output is closed; give bluelm a terminal, a file or a pipe to write to\n")

@@ -684,3 +684,20 @@ def test_sessions_show_with_two_formats_is_a_usage_error(paths: UserPaths) -> No
     new_session(paths, "both").close()
     result = runner.invoke(app, ["sessions", "show", "both", "--json", "--markdown"])
     assert (result.exit_code, result.stderr) == (2, "Error: choose one of --json and --markdown\n")
+
+
+def test_a_chat_whose_stderr_is_on_a_full_disk_answers_and_journals(checkpoint: Path, tmp_path: Path) -> None:
+    """`bluelm chat 2>/dev/full` (a log on a full partition) exited 1 at its first warning, before it had
+    answered or journaled anything; a lost diagnostic must not cost the turn."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    home = tmp_path / "home"
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "bluelm_cli", "chat", "--model", str(checkpoint), "-n", "3", "--session", "full"],
+            env=env, input="hi\n", stdout=subprocess.PIPE, stderr=full, text=True, timeout=300,
+        )
+    assert result.returncode == 0 and result.stdout.strip()
+    records = [json.loads(line) for line in (home / "sessions" / "full.jsonl").read_text().splitlines()]
+    assert [record["type"] for record in records] == ["start", "turn"]
