@@ -701,3 +701,16 @@ def test_a_chat_whose_stderr_is_on_a_full_disk_answers_and_journals(checkpoint: 
     assert result.returncode == 0 and result.stdout.strip()
     records = [json.loads(line) for line in (home / "sessions" / "full.jsonl").read_text().splitlines()]
     assert [record["type"] for record in records] == ["start", "turn"]
+
+
+def test_sessions_rm_refuses_a_session_open_in_a_chat(paths: UserPaths) -> None:
+    """`bluelm sessions rm NAME` deleted the journal under a running chat, whose later turns then went
+    nowhere ("not in the session journal … and are lost")."""
+    busy = new_session(paths, "busy")
+    new_session(paths, "idle").close()
+    result = runner.invoke(app, ["sessions", "rm", "idle", "busy"])
+    assert (result.exit_code, result.stderr) == (1, "Error: session 'busy' is open in a bluelm chat; end that chat first, then remove it\n")
+    assert sorted(p.name for p in paths.sessions_dir.glob("*.jsonl")) == ["busy.jsonl", "idle.jsonl"]  # nothing deleted
+    busy.close()
+    assert runner.invoke(app, ["sessions", "rm", "idle", "busy"]).exit_code == 0
+    assert not list(paths.sessions_dir.glob("*.jsonl"))
