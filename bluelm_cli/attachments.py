@@ -44,7 +44,10 @@ def read_attachment(path_text: str) -> Attachment:
             raise BlueLMError(f"{path_text} is a directory; give a text file")
         if size > MAX_FILE_BYTES:
             raise BlueLMError(f"{path_text} is {_size(size)}, far more than fits the context window; give a smaller file or an excerpt")
-        data = path.read_bytes()
+        with path.open("rb") as file:  # bounded: a device (/dev/zero) or a pipe (`-f <(cmd)`) has no size to check first
+            data = file.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise BlueLMError(f"{path_text} gives more than {_size(MAX_FILE_BYTES)}, far more than fits the context window; give a smaller file or an excerpt")
     except FileNotFoundError:
         raise BlueLMError(f"no such file: {path_text}") from None
     except OSError as exc:

@@ -64,6 +64,7 @@ class _BlueLMGroup(TyperGroup):
         debug = "--debug" in argv
         extra.pop("standalone_mode", None)
         try:
+            _refuse_undecodable(argv)
             status = super().main(args=argv, prog_name=prog_name or "bluelm", standalone_mode=False, **extra)
         except _ClickUsageError as error:
             if type(error).__name__ == "NoArgsIsHelpError":
@@ -99,6 +100,19 @@ class _BlueLMGroup(TyperGroup):
         except BrokenPipeError:  # typer itself would exit 1; a reader that went away (`| head`) is no error
             _silence_closed_stdout()
             return ExitStatus.OK
+
+
+def _refuse_undecodable(argv: list[str]) -> None:
+    """An argument that is not UTF-8 (Python keeps its bytes as lone surrogates) would fail much later,
+    in the tokenizer or the journal, with a message naming neither; refuse it first, naming it."""
+    for argument in argv:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError as error:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise UsageError(
+                f"the argument '{shown}' is not valid UTF-8 (byte {error.start}); convert it first, e.g. with iconv -t UTF-8"
+            ) from None
 
 
 def _usage_message(error: Exception) -> str:
@@ -226,6 +240,7 @@ def ask(
     """Answer one question and exit (with -c or --session, as the next turn of a saved chat). Plain text
     when piped, rendered Markdown on a terminal."""
     from bluelm_cli.attachments import check_fits, read_attachment, token_count, with_attachments
+    from bluelm_cli.ending_signals import ending_signals_interrupt
 
     settings, paths = _resolve(flags)
     quantization = quantization_choice(load_in_8bit, load_in_4bit)
@@ -248,7 +263,8 @@ def ask(
             f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
             f"kept its last {stream.plan.truncated_to} (--truncate)"
         )
-    failed = _show_ask(stream, raw=raw or as_json, quiet=as_json)
+    with ending_signals_interrupt() as ending:
+        failed = _show_ask(stream, raw=raw or as_json, quiet=as_json)
     committed = chat.commit(stream)  # `ask -c`: journaled even when the answer could not be written out
     result = committed.result
     if committed.journal_error:
@@ -264,7 +280,7 @@ def ask(
     sys.stdout.flush()
     if result.finish_reason is FinishReason.INTERRUPTED:
         errors.print("[dim]Interrupted.[/]")
-        return ExitStatus.INTERRUPTED
+        return ending.exit_status(otherwise=ExitStatus.INTERRUPTED)
     if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
         _print_error(getattr(result, "error", None) or "the server failed mid-answer")
         return ExitStatus.ERROR
@@ -645,9 +661,25 @@ def export(
     return ExitStatus.OK
 
 
+def _fill_closed_standard_descriptors() -> None:
+    """Put /dev/null on descriptors 0-2 where they were closed (as git does): else the next file opened
+    (a session journal) gets the number, and whatever writes to "stderr" (a C library, a warning) writes
+    into it."""
+    spare = os.open(os.devnull, os.O_RDWR)
+    while spare <= 2:
+        spare = os.open(os.devnull, os.O_RDWR)
+    os.close(spare)
+
+
 def main() -> None:
+    _fill_closed_standard_descriptors()
     if sys.stdin is None:  # started with stdin closed (`<&-`): it reads as empty
         sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - for the life of the process
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): the chat goes on; its notes go nowhere
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - for the life of the process
+    from bluelm_cli.tolerant_stderr import TolerantStderr
+
+    sys.stderr = TolerantStderr(sys.stderr)  # type: ignore[assignment] - a full disk under stderr ends nothing
     if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to answer
         if sys.stderr is not None:
             sys.stderr.write("Error: standard output is closed; give bluelm a terminal, a file or a pipe to write to\n")

@@ -6,8 +6,11 @@ of these answers in a fraction of a second even where the model takes minutes to
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from bluelm_cli.conversation import Conversation
-from bluelm_cli.errors import BlueLMError, ExitStatus
+from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.journal import SessionInfo, find_journal, list_sessions, replay
 from bluelm_cli.paths import user_paths
 
@@ -88,7 +91,7 @@ def show_command(
     from bluelm_cli import transcript
 
     if as_json and as_markdown:
-        raise BlueLMError("choose one of --json and --markdown")
+        raise UsageError("choose one of --json and --markdown")
     conversation = _conversation(name)
     if as_json:
         sys.stdout.write(json.dumps(transcript.to_json_dict(conversation), ensure_ascii=False, indent=2) + "\n")
@@ -108,6 +111,40 @@ def rm_command(
     """Delete saved sessions (their journals)."""
     sessions_dir = user_paths().sessions_dir
     paths = [_existing_journal(sessions_dir, name) for name in names]  # all known before any is deleted
+    with contextlib.ExitStack() as held:  # and none open in a chat, which would go on journaling into nothing
+        for name, path in zip(names, paths):
+            held.enter_context(_not_in_a_chat(path, name))
+        _remove(names, paths)
+    return ExitStatus.OK
+
+
+@contextlib.contextmanager
+def _not_in_a_chat(path: Path, name: str) -> Iterator[None]:
+    """Hold the journal's lock (the one a chat holds while the session is open) for the block; refuse a
+    session open in a chat."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield  # gone or unreadable: the removal says what is wrong
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BlueLMError(f"session '{name}' is open in a bluelm chat; end that chat first, then remove it") from None
+        except OSError:
+            pass  # a file system without locks: as the chat itself, go on unlocked
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove(names: list[str], paths: list[Path]) -> None:
     for name, path in zip(names, paths):
         try:
             path.unlink()
@@ -116,7 +153,6 @@ def rm_command(
         except OSError as exc:
             raise BlueLMError(f"cannot delete {path} ({exc.strerror or exc}); check its permissions") from None
         typer.echo(f"Removed session {name}")
-    return ExitStatus.OK
 
 
 @sessions_app.command("search")
@@ -165,6 +201,7 @@ def _short_model(model_id: str) -> str:
 
 
 def _listed(sessions_dir: Path) -> list[_Listed]:
+    _refuse_a_file_in_the_way(sessions_dir)
     listed = []
     for info in list_sessions(sessions_dir):
         if info.unreadable is not None:
@@ -176,6 +213,16 @@ def _listed(sessions_dir: Path) -> list[_Listed]:
             continue  # removed since it was listed
         listed.append(_Listed(info, conversation))
     return listed
+
+
+def _refuse_a_file_in_the_way(sessions_dir: Path) -> None:
+    """A file where the sessions folder (or a folder above it) should be is an error, not "no sessions yet":
+    no chat could journal there either."""
+    for folder in (sessions_dir, *sessions_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise BlueLMError(f"{folder} is a file, not a folder; point BLUELM_HOME at a folder (or remove that file)")
+            return
 
 
 def _existing_journal(sessions_dir: Path, name: str) -> Path:

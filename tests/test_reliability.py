@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,7 @@ def test_user_text_from_a_session_file_never_drives_the_terminal(paths: UserPath
 # ------------------------------------------------------------------------------ 2. one session, one chat
 _HOLD = """
 import sys
+import threading
 from bluelm_cli.session import Session
 session = Session.new(sys.argv[1], name="dup", model_id="m")
 print("ready", flush=True)
@@ -541,3 +543,174 @@ def test_closed_standard_streams_are_one_line(checkpoint: Path, tmp_path: Path) 
     )
     assert closed_stdout.returncode == 1
     assert closed_stdout.stderr == "Error: standard output is closed; give bluelm a terminal, a file or a pipe to write to\n"
+
+
+# --------------------------------------------------------------------- the third campaign's findings
+def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_it(checkpoint: Path) -> None:
+    """A non-UTF-8 byte in an argument (`bluelm ask $'caf\\xe9'`, `-s $'\\x9b'`) reaches Python as a lone
+    surrogate; it failed after the load with sentencepiece's "Unable to cast Python instance…", exit 1."""
+    result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "3", "caf\udce9 x"])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "Error: the argument 'caf\ufffd x' is not valid UTF-8 (byte 3); convert it first, e.g. with iconv -t UTF-8\n"
+    )
+    system = runner.invoke(app, ["ask", "--model", str(checkpoint), "-s", "\udc9b31m", "hi"])
+    assert system.exit_code == 2 and "is not valid UTF-8 (byte 0)" in system.stderr
+
+
+@pytest.mark.parametrize("where", ["sessions", "home"])
+def test_sessions_says_when_a_file_stands_where_its_folder_should_be(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bluelm sessions` said "No sessions yet" (exit 0) where the sessions folder or BLUELM_HOME is a file."""
+    home = tmp_path / "home"
+    if where == "home":
+        home.write_text("")
+        blocker = home
+    else:
+        home.mkdir()
+        blocker = home / "sessions"
+        blocker.write_text("")
+    monkeypatch.setenv("BLUELM_HOME", str(home))
+    expected = f"Error: {blocker} is a file, not a folder; point BLUELM_HOME at a folder (or remove that file)\n"
+    for command in (["sessions"], ["sessions", "search", "hi"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1 and result.stderr == expected
+
+
+def test_a_chat_started_with_stderr_closed_answers_and_journals(checkpoint: Path, tmp_path: Path) -> None:
+    """`bluelm chat 2>&-` died at its first warning (sys.stderr is None) with exit 1 and lost the turn; and a
+    closed descriptor 2 would be handed to the next file opened, so stray stderr writes landed in it."""
+    home = tmp_path / "home"
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bluelm_cli", "chat", "--model", str(checkpoint), "-n", "3", "--session", "quiet"],
+        env=env, input="hi\n", stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2), text=True, timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip()
+    records = [json.loads(line) for line in (home / "sessions" / "quiet.jsonl").read_text().splitlines()]
+    assert [record["type"] for record in records] == ["start", "turn"] and records[1]["user"] == "hi"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_ask_session_journals_an_answer_ended_by_a_signal(signum: int, tmp_path: Path) -> None:
+    """`bluelm ask --session` killed mid-answer by SIGTERM/SIGHUP (a supervisor, a dropped SSH connection)
+    lost the turn (Ctrl-C kept it); now it is journaled as interrupted, and the exit status names the signal."""
+    from fake_openai import FakeOpenAI, Handler, chunk
+
+    release = threading.Event()
+
+    def partial_then_hang(handler: Handler, _: object) -> None:
+        handler.start_events()
+        handler.send_chunk(chunk("Partial"))
+        release.wait(60)
+
+    server = FakeOpenAI()
+    server.routes[("POST", "/v1/chat/completions")] = partial_then_hang
+    home = tmp_path / "home"
+    env = {**os.environ, "BLUELM_HOME": str(home)}
+
+    def default_signals() -> None:  # a test run under nohup must not hand its ignored SIGHUP on
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bluelm_cli", "ask", "--api", server.url, "--session", "sig", "hi"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.read(len("Partial")) == b"Partial"  # the answer is streaming
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == 128 + signum
+    finally:
+        release.set()
+        proc.kill()
+        server.close()
+    turns = [r for r in map(json.loads, (home / "sessions" / "sig.jsonl").read_text().splitlines()) if r["type"] == "turn"]
+    assert [(t["user"], t["answer"], t["finish_reason"]) for t in turns] == [("hi", "Partial", "interrupted")]
+
+
+def test_a_file_without_a_size_is_read_only_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ask -f /dev/zero` read forever (its size is 0, so the size check passed): a device or a pipe is
+    now read up to the limit and refused past it; a small pipe (`-f <(git diff)`) still works."""
+    from bluelm_cli import attachments
+
+    monkeypatch.setattr(attachments, "MAX_FILE_BYTES", 1024)
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"a" * 2048)
+    os.close(write_end)
+    try:
+        with pytest.raises(BlueLMError) as refused:
+            attachments.read_attachment(f"/dev/fd/{read_end}")
+    finally:
+        os.close(read_end)
+    assert str(refused.value) == (
+        f"/dev/fd/{read_end} gives more than 1.0 KB, far more than fits the context window; give a smaller file or an excerpt"
+    )
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"small\n")
+    os.close(write_end)
+    try:
+        assert attachments.read_attachment(f"/dev/fd/{read_end}").size_bytes == 6
+    finally:
+        os.close(read_end)
+
+
+@pytest.mark.parametrize("export_format", ["hf", "gguf"])
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
+    export_format: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    """A full disk (here: a file-size limit, EFBIG) during `bluelm export` gave "SafetensorError: …" or
+    "OSError: 38400 requested and 12592 written" and left a half-written OUT folder."""
+    import resource
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = tmp_path / ("out" if export_format == "hf" else "out.gguf")
+    env = {**os.environ, "BLUELM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bluelm_cli", "export", "--model", str(checkpoint), "-f", export_format, str(out)],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, preexec_fn=small_files, timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(f"Error: cannot write {out} (")
+    assert result.stderr.splitlines()[-1].endswith("); free some space or choose another OUT")
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_sessions_show_with_two_formats_is_a_usage_error(paths: UserPaths) -> None:
+    new_session(paths, "both").close()
+    result = runner.invoke(app, ["sessions", "show", "both", "--json", "--markdown"])
+    assert (result.exit_code, result.stderr) == (2, "Error: choose one of --json and --markdown\n")
+
+
+def test_a_chat_whose_stderr_is_on_a_full_disk_answers_and_journals(checkpoint: Path, tmp_path: Path) -> None:
+    """`bluelm chat 2>/dev/full` (a log on a full partition) exited 1 at its first warning, before it had
+    answered or journaled anything; a lost diagnostic must not cost the turn."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    home = tmp_path / "home"
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "bluelm_cli", "chat", "--model", str(checkpoint), "-n", "3", "--session", "full"],
+            env=env, input="hi\n", stdout=subprocess.PIPE, stderr=full, text=True, timeout=300,
+        )
+    assert result.returncode == 0 and result.stdout.strip()
+    records = [json.loads(line) for line in (home / "sessions" / "full.jsonl").read_text().splitlines()]
+    assert [record["type"] for record in records] == ["start", "turn"]
+
+
+def test_sessions_rm_refuses_a_session_open_in_a_chat(paths: UserPaths) -> None:
+    """`bluelm sessions rm NAME` deleted the journal under a running chat, whose later turns then went
+    nowhere ("not in the session journal … and are lost")."""
+    busy = new_session(paths, "busy")
+    new_session(paths, "idle").close()
+    result = runner.invoke(app, ["sessions", "rm", "idle", "busy"])
+    assert (result.exit_code, result.stderr) == (1, "Error: session 'busy' is open in a bluelm chat; end that chat first, then remove it\n")
+    assert sorted(p.name for p in paths.sessions_dir.glob("*.jsonl")) == ["busy.jsonl", "idle.jsonl"]  # nothing deleted
+    busy.close()
+    assert runner.invoke(app, ["sessions", "rm", "idle", "busy"]).exit_code == 0
+    assert not list(paths.sessions_dir.glob("*.jsonl"))

@@ -31,6 +31,7 @@ def make_session(name: str, model_id: str, turns: list[tuple[str, str]], when: f
     for user, answer in turns:
         session.add_turn(Turn(user, answer, finish_reason=FinishReason.STOP))
     assert session.journal is not None
+    session.close()  # saved, not open in a chat (`sessions rm` refuses a session a chat holds)
     os.utime(session.journal, (when, when))
     return session
 

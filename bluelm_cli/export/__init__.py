@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,21 +34,41 @@ def export_checkpoint(
 
     folder = resolve_model_folder(model, source, on_status)
     check_checkpoint_folder(folder)
-    if format == "hf":
-        from bluelm_cli.export.hf import export_hf
-
-        export_hf(folder, out, dtype=dtype, on_status=on_status)
-        return out
-    from bluelm_cli.export.gguf_file import export_gguf
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(out.name + ".partial")  # nothing half-written is ever left at OUT
     try:
-        export_gguf(folder, partial, dtype=dtype, on_status=on_status)
-        partial.replace(out)
+        if format == "hf":
+            from bluelm_cli.export.hf import export_hf
+
+            export_hf(folder, partial, dtype=dtype, on_status=on_status)
+        else:
+            from bluelm_cli.export.gguf_file import export_gguf
+
+            export_gguf(folder, partial, dtype=dtype, on_status=on_status)
+        partial.replace(out)  # an empty OUT folder is replaced too
+    except Exception as error:
+        if isinstance(error, BlueLMError) or not _is_write_failure(error):
+            raise
+        raise BlueLMError(f"cannot write {out} ({_reason(error)}); free some space or choose another OUT") from None
     finally:
-        partial.unlink(missing_ok=True)
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
     return out
+
+
+def _is_write_failure(error: Exception) -> bool:
+    # safetensors reports a failed write as its own error type, with the OS error in the text.
+    return isinstance(error, OSError) or type(error).__name__ == "SafetensorError"
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if isinstance(error, OSError):  # gguf's short write: "38400 requested and 12592 written"
+        return f"a write was cut short: {error}"
+    return re.sub(r" \(os error \d+\)$", "", str(error).rsplit("I/O error: ", 1)[-1])
 
 
 def _check_out(out: Path, format: str) -> None:
