@@ -8,7 +8,6 @@ the weights are not downloaded and not imported; BlueLM is implemented natively 
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field

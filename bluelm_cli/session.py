@@ -29,7 +29,6 @@ from bluelm_cli.journal import (
     create_exclusive,
     find_journal,
     fsync_dir,
-    journal_path,
     list_sessions,
     reason,
     replay,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE
-from bluelm_cli.export.hf import DTYPES, SourceTensors, llama_config, llama_tensors, piece_count, resolve_dtype
+from bluelm_cli.export.hf import SourceTensors, llama_config, llama_tensors, piece_count, resolve_dtype
 from bluelm_cli.export.tokenizer_json import read_model_proto
 
 __all__ = ["export_gguf", "gguf_tensor_name"]
