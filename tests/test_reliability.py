@@ -714,3 +714,27 @@ def test_sessions_rm_refuses_a_session_open_in_a_chat(paths: UserPaths) -> None:
     busy.close()
     assert runner.invoke(app, ["sessions", "rm", "idle", "busy"]).exit_code == 0
     assert not list(paths.sessions_dir.glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("export_format", ["hf", "gguf"])
+@pytest.mark.parametrize("field, value", [("hidden_size", 128), ("num_hidden_layers", 1), ("intermediate_size", 96)])
+def test_an_export_refuses_weights_whose_sizes_its_config_does_not_describe(
+    export_format: str, field: str, value: int, checkpoint: Path, tmp_path: Path
+) -> None:
+    """A config.json edited away from its weights exported "successfully" into a folder whose config did not
+    match its tensors (campaign 3, X12); chat and ask already refuse such a checkpoint."""
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    assert config[field] != value
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    out = tmp_path / ("out" if export_format == "hf" else "out.gguf")
+    result = runner.invoke(app, ["export", "--model", str(folder), "-f", export_format, str(out)])
+    assert result.exit_code == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"Error: the weights in {folder} do not have the sizes its config.json describes (")
+    assert result.stderr.endswith("); export a checkpoint whose config.json came with its weights\n")
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

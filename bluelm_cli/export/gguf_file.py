@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE
-from bluelm_cli.export.hf import SourceTensors, llama_config, llama_tensors, piece_count, resolve_dtype
+from bluelm_cli.export.hf import SourceTensors, check_shapes, llama_config, llama_tensors, piece_count, resolve_dtype
 from bluelm_cli.export.tokenizer_json import read_model_proto
 
 __all__ = ["export_gguf", "gguf_tensor_name"]
@@ -79,7 +79,9 @@ def export_gguf(folder: Path, out_file: Path, *, dtype: str = "auto", on_status:
     if "rope_scaling" in config:
         factors = np.asarray(config["rope_scaling"]["long_factor"], dtype=np.float32)
         tensors.append(("rope_freqs.weight", lambda: factors, None))
-    for name, make, _shape in llama_tensors(SourceTensors(folder), source_config, pieces, torch.float32):
+    tensors_in = SourceTensors(folder)
+    check_shapes(tensors_in, source_config, folder)
+    for name, make, _shape in llama_tensors(tensors_in, source_config, pieces, torch.float32):
         tensors.append((gguf_tensor_name(name), _converter(name, make, heads, kv_heads, dtype_name), name))
 
     for gguf_name, produce, _ in tensors:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from bluelm_cli.errors import BlueLMError
 from bluelm_cli.export.chat_template import HF_CHAT_TEMPLATE
 from bluelm_cli.export.tokenizer_json import build_tokenizer
 
@@ -169,6 +170,31 @@ def folded_embedding(embed: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.nn.functional.layer_norm(embed.float(), (embed.shape[-1],), weight.float(), bias.float(), eps)
 
 
+def check_shapes(source: SourceTensors, config: dict[str, Any], folder: Path) -> None:
+    """Refuse weights whose sizes or tensors are not the ones config.json describes (as loading the model does).
+
+    The shapes expected are those of BlueLM built from the config on the meta device: the modeling code is the
+    one source of what a config means."""
+    from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in BlueLMForCausalLM(BlueLMConfig(**config)).state_dict().items()}
+    names = source.names()
+    wrong = [name for name in names if name in expected and source.shape(name) != expected[name]]
+    missing = [name for name in expected if name not in names]
+    # Layers past the config's count, say: a rotary table some checkpoints store is the only other thing allowed.
+    extra = [name for name in names if name not in expected and not name.endswith("rotary_emb.inv_freq")]
+    if wrong or missing or extra:
+        if wrong:
+            what = f"{wrong[0]} is {list(source.shape(wrong[0]))}, the config says {list(expected[wrong[0]])}"
+        else:
+            what = f"{missing[0]} is missing" if missing else f"{extra[0]} is not in a model of that config"
+        raise BlueLMError(
+            f"the weights in {folder} do not have the sizes its config.json describes ({what}); "
+            "export a checkpoint whose config.json came with its weights"
+        )
+
+
 def llama_tensors(
     source: SourceTensors, config: dict[str, Any], pieces: int, dtype: torch.dtype
 ) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
@@ -218,7 +244,9 @@ def export_hf(
     config = llama_config(source_config, pieces, dtype_name)
     out.mkdir(parents=True, exist_ok=True)
 
-    plan = list(llama_tensors(SourceTensors(folder), source_config, pieces, torch_dtype))
+    tensors_in = SourceTensors(folder)
+    check_shapes(tensors_in, source_config, folder)
+    plan = list(llama_tensors(tensors_in, source_config, pieces, torch_dtype))
     element = torch.empty((), dtype=torch_dtype).element_size()
     shards: list[list[tuple[str, Callable[[], torch.Tensor]]]] = [[]]
     size = 0
