@@ -11,6 +11,13 @@ consist of complete lines and end where a further top-level block starts (Common
 every earlier top-level block at that point). Each committed chunk is rendered exactly as
 ``rich.markdown.Markdown`` renders those blocks inside the whole document, including the blank
 line Rich puts between blocks, so the scrollback ends up identical to a one-shot render.
+
+The terminal can change under the live region. After a resize (``terminal_resized()``, or a new size
+seen at the next redraw) the lines it drew have been reflowed to the new width, so the region is
+erased by the rows those lines take *now*, never more than the screen holds, and drawn afresh. After
+a stop and continue (``terminal_continued()``) the lines under the cursor may be the shell's job-control
+messages, so nothing is erased: the region starts again on a new line. ``release_terminal()`` erases
+the region and shows the cursor around an action such as stopping the process for Ctrl-Z.
 """
 
 from __future__ import annotations
@@ -19,20 +26,20 @@ import copy
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, RenderResult
+from rich.control import Control
 from rich.live import Live
-
-from bluelm_cli.sanitize import safe_for_terminal
-
-__all__ = ["StreamRenderer", "render_markdown", "safe_for_terminal", "wants_plain_output"]
 from rich.markdown import Markdown, UnknownElement
-from rich.segment import Segment
+from rich.segment import ControlType, Segment
 from rich.spinner import Spinner
 from rich.text import Text
+
+from bluelm_cli.sanitize import safe_for_terminal
 
 __all__ = ["StreamRenderer", "render_markdown", "safe_for_terminal", "wants_plain_output"]
 
@@ -142,6 +149,12 @@ class StreamRenderer:
         self._last_draw = -math.inf
         self._started = False
         self._finished = False
+        self._shown_widths: list[int] = []  # cells in each line of the live region as last drawn
+        self._shown_size: tuple[int, int] | None = None  # the console size it was drawn for
+        self._resized = False
+        self._continued = False
+        self._busy = 0  # > 0 while a call into the renderer is writing to the terminal
+        self._when_idle: Callable[[], None] | None = None
 
     def __enter__(self) -> StreamRenderer:
         self.start()
@@ -173,10 +186,41 @@ class StreamRenderer:
         )
         self._spinner.start(refresh=True)
 
+    def terminal_resized(self) -> None:
+        """The terminal's size changed (SIGWINCH): the next redraw erases by the reflowed shape.
+        Only sets a flag, so a signal handler may call it at any point."""
+        self._resized = True
+        self._last_draw = -math.inf
+
+    def terminal_continued(self) -> None:
+        """The process was stopped and continued (SIGCONT): what is under the cursor may be the shell's
+        now, so the next redraw erases nothing and starts on a new line. Only sets a flag."""
+        self._continued = True
+        self._last_draw = -math.inf
+
+    def release_terminal(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (e.g. stop the process for Ctrl-Z) with the live region and spinner erased and
+        the cursor shown, then take the terminal back; the region comes back at the next redraw.
+
+        Meant for signal handlers: when the handler interrupted the renderer in the middle of writing,
+        ``action`` runs as soon as that call returns, so no escape sequence is ever cut in half."""
+        if self._busy:
+            self._when_idle = action
+            return
+        self._release_now(action)
+
     def feed(self, delta: str) -> None:
         """Add a piece of the answer; redraws at most at the configured rate."""
         if not delta or self._finished:
             return
+        self._busy += 1
+        try:
+            self._feed(delta)
+        finally:
+            self._busy -= 1
+            self._run_deferred()
+
+    def _feed(self, delta: str) -> None:
         if self._console.is_terminal:
             delta = safe_for_terminal(delta)
         if self._plain:
@@ -205,12 +249,21 @@ class StreamRenderer:
         """Print whatever is not in the scrollback yet and leave the terminal clean. Idempotent."""
         if self._finished:
             return
+        self._busy += 1
+        try:
+            self._finish()
+        finally:
+            self._busy -= 1
+            self._run_deferred()
+
+    def _finish(self) -> None:
         self._finished = True
         if self._plain:
             return
         self._stop_spinner()
         self._absorb_pending()
         if self._live is not None:
+            self._adapt_to_terminal()
             # An empty region makes Live's final (uncropped) refresh harmless.
             self._live.update(Text(""), refresh=False)
             self._live.stop()
@@ -219,6 +272,59 @@ class StreamRenderer:
             self._console.print(self._block(self._tail, self._blank_line_first))
             self._committed.append(self._tail)
             self._tail = ""
+
+    def _run_deferred(self) -> None:
+        if self._busy == 0 and self._when_idle is not None:
+            action, self._when_idle = self._when_idle, None
+            self._release_now(action)
+
+    def _release_now(self, action: Callable[[], None]) -> None:
+        spinning = self._spinner is not None
+        self._stop_spinner()  # its refresh thread would draw while the shell owns the screen
+        if self._live is not None:
+            self._erase_live_region()
+            self._console.show_cursor(True)
+        try:
+            action()
+        finally:
+            if self._live is not None:
+                self._console.show_cursor(False)
+            if spinning and not self._finished and self._live is None:
+                self._started = False
+                self.start()
+
+    def _region_shape(self) -> Any:
+        # Rich's LiveRender keeps the shape it drew in order to erase it; there is no public way to
+        # tell it that the terminal no longer holds that shape.
+        assert self._live is not None
+        return self._live._live_render
+
+    def _adapt_to_terminal(self) -> None:
+        """Before the live region is redrawn: undo what a resize or a stop did to the screen."""
+        continued, self._continued = self._continued, False
+        resized, self._resized = self._resized, False
+        if self._region_shape()._shape is None:
+            return
+        if continued:
+            # Whatever follows the region may be the shell's ("[1]+ Stopped", "fg"): keep it all.
+            self._region_shape()._shape = None
+            self._console.control(Control(ControlType.CARRIAGE_RETURN))
+            self._console.line()
+        elif resized or self._shown_size != (self._console.width, self._console.height):
+            self._erase_live_region()
+
+    def _erase_live_region(self) -> None:
+        """Erase the region by the rows its lines take at the terminal's *current* width (a resize has
+        reflowed them), but never move the cursor above the top of the screen."""
+        live_render = self._region_shape()
+        if live_render._shape is None:
+            return
+        width, height = self._console.width, self._console.height
+        rows = sum(max(1, math.ceil(cells / width)) for cells in self._shown_widths) or 1
+        up = min(rows, height) - 1
+        erase_upwards = ((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * up
+        self._console.control(Control(ControlType.CARRIAGE_RETURN, (ControlType.ERASE_IN_LINE, 2), *erase_upwards))
+        live_render._shape = None
 
     def _stop_spinner(self) -> None:
         if self._spinner is not None:
@@ -236,6 +342,7 @@ class StreamRenderer:
 
     def _draw(self) -> None:
         assert self._live is not None
+        self._adapt_to_terminal()
         self._absorb_pending()
         split = _split(self._tail)
         if split.offset:
@@ -262,5 +369,7 @@ class StreamRenderer:
                 tail = "\n".join([lines[0], *lines[-max_height:]])
         rendered = console.render_lines(
             self._block(tail, self._blank_line_first), console.options, pad=False, new_lines=False
-        )
-        return _Lines(rendered[-max_height:])
+        )[-max_height:]
+        self._shown_widths = [Segment.get_line_length(line) for line in rendered]
+        self._shown_size = (console.width, console.height)
+        return _Lines(rendered)

@@ -39,6 +39,7 @@ from bluelm_cli.commands import ChatCompleter, ExitChat, ShowAnswer, run_command
 from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.habits import foreign_line_hint
+from bluelm_cli.job_control import answer_terminal
 from bluelm_cli.load_view import LoadView
 from bluelm_cli.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
 from bluelm_cli.output import PROMPT, ChatOutput
@@ -268,7 +269,7 @@ class ChatRepl:
         under a redirect, an encoding) stops the answer and is returned: the answer is still committed,
         and the model's worker is never left running (a torch op at interpreter exit aborts the process)."""
         renderer = StreamRenderer(self.out.console, markdown=self.interactive)
-        with self._hangup_stops_answer(), _keys_not_echoed(self.interactive):
+        with self._hangup_stops_answer(), answer_terminal(renderer, interactive=self.interactive):
             try:
                 renderer.start()
                 show_stream(stream, renderer)
@@ -360,25 +361,6 @@ def _on_ending_signals(handler: Callable[[int, object], None]) -> Iterator[None]
 def _terminal_restored() -> Iterator[None]:
     """Whatever happens, leave the terminal's modes as the chat found them."""
     with _terminal_modes(lambda modes: modes):
-        yield
-
-
-@contextmanager
-def _keys_not_echoed(interactive: bool) -> Iterator[None]:
-    """While an answer streams, keys typed are not echoed into it (that would shift the live region and
-    duplicate lines); they wait, unread, and the next prompt receives them. Ctrl-C still interrupts."""
-
-    def quiet(modes: list) -> list:
-        import termios
-
-        modes = list(modes)
-        modes[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
-        return modes
-
-    if not interactive:
-        yield
-        return
-    with _terminal_modes(quiet):
         yield
 
 

@@ -244,3 +244,62 @@ def test_keys_typed_during_an_answer_wait_for_the_next_prompt(checkpoint: Path, 
         assert finish(child) == 0
     finally:
         child.close(force=True)
+
+
+def test_resize_mid_answer_keeps_streaming_and_journals_it_whole(checkpoint: Path, home: Path) -> None:
+    child = spawn(checkpoint, home, "--session", "winch", max_new_tokens=300)
+    try:
+        send(child, "tell me a long story")
+        child.expect_exact("thinking")
+        child.expect(r"\w{3}")  # answer text is streaming
+        child.setwinsize(30, 60)  # SIGWINCH mid-answer, narrower: the terminal reflows the live region
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        send(child, "tell me a long story")
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        turns = journal_turns(home, "winch")
+        assert [t["user"] for t in turns] == ["tell me a long story"] * 2
+        assert turns[0]["finish_reason"] == "length" and len(turns[0]["answer_ids"]) == 300
+        assert finish(child) == 0
+    finally:
+        child.close(force=True)
+
+
+def test_ctrl_z_mid_answer_gives_the_shell_a_clean_terminal_and_fg_resumes(checkpoint: Path, home: Path) -> None:
+    """Real job control: an interactive bash runs the chat (a pexpect child alone is an orphaned process
+    group, where the kernel discards SIGTSTP)."""
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color", "PS1": "SHELL$ "}
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, dimensions=(40, 120), encoding="utf-8",
+                          codec_errors="replace", timeout=TIMEOUT)
+    try:
+        child.expect_exact("SHELL$ ")
+        send(child, f"{sys.executable} -m bluelm_cli chat --model {checkpoint} --temperature 0"
+                    " --max-new-tokens 300 --session tstp")
+        child.expect("BlueLM chat")
+        wait_for_prompt(child)
+        send(child, "tell me a long story")
+        child.expect_exact("thinking")
+        child.expect(r"\w{3}")
+        child.send("\x1a")  # Ctrl-Z
+        child.expect_exact("Stopped")
+        child.expect_exact("SHELL$ ")
+        send(child, "stty -a | grep -o -- ' -\\?echo ' ; echo MODES-DONE")
+        child.expect_exact("MODES-DONE\r\n")  # the command's own echo is itself proof that echo is back on
+        assert " -echo " not in child.before
+        send(child, "fg")
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        send(child, "tell me a long story")
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        turns = journal_turns(home, "tstp")
+        assert [t["user"] for t in turns] == ["tell me a long story"] * 2
+        assert turns[0]["finish_reason"] == "length" and len(turns[0]["answer_ids"]) == 300
+        send(child, "/exit")
+        child.expect_exact("SHELL$ ")
+        send(child, "exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)

@@ -513,3 +513,174 @@ def test_one_shot_render_neutralises_control_characters_on_a_terminal() -> None:
     out = io.StringIO()
     render_markdown(Console(file=out, force_terminal=True, width=40), "clear\x1b[2J screen")
     assert "\x1b[2J" not in out.getvalue() and "\ufffd[2J" in out.getvalue()
+
+
+class ReflowingTerminal:
+    """A terminal that wraps long lines and reflows them when its width changes (as tmux, VTE, iTerm2,
+    kitty and Windows Terminal do): rows are ``[text, wrapped]``, the screen is the last ``height`` rows."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.width, self.height = width, height
+        self.rows: list[list] = [["", False]]
+        self.row = self.col = 0
+        self.clamped = 0  # cursor-up requests that hit the top of the screen
+
+    def write(self, data: str) -> None:
+        pos = 0
+        for match in _ESCAPE.finditer(data):
+            self._text(data[pos : match.start()])
+            pos = match.end()
+            params, command = match.group(1), match.group(2)
+            if command == "A":
+                top = max(0, len(self.rows) - self.height)
+                target = self.row - int(params or 1)
+                self.clamped += target < top
+                self.row = max(top, target)
+            elif command == "K":
+                self.rows[self.row][0] = ""
+        self._text(data[pos:])
+
+    def _text(self, text: str) -> None:
+        for char in text:
+            if char == "\n":
+                self._next_row(wrapped=False)
+            elif char == "\r":
+                self.col = 0
+            else:
+                if self.col == self.width:  # pending wrap: the row continues on the next one
+                    self._next_row(wrapped=True)
+                line = self.rows[self.row][0].ljust(self.col)
+                self.rows[self.row][0] = line[: self.col] + char + line[self.col + 1 :]
+                self.col += 1
+
+    def _next_row(self, wrapped: bool) -> None:
+        self.rows[self.row][1] = wrapped
+        self.row += 1
+        self.col = 0 if not wrapped else 0
+        if self.row == len(self.rows):
+            self.rows.append(["", False])
+
+    def resize(self, width: int) -> None:
+        """Join wrapped rows into lines and wrap them again at ``width``; the cursor stays on its cell."""
+        lines: list[str] = []
+        cursor = (0, 0)
+        current = ""
+        for index, (text, wrapped) in enumerate(self.rows):
+            if index == self.row:
+                cursor = (len(lines), len(current) + self.col)
+            current += text.ljust(self.width) if wrapped else text
+            if not wrapped:
+                lines.append(current)
+                current = ""
+        if current:
+            lines.append(current)
+        self.width, self.rows = width, []
+        for number, line in enumerate(lines):
+            pieces = [line[i : i + width] for i in range(0, max(len(line), 1), width)] or [""]
+            if number == cursor[0]:
+                self.row = len(self.rows) + min(cursor[1] // width, len(pieces) - 1)
+                self.col = cursor[1] - (self.row - len(self.rows)) * width
+            self.rows.extend([piece, True] for piece in pieces[:-1])
+            self.rows.append([pieces[-1], False])
+
+    def words(self) -> list[str]:
+        return "".join(text + ("" if wrapped else "\n") for text, wrapped in self.rows).split()
+
+
+PARAGRAPHS = "".join(
+    f"Paragraph {i} says " + " ".join(f"w{i}x{j}" for j in range(16)) + ".\n\n" for i in range(8)
+)
+
+
+def test_resize_mid_stream_leaves_each_word_once() -> None:
+    """The terminal narrows while a paragraph is in the live region: the terminal reflows what was
+    drawn, and the renderer must erase those reflowed rows, not the rows it drew at the old width."""
+    console, out = make_console(width=60, height=20)
+    terminal = ReflowingTerminal(60, 20)
+    resize_at = PARAGRAPHS.index("w4x12")  # mid-paragraph: two 60-column lines in the live region
+    with StreamRenderer(console, max_refresh_per_second=FAST) as renderer:
+        for index, char in enumerate(PARAGRAPHS):
+            if index == resize_at:
+                terminal.write(out.getvalue())
+                out.seek(0)
+                out.truncate()
+                terminal.resize(40)
+                console.width = 40
+                renderer.terminal_resized()
+            renderer.feed(char)
+    terminal.write(out.getvalue())
+    assert terminal.words() == PARAGRAPHS.split()  # every word once, in order: nothing stale, nothing eaten
+    assert terminal.clamped == 0
+
+
+def test_resize_seen_at_the_next_redraw_without_a_signal() -> None:
+    console, out = make_console(width=60, height=20)
+    terminal = ReflowingTerminal(60, 20)
+    resize_at = PARAGRAPHS.index("w2x14")
+    with StreamRenderer(console, max_refresh_per_second=FAST) as renderer:
+        for index, char in enumerate(PARAGRAPHS):
+            if index == resize_at:
+                terminal.write(out.getvalue())
+                out.seek(0)
+                out.truncate()
+                terminal.resize(30)
+                console.width = 30  # no SIGWINCH handler told the renderer: the new size is enough
+            renderer.feed(char)
+    terminal.write(out.getvalue())
+    assert terminal.words() == PARAGRAPHS.split()
+    assert terminal.clamped == 0
+
+
+def test_continued_after_a_stop_keeps_the_shells_lines() -> None:
+    """After Ctrl-Z/`fg` the lines below the live region are the shell's: they must survive, and the
+    answer continues below them."""
+    console, out = make_console(width=60, height=20)
+    terminal = ReflowingTerminal(60, 20)
+    stop_at = PARAGRAPHS.index("w3x10")
+    shell = "\r\n[1]+  Stopped   bluelm chat\r\n$ fg\r\nbluelm chat\r\n"
+    with StreamRenderer(console, max_refresh_per_second=FAST) as renderer:
+        for index, char in enumerate(PARAGRAPHS):
+            if index == stop_at:
+                terminal.write(out.getvalue() + shell)  # stopped by SIGSTOP: no chance to erase first
+                out.seek(0)
+                out.truncate()
+                renderer.terminal_continued()
+            renderer.feed(char)
+    terminal.write(out.getvalue())
+    words = terminal.words()
+    assert words.count("Stopped") == 1 and words.count("fg") == 1
+    after_shell = words[words.index("fg") + 3 :]
+    # Paragraph 2 was still live (it ends when paragraph 3's first line does): it is drawn again below.
+    assert after_shell == PARAGRAPHS[PARAGRAPHS.index("Paragraph 2") :].split()
+    assert terminal.clamped == 0
+
+
+def test_release_terminal_erases_the_region_and_waits_for_a_write_to_end() -> None:
+    """Ctrl-Z's handler may interrupt the renderer mid-write: the stop then waits for that write."""
+    console, out = make_console(width=60, height=20)
+    seen: list[str] = []
+    renderer = StreamRenderer(console, max_refresh_per_second=FAST)
+
+    def stop() -> None:
+        terminal = ReflowingTerminal(60, 20)
+        terminal.write(out.getvalue())
+        seen.append(" ".join(terminal.words()))
+        seen.append("cursor shown" if out.getvalue().endswith("\x1b[?25h") else "cursor hidden")
+
+    real_write = out.write
+
+    def write_then_signal(data: str) -> int:
+        written = real_write(data)
+        if "w2x3" in data and not seen:
+            renderer.release_terminal(stop)  # as a signal handler would, in the middle of a draw
+            assert seen == []  # deferred: the draw is not finished yet
+        return written
+
+    out.write = write_then_signal  # type: ignore[method-assign]
+    with renderer:
+        for char in PARAGRAPHS[: PARAGRAPHS.index("w2x6")]:
+            renderer.feed(char)
+        assert seen  # it ran once that feed returned
+    text, cursor = seen
+    assert "w0x15." in text and "w1x" not in text  # the committed paragraph stays, the live ones are gone
+    assert cursor == "cursor shown"
