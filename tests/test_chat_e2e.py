@@ -254,16 +254,21 @@ def test_resize_mid_answer_keeps_streaming_and_journals_it_whole(checkpoint: Pat
         child.expect(r"\w{3}")  # answer text is streaming
         child.setwinsize(30, 60)  # SIGWINCH mid-answer, narrower: the terminal reflows the live region
         child.expect(r"\[cut off at max_new_tokens")
-        wait_for_prompt(child)
-        send(child, "tell me a long story")
-        child.expect(r"\[cut off at max_new_tokens")
-        wait_for_prompt(child)
-        turns = journal_turns(home, "winch")
-        assert [t["user"] for t in turns] == ["tell me a long story"] * 2
-        assert turns[0]["finish_reason"] == "length" and len(turns[0]["answer_ids"]) == 300
+        _answer_again_and_check_both_journaled(child, home, "winch")
         assert finish(child) == 0
     finally:
         child.close(force=True)
+
+
+def _answer_again_and_check_both_journaled(child: pexpect.spawn, home: Path, session: str) -> None:
+    """After a disturbed 300-token answer: the chat reaches its prompt, answers again, and journaled both whole."""
+    wait_for_prompt(child)
+    send(child, "tell me a long story")
+    child.expect(r"\[cut off at max_new_tokens")
+    wait_for_prompt(child)
+    turns = journal_turns(home, session)
+    assert [t["user"] for t in turns] == ["tell me a long story"] * 2
+    assert turns[0]["finish_reason"] == "length" and len(turns[0]["answer_ids"]) == 300
 
 
 def test_ctrl_z_mid_answer_gives_the_shell_a_clean_terminal_and_fg_resumes(checkpoint: Path, home: Path) -> None:
@@ -290,13 +295,7 @@ def test_ctrl_z_mid_answer_gives_the_shell_a_clean_terminal_and_fg_resumes(check
         assert " -echo " not in child.before
         send(child, "fg")
         child.expect(r"\[cut off at max_new_tokens")
-        wait_for_prompt(child)
-        send(child, "tell me a long story")
-        child.expect(r"\[cut off at max_new_tokens")
-        wait_for_prompt(child)
-        turns = journal_turns(home, "tstp")
-        assert [t["user"] for t in turns] == ["tell me a long story"] * 2
-        assert turns[0]["finish_reason"] == "length" and len(turns[0]["answer_ids"]) == 300
+        _answer_again_and_check_both_journaled(child, home, "tstp")
         send(child, "/exit")
         child.expect_exact("SHELL$ ")
         send(child, "exit")
