@@ -43,23 +43,24 @@ class RewindableStaticCache(StaticCache):
             layer.cumulative_length.sub_(-tokens_to_remove)
 
 
-class CompiledRunner(StepRunner):
-    """StepRunner over one StaticCache with the decode step compiled (CUDA graphs on CUDA)."""
+class _StaticCacheRunner(StepRunner):
+    """A runner over one static cache for its whole life, with the decode step's inputs in fixed buffers:
+    a captured graph reads and writes the same addresses at every replay."""
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, mode: str | None = "reduce-overhead", backend: str = "inductor") -> None:
+    def __init__(self, model: torch.nn.Module, max_cache_len: int) -> None:
         super().__init__(model)
         self.max_positions = max_cache_len
         device = next(model.parameters()).device
-        # Inputs live in fixed buffers: a CUDA graph replays reads from the same addresses every time.
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._position = torch.zeros((1, 1), dtype=torch.long, device=device)
         self._cache: RewindableStaticCache | None = None
-        self._compiled = torch.compile(self._decode_step, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+
+    def _make_cache(self) -> RewindableStaticCache:
+        return RewindableStaticCache(config=self.model.config, max_cache_len=self.max_positions)
 
     def new_cache(self) -> Cache:
-        # One cache for the life of the runner: its buffers' addresses are baked into the captured graph.
         if self._cache is None:
-            self._cache = RewindableStaticCache(config=self.model.config, max_cache_len=self.max_positions)
+            self._cache = self._make_cache()
         else:
             self._rewind(self._cache)
         return self._cache
@@ -72,9 +73,17 @@ class CompiledRunner(StepRunner):
             with torch.inference_mode():
                 cache.crop(-length)
 
-    def _decode_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=token, position_ids=position, cache=self._cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
+
+
+class CompiledRunner(_StaticCacheRunner):
+    """The decode step over the whole static cache, compiled by torch.compile (CUDA graphs on CUDA)."""
+
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, mode: str | None = "reduce-overhead", backend: str = "inductor") -> None:
+        super().__init__(model, max_cache_len)
+        self._compiled = torch.compile(self._forward_one, mode=mode, backend=backend, fullgraph=True, dynamic=False)
 
     def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
         if cache is not self._cache:
@@ -143,32 +152,21 @@ def attention_windows(max_cache_len: int, smallest: int = 256) -> list[int]:
     return [*windows, max_cache_len]
 
 
-class GraphRunner(StepRunner):
+class GraphRunner(_StaticCacheRunner):
     """StepRunner over one windowed static cache, its decode step replayed from a CUDA graph per window.
 
     `use_graphs=False` runs the same windowed steps eagerly (how the window logic is tested on a CPU).
     """
 
     def __init__(self, model: torch.nn.Module, max_cache_len: int, *, use_graphs: bool = True, smallest_window: int = 256) -> None:
-        super().__init__(model)
-        self.max_positions = max_cache_len
-        device = next(model.parameters()).device
+        super().__init__(model, max_cache_len)
         self.windows = attention_windows(max_cache_len, smallest_window)
         self._window = _Window(max_cache_len)
-        # Inputs live in fixed buffers: a graph replays reads from the same addresses every time.
-        self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self._position = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self._cache: WindowedStaticCache | None = None
         self._use_graphs = use_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def new_cache(self) -> Cache:
-        # One cache for the life of the runner: its buffers' addresses are baked into the captured graphs.
-        if self._cache is None:
-            self._cache = WindowedStaticCache(self.model.config, self.max_positions, self._window)
-        else:
-            CompiledRunner._rewind(self._cache)
-        return self._cache
+    def _make_cache(self) -> RewindableStaticCache:
+        return WindowedStaticCache(self.model.config, self.max_positions, self._window)
 
     def window_for(self, positions: int) -> int:
         """The smallest window holding `positions` slots."""
@@ -191,15 +189,11 @@ class GraphRunner(StepRunner):
         captured = self._graphs.get(window)
         if captured is None:
             self._window.size = window
-            return self._step()
+            return self._forward_one(self._token, self._position)
         graph, logits = captured
         graph.replay()
         # The graph's output buffer is overwritten by the next replay: copy it out.
         return logits.clone()
-
-    def _step(self) -> torch.Tensor:
-        out = self.model(input_ids=self._token, position_ids=self._position, cache=self._cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
 
     def warm_up(self) -> None:
         """Allocate the cache and capture a decode graph per window (at load time, behind a status line)."""
@@ -208,7 +202,7 @@ class GraphRunner(StepRunner):
         with torch.inference_mode():
             self.prefill(cache, torch.ones((1, 4), dtype=torch.long, device=device), 0)  # allocates the cache
             if not self._use_graphs:
-                CompiledRunner._rewind(cache)
+                self._rewind(cache)
                 return
             # Kernels load and libraries allocate their workspaces on first use: do that outside the capture.
             side = torch.cuda.Stream(device)
@@ -216,15 +210,15 @@ class GraphRunner(StepRunner):
             with torch.cuda.stream(side):
                 for window in self.windows:
                     self._window.size = window
-                    self._step()
+                    self._forward_one(self._token, self._position)
             torch.cuda.current_stream(device).wait_stream(side)
-            CompiledRunner._rewind(cache)
+            self._rewind(cache)
             for window in self.windows:
                 self._window.size = window
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: the REPL's thread may touch CUDA state while the model loads behind the prompt.
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    logits = self._step()
+                    logits = self._forward_one(self._token, self._position)
                 self._graphs[window] = (graph, logits)
             torch.cuda.synchronize(device)
 
