@@ -350,6 +350,7 @@ def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> Exception | None
     the process (SIGABRT), and the caller still commits the answer."""
     from rich.console import Console
 
+    from bluelm_cli.job_control import answer_terminal
     from bluelm_cli.render import StreamRenderer
     from bluelm_cli.streaming import show_stream
 
@@ -359,8 +360,9 @@ def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> Exception | None
     console = Console(highlight=False)
     renderer = StreamRenderer(console, markdown=not raw)
     try:
-        renderer.start()
-        result = show_stream(stream, renderer)
+        with answer_terminal(renderer, interactive=console.is_terminal):
+            renderer.start()
+            result = show_stream(stream, renderer)
         if not result.text.endswith("\n") and (raw or not console.is_terminal):
             sys.stdout.write("\n")
     except Exception as error:  # noqa: BLE001 - reported by the caller once the turn is committed

@@ -302,3 +302,23 @@ def test_ctrl_z_mid_answer_gives_the_shell_a_clean_terminal_and_fg_resumes(check
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
+
+
+def test_ask_on_a_terminal_does_not_echo_keys_typed_while_it_answers(checkpoint: Path, home: Path) -> None:
+    """`bluelm ask` on a terminal draws a live region too: keys typed meanwhile were echoed into it (and a
+    Ctrl-Z/`fg` drew over the shell's lines). The answer's terminal handling is the chat's now."""
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn(sys.executable, ["-m", "bluelm_cli", "ask", "--model", str(checkpoint), "--temperature", "0",
+                                           "--max-new-tokens", "300", "tell me a long story"],
+                          env=env, dimensions=(40, 120), encoding="utf-8", codec_errors="replace", timeout=TIMEOUT)
+    try:
+        child.expect(r"Loaded [^\n]* in [\d.]+ s")
+        child.expect(r"\w{3}")  # the answer is streaming
+        child.send("zqzqzq")
+        child.expect(pexpect.EOF)
+        assert "zqzqzq" not in child.before
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        child.close(force=True)
