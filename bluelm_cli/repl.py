@@ -11,9 +11,7 @@ end of stdin in script mode) end it.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -39,6 +37,7 @@ from bluelm_cli.commands import ChatCompleter, ExitChat, ShowAnswer, run_command
 from bluelm_cli.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.finish import FinishReason
 from bluelm_cli.habits import foreign_line_hint
+from bluelm_cli.ending_signals import on_ending_signals
 from bluelm_cli.job_control import answer_terminal
 from bluelm_cli.load_view import LoadView
 from bluelm_cli.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
@@ -52,13 +51,6 @@ __all__ = ["ChatRepl", "run_chat"]
 
 _CONTINUATION = ". "
 _PROMPT_STYLE = Style.from_dict({"prompt": "bold ansicyan", "continuation": "ansibrightblack"})
-# Signals whose default action ends the process: they stop an answer (journaled) and end the chat with
-# the terminal restored, exit 128+N. (Ctrl-\ sends SIGQUIT.)
-_HANGUP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGHUP", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
-)
-
-
 def run_chat(
     chat: Chat,
     *,
@@ -292,7 +284,7 @@ class ChatRepl:
             self.exit_status = 128 + signum
             raise KeyboardInterrupt
 
-        return _on_ending_signals(stop_and_exit)
+        return on_ending_signals(stop_and_exit)
 
 
 # ------------------------------------------------------------------------------------------ loops
@@ -339,22 +331,7 @@ def _signals_end_the_chat(repl: ChatRepl, prompt_session: PromptSession[str]) ->
         if app.is_running and app.loop is not None:
             app.loop.call_soon_threadsafe(lambda: app.exit(exception=EOFError()) if app.is_running else None)
 
-    return _on_ending_signals(end)
-
-
-@contextmanager
-def _on_ending_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
-    """`handler` for every signal that would end the process, for the block; the previous ones after it.
-    Only the main thread may set signal handlers: elsewhere (tests driving the REPL) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.signal(signum, handler) for signum in _HANGUP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+    return on_ending_signals(end)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,8 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "bluelm"
 
 
-def spawn(checkpoint: Path, home: Path, *args: str, max_new_tokens: int = 40, prompt: bool = True) -> pexpect.spawn:
+def spawn(checkpoint: Path, home: Path, *args: str, max_new_tokens: int = 40, prompt: bool = True,
+          preexec_fn: Callable[[], None] | None = None) -> pexpect.spawn:
     """Start `bluelm chat` and wait for the banner (and, unless told otherwise, the first prompt)."""
     env = {
         **os.environ,
@@ -56,6 +58,7 @@ def spawn(checkpoint: Path, home: Path, *args: str, max_new_tokens: int = 40, pr
         encoding="utf-8",
         codec_errors="replace",
         timeout=TIMEOUT,
+        preexec_fn=preexec_fn,
     )
     child.expect("BlueLM chat")
     if prompt:
@@ -320,5 +323,19 @@ def test_ask_on_a_terminal_does_not_echo_keys_typed_while_it_answers(checkpoint:
         assert "zqzqzq" not in child.before
         child.close()
         assert child.exitstatus == 0
+    finally:
+        child.close(force=True)
+
+
+def test_a_chat_started_under_nohup_ignores_sighup(checkpoint: Path, home: Path) -> None:
+    """`nohup bluelm chat` asks for SIGHUP to be ignored; the chat's own handlers ended it anyway (exit 129)."""
+    child = spawn(checkpoint, home, "--session", "nohup", preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        child.kill(signal.SIGHUP)
+        send(child, "hello there")
+        child.expect(r"\[cut off at max_new_tokens")
+        wait_for_prompt(child)
+        assert [t["user"] for t in journal_turns(home, "nohup")] == ["hello there"]
+        assert finish(child) == 0
     finally:
         child.close(force=True)

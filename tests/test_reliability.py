@@ -592,7 +592,7 @@ def test_a_chat_started_with_stderr_closed_answers_and_journals(checkpoint: Path
     assert [record["type"] for record in records] == ["start", "turn"] and records[1]["user"] == "hi"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
 def test_ask_session_journals_an_answer_ended_by_a_signal(signum: int, tmp_path: Path) -> None:
     """`bluelm ask --session` killed mid-answer by SIGTERM/SIGHUP (a supervisor, a dropped SSH connection)
     lost the turn (Ctrl-C kept it); now it is journaled as interrupted, and the exit status names the signal."""
