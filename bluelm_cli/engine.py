@@ -269,11 +269,9 @@ class ChatEngine:
             history_ids[:, length] = sampled
             length += 1
             more = len(answer_ids) + 1 < settings.max_new_tokens and length < self.context_limit
-            if more and not stop_event.is_set():
+            queued = more and not stop_event.is_set()
+            if queued:
                 logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
-                queued = True
-            else:
-                queued = False
             token = reader.value()
             if queued:
                 self._cached_ids.append(token)
