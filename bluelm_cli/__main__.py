@@ -1,3 +1,3 @@
-from bluelm_cli.cli import main
+from bluelm_cli.cli.app import main
 
 main()

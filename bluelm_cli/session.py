@@ -1,10 +1,10 @@
 """A session: a conversation whose every change is journaled to disk before the call returns.
 
-:class:`Session` is a :class:`~bluelm_cli.conversation.Conversation` bound to its journal
-(:mod:`bluelm_cli.journal`): each change is a record, applied in memory by the conversation's one state
+:class:`Session` is a :class:`~bluelm_cli.chat.conversation.Conversation` bound to its journal
+(:mod:`bluelm_cli.chat.journal`): each change is a record, applied in memory by the conversation's one state
 machine and then appended and fsync'd, so Ctrl-C, SIGTERM, SIGHUP or a crash never loses a finished
 turn. :meth:`Session.new` starts one, :meth:`Session.resume` replays one; saved copies and transcripts
-are :mod:`bluelm_cli.transcript`'s job.
+are :mod:`bluelm_cli.chat.transcript`'s job.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bluelm_cli import transcript
-from bluelm_cli.conversation import Conversation, Turn, sampling_dict, utc_now
-from bluelm_cli.errors import BlueLMError, UsageError
-from bluelm_cli.journal import (
+from bluelm_cli.chat import transcript
+from bluelm_cli.chat.conversation import Conversation, Turn, sampling_dict, utc_now
+from bluelm_cli.core.errors import BlueLMError, UsageError
+from bluelm_cli.chat.journal import (
     JOURNAL_SUFFIX,
     VERSION,
     JournalLock,
@@ -34,8 +34,8 @@ from bluelm_cli.journal import (
     replay,
     validate_session_name,
 )
-from bluelm_cli.paths import ensure_dir, expand_user
-from bluelm_cli.settings import SamplingSettings, parse_sampling_setting
+from bluelm_cli.config.paths import ensure_dir, expand_user
+from bluelm_cli.core.settings import SamplingSettings, parse_sampling_setting
 
 __all__ = ["Session", "SessionInfo", "Turn", "list_sessions", "utc_now", "validate_session_name"]
 
@@ -51,6 +51,10 @@ class Session(Conversation):
     _lock: JournalLock | None = field(default=None, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------- changes (all journaled)
+    def record_message(self, message: str) -> None:
+        """Note a message as sent and not answered yet; on disk (fsync'd) when this returns."""
+        self._record({"type": "message", "user": message, "created_at": utc_now()})
+
     def add_turn(self, turn: Turn) -> None:
         """Append a finished turn; it is on disk (fsync'd) when this returns."""
         self._record({"type": "turn", **turn.to_dict()})
@@ -107,6 +111,8 @@ class Session(Conversation):
     def _append(self, record: dict[str, Any]) -> None:
         if self.journal is None:
             return
+        if record["type"] == "turn" and self._unwritten and self._unwritten[-1]["type"] == "message":
+            self._unwritten.pop()  # not on disk yet, and the turn carries the message: write the turn alone
         self._unwritten.append(record)
         already_failing = self._journal_problem is not None
         if not self.flush_journal() and not already_failing:
@@ -228,6 +234,7 @@ class Session(Conversation):
             sampling=dict(conversation.sampling),
             turns=list(conversation.turns),
             context_start=conversation.context_start,
+            pending=conversation.pending,
             journal=journal,
         )
 

@@ -1,7 +1,7 @@
 """Peak host memory while loading a checkpoint, as a multiple of the checkpoint's size on disk.
 
 Builds a random BlueLM checkpoint of about --size-mb in the published sharded .bin layout (or
-safetensors), then loads it through bluelm_cli.loading.load_model in a fresh subprocess and reports
+safetensors), then loads it through bluelm_cli.local.loading.load_model in a fresh subprocess and reports
 (peak RSS − RSS before loading) / checkpoint bytes. Target: ≤ 1.3 (no second copy of the weights).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 _CHILD = r"""
 import json, resource, sys, gc
 import torch, transformers
-import bluelm_cli.loading as loading
+import bluelm_cli.local.loading as loading
 def rss_mb():
     with open("/proc/self/status") as f:
         for line in f:
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--format", default="bin-sharded", choices=["bin-sharded", "safetensors", "safetensors-sharded", "bin"])
     args = parser.parse_args()
-    from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+    from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ckpt"

@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
-import bluelm_cli.render as render_module
-from bluelm_cli.render import StreamRenderer
+import bluelm_cli.ui.render as render_module
+from bluelm_cli.ui.render import StreamRenderer
 
 WIDTH, HEIGHT, RATE, SLICE = 100, 40, 15.0, 1000
 MODEL_PACE = 50.0  # tokens/s of the simulated model, roughly BlueLM-7B in bf16 on one GPU

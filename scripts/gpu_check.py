@@ -10,7 +10,7 @@ a GPU, so the whole call ends well inside the device tool's 10 minutes); the rep
 step, so a hang or a kill still leaves what was measured:
   env          python, torch, transformers, the GPU
   install      what our package needs and the machine lacks, from the carried wheels (pip --no-index)
-  imports      `import torch`, `bluelm --help`, `import bluelm_cli.engine`: wall time of fresh processes
+  imports      `import torch`, `bluelm --help`, `import bluelm_cli.local.engine`: wall time of fresh processes
   gpu_tests    pytest -m gpu
   profile      scripts/gpu_profile.py: capture time, TTFT per turn, a profiled short prefill, decode ms per
                attention window, graph-vs-eager logits, device syncs by source line (profile.json, profile.txt)
@@ -297,7 +297,7 @@ def step_install(check: Check, limit: float) -> dict[str, Any]:
 def step_imports(check: Check, limit: float) -> dict[str, Any]:
     commands = {"import torch": _python("-c", "import torch"),
                 "bluelm --help": _python("-m", "bluelm_cli", "--help"),
-                "import bluelm_cli.engine": _python("-c", "import bluelm_cli.engine")}
+                "import bluelm_cli.local.engine": _python("-c", "import bluelm_cli.local.engine")}
     data: dict[str, Any] = {}
     step_ends = time.monotonic() + limit
     for label, command in commands.items():
@@ -311,7 +311,7 @@ def step_imports(check: Check, limit: float) -> dict[str, Any]:
             runs.append(round(time.perf_counter() - started, 3))
         data[label] = {"runs_s": runs, "best_s": min(runs)}
     # Where the engine's import time goes (15 s on an H100 machine on 2026-11-25, 3.4 s on the CPU box).
-    rc, output = check.run(_python("-X", "importtime", "-c", "import bluelm_cli.engine"), max(5.0, step_ends - time.monotonic()))
+    rc, output = check.run(_python("-X", "importtime", "-c", "import bluelm_cli.local.engine"), max(5.0, step_ends - time.monotonic()))
     if rc == 0:
         rows = [line.split("|") for line in output.splitlines() if line.startswith("import time:") and "|" in line]
         timed = [(int(row[1]), row[2].rstrip()) for row in rows if row[1].strip().isdigit()]
@@ -370,7 +370,7 @@ def step_first_prompt(check: Check, limit: float) -> dict[str, Any]:
     import pexpect
 
     folder = check.work / "tiny"
-    rc, _ = check.run(_python("-c", "import sys; from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint; "
+    rc, _ = check.run(_python("-c", "import sys; from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint; "
                                     f"build_checkpoint(sys.argv[1], TinySpec())", str(folder)), limit / 4)
     if rc != 0:
         raise RuntimeError("could not build the tiny checkpoint")

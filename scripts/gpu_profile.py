@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bluelm_cli.bench import SHAPES, random_weights_model  # noqa: E402
-from bluelm_cli.engine import ChatEngine, StepRunner  # noqa: E402
-from bluelm_cli.fastpath import GraphRunner  # noqa: E402
-from bluelm_cli.prompt import PromptPlan  # noqa: E402
-from bluelm_cli.settings import SamplingSettings  # noqa: E402
+from bluelm_cli.bench.local import SHAPES, random_weights_model  # noqa: E402
+from bluelm_cli.local.engine import ChatEngine, StepRunner  # noqa: E402
+from bluelm_cli.local.fastpath import GraphRunner  # noqa: E402
+from bluelm_cli.core.prompt import PromptPlan  # noqa: E402
+from bluelm_cli.core.settings import SamplingSettings
 
 
 def _sync(device: torch.device) -> None:

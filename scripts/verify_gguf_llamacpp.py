@@ -39,12 +39,12 @@ from unittest import mock
 import numpy as np
 import torch
 
-from bluelm_cli.engine import TokenizerEncoder
+from bluelm_cli.local.engine import TokenizerEncoder
 from bluelm_cli.export import export_checkpoint
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE, HF_CHAT_TEMPLATE
-from bluelm_cli.loading import load_model
-from bluelm_cli.prompt import AI_TAG, HUMAN_TAG, HistoryTurn, build_prompt_ids
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint, tokenizer_model_bytes
+from bluelm_cli.local.loading import load_model
+from bluelm_cli.core.prompt import AI_TAG, HUMAN_TAG, HistoryTurn, build_prompt_ids
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint, tokenizer_model_bytes
 
 NTK = {"type": "ntkmixed", "factor": 16.0, "power": 0.25}
 # The same tiny checkpoints as tests/test_export.py.
@@ -263,7 +263,7 @@ def nfkc_tokenizer(path: Path) -> Path:
     identity: llama.cpp applies no normalization, so this shows what a normalizing tokenizer.model costs."""
     import sentencepiece as spm
 
-    from bluelm_cli.tiny_checkpoint import _CORPUS
+    from bluelm_cli.testing.tiny_checkpoint import _CORPUS
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_CORPUS), model_prefix=str(path.with_suffix("")), model_type="bpe", vocab_size=600,

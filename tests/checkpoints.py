@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 
 NTK = {"type": "ntkmixed", "factor": 16.0, "power": 0.25}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bluelm_cli.engine import ChatEngine, GenerationStream
-from bluelm_cli.prompt import HistoryTurn, PromptPlan, fit_prompt
-from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.local.engine import ChatEngine, GenerationStream
+from bluelm_cli.core.prompt import HistoryTurn, PromptPlan, fit_prompt
+from bluelm_cli.core.settings import SamplingSettings
 
 
 def plan(engine: ChatEngine, system: str | None, history: Sequence[HistoryTurn], message: str,

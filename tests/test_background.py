@@ -12,17 +12,17 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from bluelm_cli.background import BackgroundBackend, LoadEvent, LoadFailed, LoadProgress
-from bluelm_cli.backend import ModelLoading
-from bluelm_cli.chat import Chat
-from bluelm_cli.errors import BlueLMError
-from bluelm_cli.output import ChatOutput
-from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.prompt import PromptPlan
-from bluelm_cli.repl import ChatRepl, run_chat
+from bluelm_cli.chat.background import BackgroundBackend, LoadEvent, LoadFailed, LoadProgress
+from bluelm_cli.core.backend import ModelLoading
+from bluelm_cli.chat.service import Chat
+from bluelm_cli.core.errors import BlueLMError
+from bluelm_cli.ui.output import ChatOutput
+from bluelm_cli.config.paths import UserPaths, user_paths
+from bluelm_cli.core.prompt import PromptPlan
+from bluelm_cli.ui.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session
-from bluelm_cli.settings import SamplingSettings
-from fakes import FakeBackend
+from bluelm_cli.core.settings import SamplingSettings
+from bluelm_cli.testing.fakes import FakeBackend
 
 
 class GatedLoad:
@@ -189,7 +189,7 @@ def test_a_message_sent_during_the_load_waits_for_the_model_and_is_answered(path
     console = Console(file=io.StringIO(), width=200)
     repl = ChatRepl(chat, ChatOutput(console, interactive=True), paths=paths)
     ready: list[str] = []
-    from bluelm_cli.load_view import LoadView
+    from bluelm_cli.ui.load_view import LoadView
 
     repl.loading = LoadView(backend, repl.out, on_loaded=lambda: repl.model_loaded(lambda: ready.append("ready")))
     repl.handle("hi")
@@ -211,7 +211,7 @@ def test_ctrl_c_while_a_message_waits_cancels_it_and_records_nothing(paths: User
     backend = InterruptedWait(load)
     chat = Chat(backend, new_session(paths))
     repl = ChatRepl(chat, ChatOutput(Console(file=io.StringIO(), width=200), interactive=True), paths=paths)
-    from bluelm_cli.load_view import LoadView
+    from bluelm_cli.ui.load_view import LoadView
 
     repl.loading = LoadView(backend, repl.out, on_loaded=repl.model_loaded)
     with pytest.raises(KeyboardInterrupt):
@@ -229,7 +229,7 @@ def test_a_load_error_while_a_message_waits_ends_the_chat(paths: UserPaths) -> N
     backend = ReleasedWhenWaitedOn(GatedLoad(FakeBackend(), error=BlueLMError("config.json is not valid JSON")))
     chat = Chat(backend, new_session(paths))
     repl = ChatRepl(chat, ChatOutput(Console(file=io.StringIO(), width=200), interactive=True), paths=paths)
-    from bluelm_cli.load_view import LoadView
+    from bluelm_cli.ui.load_view import LoadView
 
     repl.loading = LoadView(backend, repl.out, on_loaded=repl.model_loaded)
     with pytest.raises(LoadFailed, match="^config.json is not valid JSON$"):
@@ -261,7 +261,7 @@ def test_resumed_answers_with_foreign_ids_are_checked_once_the_model_is_there(pa
     assert session.warnings == [] and session.turns[0].answer_ids == [-5]  # not checked while loading
     console = Console(file=io.StringIO(), width=200)
     repl = ChatRepl(chat, ChatOutput(console, interactive=True), paths=paths)
-    from bluelm_cli.load_view import LoadView
+    from bluelm_cli.ui.load_view import LoadView
 
     repl.loading = LoadView(backend, repl.out, on_loaded=repl.model_loaded)
     repl.handle("next")

@@ -13,7 +13,7 @@ import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint  # noqa: E402
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bluelm_cli.chat import Chat
-from bluelm_cli.errors import BlueLMError
-from bluelm_cli.finish import FinishReason
-from bluelm_cli.output import ChatOutput
-from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.prompt import ContextOverflowError
-from bluelm_cli.repl import ChatRepl, run_chat
+from bluelm_cli.chat.service import Chat
+from bluelm_cli.core.errors import BlueLMError
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.ui.output import ChatOutput
+from bluelm_cli.config.paths import UserPaths, user_paths
+from bluelm_cli.core.prompt import ContextOverflowError
+from bluelm_cli.ui.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session
-from fakes import FakeBackend, Scripted
+from bluelm_cli.testing.fakes import FakeBackend, Scripted
 
 CUT = "[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]"
 
@@ -42,7 +42,7 @@ def journal(session: Session) -> list[dict]:
 def answer(chat: Chat, message: str) -> str:
     stream = chat.send(message)
     text = "".join(stream)
-    chat.commit(stream)
+    stream.finish()
     return text
 
 
@@ -56,7 +56,7 @@ def test_a_turn_is_sent_streamed_and_committed(paths: UserPaths) -> None:
     assert backend.prompt_text(1) == "<s>Be brief.[|Human|]:hello[|AI|]:Hi there.</s>[|Human|]:capital of France?[|AI|]:"
     assert [(t.user, t.answer, t.finish_reason) for t in chat.session.turns] == [
         ("hello", "Hi there.", FinishReason.STOP), ("capital of France?", "Paris.", FinishReason.STOP)]
-    assert [r["type"] for r in journal(chat.session)] == ["start", "set", "turn", "turn"]
+    assert [r["type"] for r in journal(chat.session)] == ["start", "set", "message", "turn", "message", "turn"]
     assert chat.context_used() == len(backend.plans[1].ids) + len("Paris.") + 1
 
 
@@ -66,7 +66,7 @@ def test_nothing_is_recorded_until_commit_and_a_refusal_records_nothing(paths: U
     stream = chat.send("hi")
     assert chat.session.turns == []  # streaming, not yet committed
     "".join(stream)
-    chat.commit(stream)
+    stream.finish()
     with pytest.raises(ContextOverflowError, match="the message is 60 tokens but at most 45 fit"):
         chat.send("x" * 60)
     assert [t.user for t in chat.session.turns] == ["hi"] and len(backend.plans) == 1
@@ -80,7 +80,7 @@ def test_retry_replaces_the_last_turn_only_when_committed(paths: UserPaths) -> N
     assert backend.prompt_text() == "<s>[|Human|]:question[|AI|]:"  # without the answer being replaced
     assert [t.answer for t in chat.session.turns] == ["first answer"]
     "".join(stream)
-    chat.commit(stream)
+    stream.finish()
     assert [(t.user, t.answer) for t in chat.session.turns] == [("question", "second answer")]
     assert [r["type"] for r in journal(chat.session)][-3:] == ["turn", "undo", "turn"]
     with pytest.raises(BlueLMError, match="nothing to undo"):
@@ -94,7 +94,7 @@ def test_an_interrupted_answer_is_kept_and_marked(paths: UserPaths) -> None:
     chat = Chat(backend, new_session(paths))
     stream = chat.send("count")
     assert list(stream) == ["one ", "two "]
-    committed = chat.commit(stream)
+    committed = stream.finish()
     assert committed.result.finish_reason is FinishReason.INTERRUPTED
     assert chat.session.turns[0].answer == "one two "
     assert journal(chat.session)[-1]["finish_reason"] == "interrupted"
@@ -125,7 +125,7 @@ def test_a_journal_failure_keeps_the_turn_in_memory(paths: UserPaths) -> None:
     session.journal.mkdir()  # appending now fails
     stream = chat.send("hi")
     "".join(stream)
-    committed = chat.commit(stream)
+    committed = stream.finish()
     assert committed.journal_error is not None and "could not write the session journal" in committed.journal_error
     assert [t.answer for t in session.turns] == ["kept"]
 

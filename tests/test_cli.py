@@ -21,13 +21,13 @@ import pytest
 from typer.testing import CliRunner
 
 from bluelm_cli import __version__
-from bluelm_cli.cli import app
-from bluelm_cli.engine import ChatEngine
-from bluelm_cli.prompt import ContextOverflowError, fit_prompt
-from bluelm_cli.loading import load_model
+from bluelm_cli.cli.app import app
+from bluelm_cli.local.engine import ChatEngine
+from bluelm_cli.core.prompt import ContextOverflowError, fit_prompt
+from bluelm_cli.local.loading import load_model
 from bluelm_cli.session import Session
-from bluelm_cli.settings import SamplingSettings
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.core.settings import SamplingSettings
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 
 runner = CliRunner()
 
@@ -393,7 +393,7 @@ def test_light_commands_never_import_torch(args: list[str], status: int, stdout_
     assert proc.returncode == status, proc.stderr[-2000:]
     assert proc.stdout.startswith(stdout_start)
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "bluelm_cli.cli" in imported  # the report was parsed
+    assert "bluelm_cli.cli.app" in imported  # the report was parsed
     top_level = {name.split(".")[0] for name in imported}
     assert "torch" not in top_level and "transformers" not in top_level
     assert "Traceback" not in proc.stderr
@@ -450,8 +450,8 @@ def test_ctrl_c_stops_the_answer_with_status_130(models: dict[str, Path]) -> Non
 
 # ------------------------------------------------------------------------------ ask -c, --session, -f
 def test_ask_continues_a_session_like_a_chat_turn(tiny: Path, tiny_engine: ChatEngine) -> None:
-    from bluelm_cli.paths import user_paths
-    from bluelm_cli.prompt import HistoryTurn
+    from bluelm_cli.config.paths import user_paths
+    from bluelm_cli.core.prompt import HistoryTurn
 
     first = ask(tiny, "-t", "0", "-n", "6", "--session", "pipe", GREEDY_PROMPT)
     assert first.exit_code == 0, first.stderr
@@ -468,7 +468,7 @@ def test_ask_continues_a_session_like_a_chat_turn(tiny: Path, tiny_engine: ChatE
 
 
 def test_ask_continue_without_sessions_is_one_line() -> None:
-    from bluelm_cli.paths import user_paths
+    from bluelm_cli.config.paths import user_paths
 
     result = invoke(["ask", "--model", "/nonexistent", "-c", "hi"])
     assert (result.exit_code, result.stdout) == (1, "")
@@ -476,7 +476,7 @@ def test_ask_continue_without_sessions_is_one_line() -> None:
 
 
 def test_ask_file_goes_before_the_question(tiny: Path, tiny_engine: ChatEngine, tmp_path: Path) -> None:
-    from bluelm_cli.attachments import fenced
+    from bluelm_cli.chat.attachments import fenced
 
     notes = tmp_path / "notes.txt"
     notes.write_text("alpha beta\n", encoding="utf-8")

@@ -21,17 +21,17 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from bluelm_cli.chat import Chat
-from bluelm_cli.clipboard import MAX_OSC52_BYTES, copy_to_clipboard, osc52_sequence
-from bluelm_cli.commands import COMMANDS, code_blocks
-from bluelm_cli.engine import ChatEngine
-from bluelm_cli.finish import FinishReason
-from bluelm_cli.loading import load_model
-from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.repl import run_chat
+from bluelm_cli.chat.service import Chat
+from bluelm_cli.ui.clipboard import MAX_OSC52_BYTES, copy_to_clipboard, osc52_sequence
+from bluelm_cli.ui.commands import COMMANDS, code_blocks
+from bluelm_cli.local.engine import ChatEngine
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.local.loading import load_model
+from bluelm_cli.config.paths import UserPaths, user_paths
+from bluelm_cli.ui.repl import run_chat
 from bluelm_cli.session import Session, Turn
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
-from fakes import CharEncoder, FakeBackend, FakeStream, Scripted
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.testing.fakes import CharEncoder, FakeBackend, FakeStream, Scripted
 from test_chat import CUT, journal, new_session, run_script
 from test_habits import repl_for
 
@@ -388,7 +388,7 @@ def test_failed_save_leaves_an_existing_file_untouched(
     def full_disk(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("bluelm_cli.transcript.os.replace", full_disk)
+    monkeypatch.setattr("bluelm_cli.chat.transcript.os.replace", full_disk)
     chat = Chat(FakeBackend().queue("Hi."), new_session(paths))
     repl, screen = repl_for(chat, paths, width=300)
     repl.handle("hi")

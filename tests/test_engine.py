@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bluelm_cli.engine import ChatEngine, GenerationResult, GenerationStream, StepRunner
-from bluelm_cli.finish import FinishReason
-from bluelm_cli.loading import LoadedModel, load_model
-from bluelm_cli.prompt import ContextOverflowError, HistoryTurn, PromptIds, PromptPlan, build_prompt_ids
-from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.core.backend import AnswerResult
+from bluelm_cli.local.engine import ChatEngine, GenerationStream, StepRunner
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.local.loading import LoadedModel, load_model
+from bluelm_cli.core.prompt import ContextOverflowError, HistoryTurn, PromptIds, PromptPlan, build_prompt_ids
+from bluelm_cli.core.settings import SamplingSettings
 from helpers import plan, start
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 
 GREEDY = SamplingSettings(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None)
 TIMEOUT_S = 20.0
@@ -108,7 +109,7 @@ def encode_prompt(engine: ChatEngine, system: str | None, history: list[HistoryT
 
 
 def run(engine: ChatEngine, system: str | None, history: list[HistoryTurn], message: str,
-        settings: SamplingSettings = GREEDY, **kwargs: int) -> tuple[GenerationResult, str]:
+        settings: SamplingSettings = GREEDY, **kwargs: int) -> tuple[AnswerResult, str]:
     stream = start(engine, system, history, message, settings, **kwargs)
     deltas = "".join(stream)
     assert stream.result is not None
@@ -116,14 +117,14 @@ def run(engine: ChatEngine, system: str | None, history: list[HistoryTurn], mess
 
 
 def fresh(loaded: LoadedModel, system: str | None, history: list[HistoryTurn], message: str,
-          settings: SamplingSettings = GREEDY) -> GenerationResult:
+          settings: SamplingSettings = GREEDY) -> AnswerResult:
     """The same turn on a new engine: the whole conversation encoded from scratch."""
     result, _ = run(ChatEngine(loaded), system, history, message, settings)
     assert result.reused_tokens == 0
     return result
 
 
-def check_text(engine: ChatEngine, result: GenerationResult, deltas: str) -> None:
+def check_text(engine: ChatEngine, result: AnswerResult, deltas: str) -> None:
     assert deltas == result.text == engine.tokenizer.decode(result.answer_ids, skip_special_tokens=True)
 
 
@@ -520,7 +521,7 @@ def test_deltas_concatenate_to_the_text(loaded: LoadedModel) -> None:
 
 # ---------------------------------------------------------------------------------------------- bench
 def test_bench_smoke_on_random_weights() -> None:
-    from bluelm_cli.bench import format_report, random_weights_model, run_bench
+    from bluelm_cli.bench.local import format_report, random_weights_model, run_bench
 
     shapes = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=512)

@@ -12,16 +12,16 @@ import torch
 from checkpoints import NTK
 from typer.testing import CliRunner
 
-from bluelm_cli.cli import app
+from bluelm_cli.cli.app import app
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE
 from bluelm_cli.export.gguf_file import interleave_rope_rows
 from bluelm_cli.export.hf import export_hf, folded_embedding, ntkmixed_factors
 from bluelm_cli.export.tokenizer_json import unreachable_pieces
-from bluelm_cli.loading import load_model
-from bluelm_cli.engine import TokenizerEncoder
-from bluelm_cli.prompt import HistoryTurn, build_prompt_ids
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
-from bluelm_cli.prompt import AI_TAG, HUMAN_TAG
+from bluelm_cli.local.loading import load_model
+from bluelm_cli.local.engine import TokenizerEncoder
+from bluelm_cli.core.prompt import HistoryTurn, build_prompt_ids
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.core.prompt import AI_TAG, HUMAN_TAG
 
 # llama.cpp (llama-cpp-python 0.3.36) with a float32 KV cache: measured ≤ 1.0e-5 (scripts/verify_gguf_llamacpp.py).
 LLAMA_CPP_LOGIT_TOLERANCE = 5e-5
@@ -141,7 +141,7 @@ def test_auto_tokenizer_gives_sentencepiece_ids(exported, name: str) -> None:
     sp = _sentencepiece(source)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert isinstance(tokenizer, TokenizersBackend)  # the fast tokenizer, which `transformers serve` needs to stream
-    from bluelm_cli.tiny_checkpoint import _CORPUS
+    from bluelm_cli.testing.tiny_checkpoint import _CORPUS
 
     strings = _random_strings(3000, seed=len(name)) + list(_CORPUS) + ["", " ", "  lead", "trail  ", "\n\n"]
     mismatches = [s for s in strings if tokenizer(s).input_ids != [1] + sp.encode(s)]

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bluelm_cli import fastpath
-from bluelm_cli.engine import ChatEngine, StepRunner
-from bluelm_cli.fastpath import CompiledRunner, GraphRunner, attention_windows, make_runner
-from bluelm_cli.loading import LoadedModel, load_model
-from bluelm_cli.prompt import HistoryTurn
-from bluelm_cli.settings import SamplingSettings
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.local import fastpath
+from bluelm_cli.local.engine import ChatEngine, StepRunner
+from bluelm_cli.local.fastpath import CompiledRunner, GraphRunner, attention_windows, make_runner
+from bluelm_cli.local.loading import LoadedModel, load_model
+from bluelm_cli.core.prompt import HistoryTurn
+from bluelm_cli.core.settings import SamplingSettings
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 from helpers import start
 
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=12)
@@ -122,7 +122,7 @@ def test_a_model_spread_over_several_devices_steps_eagerly(loaded: LoadedModel, 
 
 
 def test_static_cache_is_sized_to_free_memory() -> None:
-    from bluelm_cli.fastpath import kv_bytes_per_token, static_cache_length
+    from bluelm_cli.local.fastpath import kv_bytes_per_token, static_cache_length
     from bluelm_cli.modeling import BlueLMConfig
 
     config = BlueLMConfig()  # the published 7B shapes

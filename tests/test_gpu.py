@@ -11,14 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bluelm_cli.cli import app
-from bluelm_cli.engine import ChatEngine, StepRunner
-from bluelm_cli.fastpath import CompiledRunner, GraphRunner, make_runner
-from bluelm_cli.loading import LoadedModel, load_model
-from bluelm_cli.prompt import HistoryTurn
+from bluelm_cli.cli.app import app
+from bluelm_cli.local.engine import ChatEngine, StepRunner
+from bluelm_cli.local.fastpath import CompiledRunner, GraphRunner, make_runner
+from bluelm_cli.local.loading import LoadedModel, load_model
+from bluelm_cli.core.prompt import HistoryTurn
 from helpers import start
-from bluelm_cli.settings import SamplingSettings
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.core.settings import SamplingSettings
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

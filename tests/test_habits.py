@@ -11,19 +11,19 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bluelm_cli.attachments import fenced, read_attachment
-from bluelm_cli.backend import BackendInfo
-from bluelm_cli.chat import Chat
-from bluelm_cli.errors import BlueLMError
-from bluelm_cli.finish import FinishReason
-from bluelm_cli.multiline import block_is_open, unwrap_block
-from bluelm_cli.output import ChatOutput
-from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.repl import ChatRepl
+from bluelm_cli.chat.attachments import fenced, read_attachment
+from bluelm_cli.core.backend import BackendInfo
+from bluelm_cli.chat.service import Chat
+from bluelm_cli.core.errors import BlueLMError
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.ui.multiline import block_is_open, unwrap_block
+from bluelm_cli.ui.output import ChatOutput
+from bluelm_cli.config.paths import UserPaths, user_paths
+from bluelm_cli.ui.repl import ChatRepl
 from bluelm_cli.session import Session
-from bluelm_cli.settings import resolve_settings
-from bluelm_cli.show import info_rows
-from fakes import FakeBackend, Scripted
+from bluelm_cli.config.settings import resolve_settings
+from bluelm_cli.ui.show import info_rows
+from bluelm_cli.testing.fakes import FakeBackend, Scripted
 from test_chat import journal, new_session, run_script
 
 
@@ -44,14 +44,14 @@ def test_continue_goes_on_from_the_open_answer_and_replaces_the_turn(paths: User
     chat = Chat(backend, new_session(paths, max_new_tokens="8"))
     stream = chat.send("q")
     assert "".join(stream) == "The answ"
-    assert chat.commit(stream).result.finish_reason is FinishReason.LENGTH
+    assert stream.finish().result.finish_reason is FinishReason.LENGTH
     created = chat.session.turns[0].created_at
     stream = chat.continue_()
     assert backend.prompt_text() == "<s>[|Human|]:q[|AI|]:The answ"  # left open: no </s>
     assert backend.plans[-1].partial_answer == "The answ"
     assert chat.session.turns[0].answer == "The answ"  # nothing changes until the commit
     assert "".join(stream) == "er is lo"
-    chat.commit(stream)
+    stream.finish()
     turn = chat.session.turns[0]
     assert (len(chat.session.turns), turn.user, turn.answer, turn.finish_reason) == (1, "q", "The answer is lo", FinishReason.LENGTH)
     assert turn.answer_ids == backend.encoder.encode_plain("The answer is lo") and turn.created_at == created
@@ -66,7 +66,7 @@ def test_continue_needs_a_cut_off_answer(paths: UserPaths) -> None:
         chat.continue_()
     stream = chat.send("hi")
     "".join(stream)
-    chat.commit(stream)
+    stream.finish()
     with pytest.raises(BlueLMError, match="^the last answer ended on its own, so there is nothing to continue; /retry asks for a new one$"):
         chat.continue_()
 

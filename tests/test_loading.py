@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bluelm_cli.errors import BlueLMError, UsageError
-from bluelm_cli.loading import (
+from bluelm_cli.core.errors import BlueLMError, UsageError
+from bluelm_cli.local.loading import (
     DEFAULT_MODEL,
     LoadedModel,
     check_checkpoint_folder,
@@ -22,7 +22,7 @@ from bluelm_cli.loading import (
     resolve_model_folder,
 )
 from bluelm_cli.modeling import BlueLMForCausalLM, BlueLMTokenizer
-from bluelm_cli.tiny_checkpoint import remote_code_was_executed
+from bluelm_cli.testing.tiny_checkpoint import remote_code_was_executed
 from checkpoints import NTK, checkpoints, fresh_checkpoint, tiny_folder  # noqa: F401
 
 

@@ -15,9 +15,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 import bluelm_cli.modeling  # noqa: F401  (registers BlueLM with the Auto classes)
-from bluelm_cli.loading import load_model
+from bluelm_cli.local.loading import load_model
 from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM, BlueLMTokenizer, rope_inverse_frequencies
-from bluelm_cli.tiny_checkpoint import REMOTE_CODE_MARKER, build_checkpoint, remote_code_was_executed, TinySpec
+from bluelm_cli.testing.tiny_checkpoint import REMOTE_CODE_MARKER, build_checkpoint, remote_code_was_executed, TinySpec
 from checkpoints import NTK, SPECS, checkpoints, fresh_checkpoint, tiny_folder  # noqa: F401
 from reference_bluelm import load_config, load_state_dict, reference_greedy, reference_inv_freq, reference_logits
 
@@ -300,7 +300,7 @@ def test_loading_never_prompts_on_stdin(tmp_path: Path) -> None:
         f"""
         import bluelm_cli.modeling
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-        from bluelm_cli.loading import load_model
+        from bluelm_cli.local.loading import load_model
         folder = {str(folder)!r}
         AutoConfig.from_pretrained(folder)
         AutoTokenizer.from_pretrained(folder)

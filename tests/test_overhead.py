@@ -1,16 +1,16 @@
-"""Per-token overhead measurement (bluelm_cli.overhead) and the sync-free sampler, on the CPU."""
+"""Per-token overhead measurement (bluelm_cli.bench.overhead) and the sync-free sampler, on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bluelm_cli.bench import format_report, random_weights_model, run_bench
-from bluelm_cli.engine import ChatEngine, _logits_processors, _sample
-from bluelm_cli.loading import LoadedModel
-from bluelm_cli.overhead import PUBLISHED_VOCAB, CachedLogitsRunner, measure_split, stub_logits
-from bluelm_cli.prompt import PromptPlan
-from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.bench.local import format_report, random_weights_model, run_bench
+from bluelm_cli.local.engine import ChatEngine, _logits_processors, _sample
+from bluelm_cli.local.loading import LoadedModel
+from bluelm_cli.bench.overhead import PUBLISHED_VOCAB, CachedLogitsRunner, measure_split, stub_logits
+from bluelm_cli.core.prompt import PromptPlan
+from bluelm_cli.core.settings import SamplingSettings
 from helpers import plan
 
 GREEDY = SamplingSettings(max_new_tokens=6, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)

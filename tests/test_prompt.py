@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from bluelm_cli.engine import TokenizerEncoder
-from bluelm_cli.loading import load_tokenizer
+from bluelm_cli.local.engine import TokenizerEncoder
+from bluelm_cli.local.loading import load_tokenizer
 from bluelm_cli.modeling import BlueLMTokenizer
-from bluelm_cli.errors import BlueLMError
-from bluelm_cli.prompt import HistoryTurn, build_continuation_ids, build_prompt_ids, fit_continuation, prompt_text, user_segment
-from bluelm_cli.tiny_checkpoint import train_tokenizer
+from bluelm_cli.core.errors import BlueLMError
+from bluelm_cli.core.prompt import HistoryTurn, build_continuation_ids, build_prompt_ids, fit_continuation, prompt_text, user_segment
+from bluelm_cli.testing.tiny_checkpoint import train_tokenizer
 
 GREETING = "你好，有什么可以帮助你吗？"  # the web demo's display-only greeting
 
@@ -169,7 +169,7 @@ def test_continuation_leaves_the_last_answer_open(tokenizer: BlueLMTokenizer) ->
 
 
 def test_continuation_drops_old_turns_to_fit_and_refuses_when_the_exchange_alone_cannot() -> None:
-    from fakes import CharEncoder
+    from bluelm_cli.testing.fakes import CharEncoder
 
     encoder = CharEncoder()
     history = [HistoryTurn("a" * 10, encoder.encode_plain("b" * 10)), HistoryTurn("c" * 10, encoder.encode_plain("d" * 10))]

@@ -21,17 +21,17 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from bluelm_cli import journal as journal_module
-from bluelm_cli.chat import Chat
-from bluelm_cli.cli import app
-from bluelm_cli.conversation import Turn
-from bluelm_cli.errors import BlueLMError, UsageError
-from bluelm_cli.output import ChatOutput
-from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.repl import ChatRepl, run_chat
+from bluelm_cli.chat import journal as journal_module
+from bluelm_cli.chat.service import Chat
+from bluelm_cli.cli.app import app
+from bluelm_cli.chat.conversation import Turn
+from bluelm_cli.core.errors import BlueLMError, UsageError
+from bluelm_cli.ui.output import ChatOutput
+from bluelm_cli.config.paths import UserPaths, user_paths
+from bluelm_cli.ui.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session, list_sessions
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
-from fakes import FakeBackend
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.testing.fakes import FakeBackend
 
 ESCAPES = "before \x1b]2;PWNED\x07 after \x1b[2J\x1b[41mRED \x1b]52;c;aGk=\x07 \x00"
 runner = CliRunner()
@@ -196,7 +196,8 @@ def test_a_full_disk_keeps_turns_in_memory_retries_and_holds_exit(paths: UserPat
     full["on"] = False  # space again: the next change writes everything, in order
     repl.handle("/set temperature 0.5")
     assert chat.session.unwritten == 0
-    resumed_users = [json.loads(line).get("user") for line in chat.session.journal.read_text().splitlines()]  # type: ignore[union-attr]
+    records = [json.loads(line) for line in chat.session.journal.read_text().splitlines()]  # type: ignore[union-attr]
+    resumed_users = [r.get("user") for r in records if r["type"] == "turn"]  # (q1's message record came first)
     assert [u for u in resumed_users if u] == ["q1", "q2", "q3"]
 
 
@@ -501,7 +502,7 @@ def test_config_file_with_a_bom_and_a_home_that_is_a_file(paths: UserPaths, monk
 def test_a_history_file_that_stops_being_writable_is_one_warning(paths: UserPaths, monkeypatch: pytest.MonkeyPatch) -> None:
     from prompt_toolkit.history import FileHistory
 
-    from bluelm_cli.repl import _open_history
+    from bluelm_cli.ui.repl import _open_history
 
     repl = repl_for(Chat(FakeBackend(), new_session(paths)))
     history = _open_history(repl, paths.history_file)
@@ -538,7 +539,7 @@ def test_closed_standard_streams_are_one_line(checkpoint: Path, tmp_path: Path) 
     env = {**os.environ, "BLUELM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     closed_stdout = subprocess.run(
         [sys.executable, "-c", "import os, sys; os.close(1); sys.stdout = None; "
-         "sys.argv = ['bluelm', 'ask', 'hi']; from bluelm_cli.cli import main; main()"],
+         "sys.argv = ['bluelm', 'ask', 'hi']; from bluelm_cli.cli.app import main; main()"],
         env=env, capture_output=False, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=120,
     )
     assert closed_stdout.returncode == 1
@@ -589,7 +590,7 @@ def test_a_chat_started_with_stderr_closed_answers_and_journals(checkpoint: Path
     )
     assert result.returncode == 0 and result.stdout.strip()
     records = [json.loads(line) for line in (home / "sessions" / "quiet.jsonl").read_text().splitlines()]
-    assert [record["type"] for record in records] == ["start", "turn"] and records[1]["user"] == "hi"
+    assert [record["type"] for record in records] == ["start", "message", "turn"] and records[2]["user"] == "hi"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
@@ -633,7 +634,7 @@ def test_ask_session_journals_an_answer_ended_by_a_signal(signum: int, tmp_path:
 def test_a_file_without_a_size_is_read_only_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     """`ask -f /dev/zero` read forever (its size is 0, so the size check passed): a device or a pipe is
     now read up to the limit and refused past it; a small pipe (`-f <(git diff)`) still works."""
-    from bluelm_cli import attachments
+    from bluelm_cli.chat import attachments
 
     monkeypatch.setattr(attachments, "MAX_FILE_BYTES", 1024)
     read_end, write_end = os.pipe()
@@ -700,7 +701,7 @@ def test_a_chat_whose_stderr_is_on_a_full_disk_answers_and_journals(checkpoint: 
         )
     assert result.returncode == 0 and result.stdout.strip()
     records = [json.loads(line) for line in (home / "sessions" / "full.jsonl").read_text().splitlines()]
-    assert [record["type"] for record in records] == ["start", "turn"]
+    assert [record["type"] for record in records] == ["start", "message", "turn"]
 
 
 def test_sessions_rm_refuses_a_session_open_in_a_chat(paths: UserPaths) -> None:

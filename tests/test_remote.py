@@ -21,16 +21,16 @@ from fake_openai import FakeOpenAI, Handler, answer_events, chunk
 from rich.console import Console
 from typer.testing import CliRunner
 
-from bluelm_cli.chat import Chat
-from bluelm_cli.cli import app
-from bluelm_cli.finish import FinishReason
-from bluelm_cli.paths import user_paths
-from bluelm_cli.prompt import HistoryTurn, PromptPlan
+from bluelm_cli.chat.service import Chat
+from bluelm_cli.cli.app import app
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.config.paths import user_paths
+from bluelm_cli.core.prompt import HistoryTurn, PromptPlan
 from bluelm_cli.remote import RemoteError, connect
 from bluelm_cli.remote.encoders import ByteEstimateEncoder, ServerEncoder
-from bluelm_cli.repl import run_chat
+from bluelm_cli.ui.repl import run_chat
 from bluelm_cli.session import Session
-from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.core.settings import SamplingSettings
 
 runner = CliRunner()
 
@@ -152,7 +152,7 @@ def test_a_server_that_does_not_say_gets_the_default_context(server: FakeOpenAI)
 
 
 def test_the_byte_estimate_never_counts_fewer_than_sentencepiece(tmp_path: Path) -> None:
-    from bluelm_cli.tiny_checkpoint import train_tokenizer
+    from bluelm_cli.testing.tiny_checkpoint import train_tokenizer
     import sentencepiece
 
     train_tokenizer(tmp_path)

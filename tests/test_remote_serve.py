@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bluelm_cli.cli import app
-from bluelm_cli.engine import ChatEngine
+from bluelm_cli.cli.app import app
+from bluelm_cli.local.engine import ChatEngine
 from bluelm_cli.export.hf import export_hf
-from bluelm_cli.loading import load_model
-from bluelm_cli.paths import user_paths
-from bluelm_cli.prompt import HistoryTurn, fit_prompt
+from bluelm_cli.local.loading import load_model
+from bluelm_cli.config.paths import user_paths
+from bluelm_cli.core.prompt import HistoryTurn, fit_prompt
 from bluelm_cli.session import Session
-from bluelm_cli.settings import SamplingSettings
-from bluelm_cli.tiny_checkpoint import TinySpec, build_checkpoint
+from bluelm_cli.core.settings import SamplingSettings
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 
 pytest.importorskip("fastapi", reason="transformers serve needs the 'serving' extra (pip install -e '.[test,serving]')")
 pytestmark = pytest.mark.slow

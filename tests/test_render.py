@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from bluelm_cli.render import StreamRenderer, render_markdown, safe_for_terminal, wants_plain_output
+from bluelm_cli.ui.render import StreamRenderer, render_markdown, safe_for_terminal, wants_plain_output
 
 WIDTH = 60
 HEIGHT = 10
@@ -489,7 +489,7 @@ def test_render_markdown_matches_rich() -> None:
 
 
 def test_control_characters_never_reach_a_terminal() -> None:
-    from bluelm_cli.render import safe_for_terminal
+    from bluelm_cli.ui.render import safe_for_terminal
 
     assert safe_for_terminal("a\x1b[2Jb\tc\r\nd\x07\x9b") == "a\ufffd[2Jb\tc\ufffd\nd\ufffd\ufffd"
     out = io.StringIO()

@@ -33,13 +33,13 @@ from prompt_toolkit.output import DummyOutput
 from prompt_toolkit.search import SearchDirection, SearchState
 from rich.console import Console
 
-import bluelm_cli.repl as repl_module
-from bluelm_cli.chat import Chat as ChatService
-from bluelm_cli.commands import COMMANDS, ChatCompleter
-from bluelm_cli.paths import UserPaths, user_paths
-from bluelm_cli.repl import ChatRepl, run_chat
+import bluelm_cli.ui.repl as repl_module
+from bluelm_cli.chat.service import Chat as ChatService
+from bluelm_cli.ui.commands import COMMANDS, ChatCompleter
+from bluelm_cli.config.paths import UserPaths, user_paths
+from bluelm_cli.ui.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session
-from fakes import FakeBackend
+from bluelm_cli.testing.fakes import FakeBackend
 from test_chat import new_session
 
 BANNER = (

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bluelm_cli.errors import BlueLMError, UsageError
+from bluelm_cli.core.errors import BlueLMError, UsageError
 from bluelm_cli.session import Session, Turn, list_sessions, validate_session_name
-from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.core.settings import SamplingSettings
 
 MODEL = "vivo-ai/BlueLM-7B-Chat"
 

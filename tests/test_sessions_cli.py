@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bluelm_cli.cli import app
-from bluelm_cli.finish import FinishReason
-from bluelm_cli.paths import user_paths
+from bluelm_cli.cli.app import app
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.config.paths import user_paths
 from bluelm_cli.session import Session, Turn
 
 runner = CliRunner()
@@ -131,7 +131,7 @@ def test_sessions_commands_never_import_torch(args: list[str], two_sessions: tup
         stdin=subprocess.DEVNULL, capture_output=True, text=True, env=dict(os.environ), timeout=60,
     )
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "bluelm_cli.sessions_cli" in imported  # the report was parsed
+    assert "bluelm_cli.cli.sessions" in imported  # the report was parsed
     top_level = {name.split(".")[0] for name in imported}
     assert "torch" not in top_level and "transformers" not in top_level
     assert "Traceback" not in proc.stderr

@@ -10,20 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bluelm_cli.errors import BlueLMError, UsageError
-from bluelm_cli.paths import UserPaths, ensure_dir, user_paths
-from bluelm_cli.settings import (
-    SAMPLING_KEYS,
-    SETTING_NAMES,
-    SOURCE_CHECKPOINT,
-    SPECS,
-    SamplingSettings,
-    describe,
-    load_config_file,
-    parse_sampling_setting,
-    parse_setting,
-    resolve_settings,
-)
+from bluelm_cli.core.errors import BlueLMError, UsageError
+from bluelm_cli.config.paths import UserPaths, ensure_dir, user_paths
+from bluelm_cli.config.settings import describe, load_config_file, resolve_settings
+from bluelm_cli.core.settings import SAMPLING_KEYS, SETTING_NAMES, SOURCE_CHECKPOINT, SPECS, SamplingSettings, parse_sampling_setting, parse_setting
 
 KNOWN = "model, source, device, dtype, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, history"
 

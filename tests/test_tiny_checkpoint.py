@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from bluelm_cli import tiny_checkpoint as tc
-from bluelm_cli.tiny_checkpoint import (
+from bluelm_cli.testing import tiny_checkpoint as tc
+from bluelm_cli.testing.tiny_checkpoint import (
     PUBLISHED_7B,
     REMOTE_CODE_FILES,
     REMOTE_CODE_MARKER,

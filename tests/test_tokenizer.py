@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 import bluelm_cli.modeling  # noqa: F401  (registers BlueLM with the Auto classes)
-from bluelm_cli.loading import load_tokenizer
-from bluelm_cli.tokenizer import AI_TAG, HUMAN_TAG, BlueLMTokenizer, StreamDetokenizer
+from bluelm_cli.local.loading import load_tokenizer
+from bluelm_cli.modeling.tokenizer import AI_TAG, HUMAN_TAG, BlueLMTokenizer, StreamDetokenizer
 from checkpoints import checkpoints, tiny_folder  # noqa: F401
 
 TEXTS = [

@@ -1,4 +1,7 @@
-"""`bluelm export`: a BlueLM checkpoint as plain Llama for other engines (an HF folder or one GGUF file)."""
+"""`bluelm export`: a BlueLM checkpoint as plain Llama for other engines (an HF folder or one GGUF file).
+
+May import: core, config, modeling, local (its loader).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from bluelm_cli.errors import BlueLMError, UsageError
+from bluelm_cli.core.errors import BlueLMError, UsageError
 
 __all__ = ["FORMATS", "export_checkpoint"]
 
@@ -30,7 +33,7 @@ def export_checkpoint(
     if dtype not in _DTYPES:
         raise UsageError(f"unknown dtype '{dtype}'; use auto, bfloat16, float16 or float32")
     _check_out(out, format)
-    from bluelm_cli.loading import check_checkpoint_folder, resolve_model_folder
+    from bluelm_cli.local.loading import check_checkpoint_folder, resolve_model_folder
 
     folder = resolve_model_folder(model, source, on_status)
     check_checkpoint_folder(folder)

@@ -6,7 +6,7 @@ plain text before the next `[|Human|]:`. Message content may be a string or Open
 
 from __future__ import annotations
 
-from bluelm_cli.prompt import AI_TAG, HUMAN_TAG
+from bluelm_cli.core.prompt import AI_TAG, HUMAN_TAG
 
 __all__ = ["HF_CHAT_TEMPLATE", "GGUF_CHAT_TEMPLATE"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bluelm_cli.errors import BlueLMError
+from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.export.chat_template import HF_CHAT_TEMPLATE
 from bluelm_cli.export.tokenizer_json import build_tokenizer
 
@@ -118,7 +118,7 @@ class SourceTensors:
     keeping at most one .bin shard mapped at a time."""
 
     def __init__(self, folder: Path) -> None:
-        from bluelm_cli.loading import WEIGHT_FILES, WEIGHT_INDEXES
+        from bluelm_cli.local.loading import WEIGHT_FILES, WEIGHT_INDEXES
 
         self._open_path: Path | None = None
         self._open: Any = None

@@ -2,6 +2,8 @@
 
 After `import bluelm_cli.modeling`, `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and `AutoTokenizer` load a
 published BlueLM folder natively, without executing the Python files shipped inside it.
+
+May import: core (the chat format, for the tokenizer). Nothing above it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from bluelm_cli.modeling.configuration import BlueLMConfig
 from bluelm_cli.modeling.modeling_bluelm import BlueLMForCausalLM, BlueLMModel, rope_inverse_frequencies
-from bluelm_cli.tokenizer import BlueLMTokenizer
+from bluelm_cli.modeling.tokenizer import BlueLMTokenizer
 
 AutoConfig.register(BlueLMConfig.model_type, BlueLMConfig, exist_ok=True)
 AutoModel.register(BlueLMConfig, BlueLMModel, exist_ok=True)

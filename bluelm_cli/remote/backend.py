@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bluelm_cli.backend import BackendInfo
-from bluelm_cli.prompt import HUMAN_TAG, PromptEncoder, PromptPlan
+from bluelm_cli.core.backend import BackendInfo
+from bluelm_cli.core.prompt import HUMAN_TAG, PromptEncoder, PromptPlan
 from bluelm_cli.remote.encoders import ByteEstimateEncoder, SentencePieceEncoder, ServerEncoder
 from bluelm_cli.remote.http import PROBE_TIMEOUT_S, HttpClient, RemoteError, ServerURL
 from bluelm_cli.remote.stream import RemoteStream
-from bluelm_cli.settings import SamplingSettings
+from bluelm_cli.core.settings import SamplingSettings
 
 # When the server does not say its context length: BlueLM-7B-Chat's.
 DEFAULT_CONTEXT = 2048

@@ -1,6 +1,6 @@
 """Counting tokens for a served model, which tokenizes prompts itself.
 
-The chat service fits the conversation into the context with a :class:`~bluelm_cli.prompt.PromptEncoder`;
+The chat service fits the conversation into the context with a :class:`~bluelm_cli.core.prompt.PromptEncoder`;
 for a server its counts must be right or too high, never too low. In order of preference:
 
 1. :class:`ServerEncoder` — the server's own tokenize endpoint (vLLM and SGLang `/tokenize`, llama.cpp
@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bluelm_cli.errors import BlueLMError
+from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.remote.http import PROBE_TIMEOUT_S, HttpClient, RemoteError
 
 # Stand-ins: prompt ids for a server are counted, never sent, so BOS/EOS need only occupy one place each.

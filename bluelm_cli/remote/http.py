@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from bluelm_cli.errors import BlueLMError, UsageError
+from bluelm_cli.core.errors import BlueLMError, UsageError
 
 CONNECT_TIMEOUT_S = 10.0
 # A busy server may queue a request for a long time before its first token; Ctrl-C stops sooner.

@@ -19,32 +19,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from bluelm_cli.finish import FinishReason
-from bluelm_cli.prompt import HUMAN_TAG
-from bluelm_cli.worker_stream import WorkerStream
+from bluelm_cli.core.backend import AnswerResult
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.core.prompt import HUMAN_TAG
+from bluelm_cli.core.worker_stream import WorkerStream
 from bluelm_cli.remote.http import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, HttpClient, RemoteError, error_detail
 
 _FINISH = {"length": FinishReason.LENGTH, "abort": FinishReason.ERROR, "error": FinishReason.ERROR}
-
-
-@dataclass(frozen=True)
-class RemoteResult:
-    """An :class:`~bluelm_cli.backend.AnswerResult` measured at the client."""
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int  # the server's count (usage), else ours
-    reused_tokens: int  # prompt tokens the server says it served from its cache (0 when it does not say)
-    new_tokens: int  # the server's count (usage), else the number of streamed content chunks
-    ttft_s: float  # from sending the request to the first text
-    decode_tok_s: float  # (new_tokens - 1) / (last text - first text)
-    context_tokens: int
-    context_limit: int
-    answer_ids: list[int] = field(default_factory=list)  # a server does not say which ids it generated
-    error: str | None = None  # why the answer ended early, with finish "error"
 
 
 class MalformedStream(RemoteError):
@@ -62,8 +46,8 @@ class _Progress:
     last_at: float = 0.0
 
 
-class RemoteStream(WorkerStream[RemoteResult]):
-    """Text deltas of one served answer (the :class:`~bluelm_cli.backend.AnswerStream` protocol)."""
+class RemoteStream(WorkerStream[AnswerResult]):
+    """Text deltas of one served answer (the :class:`~bluelm_cli.core.backend.AnswerStream` protocol)."""
 
     def __init__(self, client: HttpClient, body: dict[str, Any], *, prompt_tokens: int, context_limit: int,
                  on_rejected_fields: Callable[[dict[str, Any], RemoteError], dict[str, Any] | None] | None = None) -> None:
@@ -89,7 +73,7 @@ class RemoteStream(WorkerStream[RemoteResult]):
                     pass
 
     # ------------------------------------------------------------------------------- the worker side
-    def _answer(self) -> RemoteResult:
+    def _answer(self) -> AnswerResult:
         progress = _Progress()
         started = time.perf_counter()
         body = self._body
@@ -120,7 +104,7 @@ class RemoteStream(WorkerStream[RemoteResult]):
             reason = _FINISH.get(progress.finish or "", FinishReason.STOP)
         return self._result(progress, reason, started)
 
-    def _failed(self, progress: _Progress, error: RemoteError, started: float) -> RemoteResult:
+    def _failed(self, progress: _Progress, error: RemoteError, started: float) -> AnswerResult:
         if self._stop.is_set():
             return self._result(progress, FinishReason.INTERRUPTED, started)
         if not progress.text:
@@ -242,7 +226,7 @@ class RemoteStream(WorkerStream[RemoteResult]):
             self._queue.put(("delta", progress.text[self._emitted:shown]))
             self._emitted = shown
 
-    def _result(self, progress: _Progress, reason: FinishReason, started: float, error: str | None = None) -> RemoteResult:
+    def _result(self, progress: _Progress, reason: FinishReason, started: float, error: str | None = None) -> AnswerResult:
         if self._emitted < len(progress.text):
             self._queue.put(("delta", progress.text[self._emitted:]))  # a held-back end that was not the tag
             self._emitted = len(progress.text)
@@ -253,8 +237,9 @@ class RemoteStream(WorkerStream[RemoteResult]):
         details = usage.get("prompt_tokens_details") or {}
         reused = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
         span = progress.last_at - progress.first_at
-        return RemoteResult(
+        return AnswerResult(
             text=progress.text,
+            answer_ids=[],  # a server does not say which ids it generated
             finish_reason=reason,
             prompt_tokens=prompt_tokens,
             reused_tokens=reused,

@@ -1,0 +1,302 @@
+"""The crash-safe session journal on disk: create, append (fsync'd), read back with repair, list.
+
+A journal is ``<sessions_dir>/<name>.jsonl``: one JSON record per line (see
+:mod:`bluelm_cli.chat.conversation`), each appended with a single ``write`` of the whole line, then fsync'd
+before the call returns, so Ctrl-C, SIGTERM, SIGHUP or a crash never loses a finished turn. The first
+record is ``{"type": "start", "version": 1, "name", "model_id", "system", "sampling", "created_at"}``.
+
+Reading back, a last line cut short by a crash is dropped (and cut off the file so that later appends
+start on a fresh line); every complete record is recovered; a damaged line elsewhere is skipped and
+reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bluelm_cli.chat.conversation import BadRecord, Conversation, checked_sampling, checked_system
+from bluelm_cli.core.errors import BlueLMError, UsageError
+
+VERSION = 1
+JOURNAL_SUFFIX = ".jsonl"
+_RECORD_TYPES = ("turn", "reset", "undo", "set", "drop", "load", "resume")
+_NAME_RE = re.compile(r"[\w.-]+")
+_MAX_NAME = 100
+
+
+def validate_session_name(name: str) -> str:
+    """The name if it is usable as a session name (``--session NAME``), else UsageError."""
+    if (
+        not isinstance(name, str)
+        or not _NAME_RE.fullmatch(name)
+        or name.startswith(".")
+        or len(name) > _MAX_NAME
+    ):
+        raise UsageError(
+            f"invalid session name '{name}': use only letters, digits, '-', '_' and '.'"
+            f" (not starting with '.', at most {_MAX_NAME} characters)"
+        )
+    return name
+
+
+def journal_path(sessions_dir: Path, name: str) -> Path:
+    return Path(sessions_dir) / f"{validate_session_name(name)}{JOURNAL_SUFFIX}"
+
+
+def reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def create_exclusive(path: Path) -> None:
+    """Create an empty private journal file; FileExistsError if there is one already."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    os.close(fd)
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one record as one line and fsync it. Raises OSError, leaving the file as it was: a line
+    half-written to a full disk is cut off again, so the next append starts on a fresh line."""
+    line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
+class JournalLock:
+    """An OS lock on a journal, held while a chat has the session open, so a second `bluelm chat` can't
+    interleave its turns with the first one's. The OS frees it when the process ends: a crashed chat
+    never leaves a stale lock. Within one process the lock is shared (counted), not refused."""
+
+    _held: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [fd, holders]
+
+    def __init__(self, key: tuple[int, int] | None) -> None:
+        self._key = key
+
+    @classmethod
+    def acquire(cls, path: Path, name: str) -> JournalLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks; the journal still works
+            return cls(None)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise BlueLMError(f"cannot open session journal {path} ({reason(exc)}); check its permissions") from None
+        info = os.fstat(fd)
+        key = (info.st_dev, info.st_ino)
+        held = cls._held.get(key)
+        if held is not None:
+            os.close(fd)
+            held[1] += 1
+            return cls(key)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BlueLMError(
+                f"session '{name}' is open in another bluelm chat; continue it there, or start a new chat"
+            ) from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): go on unlocked
+        cls._held[key] = [fd, 1]
+        return cls(key)
+
+    def release(self) -> None:
+        key, self._key = self._key, None
+        held = self._held.get(key) if key is not None else None
+        if held is not None:
+            held[1] -= 1
+            if held[1] == 0:
+                del self._held[key]  # type: ignore[arg-type]
+                os.close(held[0])  # closing the descriptor drops the lock
+
+
+def read_records(path: Path, *, repair: bool) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """Complete JSON records of a journal, with line numbers, and warnings. With ``repair``, a last line
+    cut short by a crash is truncated off the file so that later appends start on a fresh line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BlueLMError(f"no such session journal: {path}") from None
+    except OSError as exc:
+        raise BlueLMError(f"cannot read session journal {path} ({reason(exc)}); check its permissions") from None
+    records: list[tuple[int, dict[str, Any]]] = []
+    warnings: list[str] = []
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline, else a line cut short
+    if tail.strip():
+        good_length = len(data) - len(tail)
+        try:
+            obj = json.loads(tail.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError
+        except (UnicodeDecodeError, ValueError):
+            obj = None
+        if obj is not None:
+            lines.append(tail)  # complete record, only its newline is missing
+            if repair:
+                _repair(path, None)
+        elif repair:
+            _repair(path, good_length)
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            warnings.append(f"{path}: line {number} is damaged and was skipped")
+            continue
+        if not isinstance(obj, dict):
+            warnings.append(f"{path}: line {number} is not a record and was skipped")
+            continue
+        records.append((number, obj))
+    return records, warnings
+
+
+def _repair(path: Path, good_length: int | None) -> None:
+    """Cut a partial last line off (good_length) or add the missing newline (None)."""
+    try:
+        if good_length is None:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            os.truncate(path, good_length)
+    except OSError as exc:
+        raise BlueLMError(f"cannot repair session journal {path} ({reason(exc)}); check its permissions") from None
+
+
+def replay(path: Path, *, repair: bool) -> tuple[Conversation, list[str]]:
+    """The conversation a journal records, and warnings about what had to be skipped."""
+    records, warnings = read_records(path, repair=False)
+    if not records or records[0][1].get("type") != "start":
+        if not warnings or not any(record.get("type") in _RECORD_TYPES for _, record in records):
+            raise BlueLMError(f"{path} is not a bluelm session journal (no start record); delete it or move it away")
+        # The start record itself was damaged (its line is among the warnings); the turns after it are
+        # intact: recover them under the settings' defaults rather than lose the whole session.
+        warnings.append(f"{path}: the session's first record was damaged; its model and settings were reset to the defaults")
+        records = [(0, {"type": "start", "model_id": "unknown"}), *records]
+    start = records[0][1]
+    version = start.get("version")
+    if isinstance(version, int) and version > VERSION:
+        raise BlueLMError(f"{path} was written by a newer bluelm-cli (journal version {version}); upgrade to resume it")
+    model_id = start.get("model_id")
+    try:
+        if not isinstance(model_id, str):
+            raise BadRecord("model_id is missing")
+        conversation = Conversation(
+            name=path.name[: -len(JOURNAL_SUFFIX)] if path.name.endswith(JOURNAL_SUFFIX) else path.stem,
+            model_id=model_id,
+            system=checked_system(start.get("system")),
+            sampling=checked_sampling(start.get("sampling", {})),
+        )
+    except BadRecord as exc:
+        raise BlueLMError(f"{path} has a damaged start record ({exc}); delete it or move it away") from None
+    for number, record in records[1:]:
+        try:
+            conversation.apply(record)
+        except BadRecord as exc:
+            warnings.append(f"{path}: line {number} was skipped ({exc})")
+    if repair:
+        read_records(path, repair=True)  # only now that the journal is known to be ours
+    return conversation, warnings
+
+
+# --------------------------------------------------------------------------- listing
+@dataclass(frozen=True)
+class SessionInfo:
+    name: str
+    turns: int
+    last_used: datetime  # UTC, from the journal's modification time
+    path: Path
+    model_id: str
+    damaged: bool = False  # some records could not be read (what could be read is listed)
+    unreadable: str | None = None  # why nothing could be read (then turns is 0)
+
+
+def find_journal(sessions_dir: Path, name: str | None) -> Path:
+    """The journal of session `name`, or of the most recently used readable one (None); BlueLMError if none."""
+    sessions_dir = Path(sessions_dir)
+    if name is None:
+        infos = [info for info in list_sessions(sessions_dir) if info.unreadable is None]
+        if not infos:
+            raise BlueLMError(f"there are no saved sessions in {sessions_dir} yet; start a new chat instead")
+        return infos[0].path
+    path = journal_path(sessions_dir, name)
+    if not path.is_file():
+        known = [info.name for info in list_sessions(sessions_dir)]
+        hint = f"known sessions: {', '.join(known[:10])}{', …' if len(known) > 10 else ''}" if known else (
+            "there are no saved sessions yet"
+        )
+        raise BlueLMError(f"no session named '{name}' in {sessions_dir}; {hint}")
+    return path
+
+
+def list_sessions(sessions_dir: Path) -> list[SessionInfo]:
+    """Sessions with a readable journal in ``sessions_dir``, most recently used first."""
+    sessions_dir = Path(sessions_dir)
+    if not sessions_dir.is_dir():
+        return []
+    infos = []
+    for path in sessions_dir.glob(f"*{JOURNAL_SUFFIX}"):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        last_used = datetime.fromtimestamp(mtime, tz=timezone.utc)
+        try:
+            conversation, warnings = replay(path, repair=False)
+        except BlueLMError as exc:
+            infos.append(SessionInfo(path.name[: -len(JOURNAL_SUFFIX)], 0, last_used, path, "unknown", True, str(exc)))
+            continue
+        infos.append(
+            SessionInfo(
+                name=conversation.name,
+                turns=len(conversation.turns),
+                last_used=last_used,
+                path=path,
+                model_id=conversation.model_id,
+                damaged=bool(warnings),
+            )
+        )
+    infos.sort(key=lambda info: (info.last_used, info.name), reverse=True)
+    return infos

@@ -1,0 +1,394 @@
+"""The chat engine: owns the model, its KV cache and the exact ids that cache holds; streams answers.
+
+A new turn prefills only what is new: the longest common prefix with the cached ids is reused and the
+cache is cropped there on divergence (undo, retry, edited history, another system prompt), never
+thrown away. Generation runs in a worker thread; the caller iterates text deltas and may call `stop()`
+from any thread. It takes prompt ids (the chat service fits the conversation into them) and knows
+nothing about terminals; it is the local :class:`~bluelm_cli.chat.service.Backend`, and `bluelm bench` drives it too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from bluelm_cli.core.backend import AnswerResult, BackendInfo
+from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.local.loading import LoadedModel, dtype_name
+from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
+from bluelm_cli.core.settings import SamplingSettings
+from bluelm_cli.modeling.tokenizer import StreamDetokenizer
+from bluelm_cli.core.worker_stream import WorkerStream
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values live in a buffer that grows by doubling.
+
+    DynamicLayer concatenates on every step, copying (and allocating) the whole layer's cache per token:
+    O(context) work a token that dominated CPU decoding at 2K context. Here an append writes in place;
+    `keys`/`values` are views of the first `length` rows, so crop() (a slice) works unchanged.
+    """
+
+    def __init__(self, max_capacity: int | None = None) -> None:
+        super().__init__()
+        self.max_capacity = max_capacity  # the context window: never reserve rows past it
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._key_buffer = self._value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object):  # type: ignore[override]
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        end = length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            capacity = max(256, 2 * (self._key_buffer.shape[-2] if self._key_buffer is not None else 0))
+            if self.max_capacity:
+                capacity = min(capacity, self.max_capacity)
+            capacity = max(capacity, end)
+            self._key_buffer = self._grow(self._key_buffer, key_states, length, capacity)
+            self._value_buffer = self._grow(self._value_buffer, value_states, length, capacity)
+        self._key_buffer[:, :, length:end] = key_states
+        self._value_buffer[:, :, length:end] = value_states  # type: ignore[index]
+        self.keys = self._key_buffer[:, :, :end]
+        self.values = self._value_buffer[:, :, :end]  # type: ignore[index]
+        return self.keys, self.values
+
+    @staticmethod
+    def _grow(old: torch.Tensor | None, states: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+        batch, heads, _, head_dim = states.shape
+        buffer = torch.empty((batch, heads, capacity, head_dim), dtype=states.dtype, device=states.device)
+        if old is not None and length:
+            buffer[:, :, :length] = old[:, :, :length]
+        return buffer
+
+
+@dataclass(frozen=True)
+class TokenizerEncoder:
+    """The tokenizer as the prompt module sees it (a :class:`~bluelm_cli.core.prompt.PromptEncoder`)."""
+
+    encode_plain: Callable[[str], list[int]]
+    bos_id: int
+    eos_id: int
+    decode: Callable[[list[int]], str]
+    vocab_size: int
+
+
+# Never cuDNN's attention for a prefill: profiled on an H100 (torch 2.11, GPU check of 2026-11-25), it took
+# 2.4 ms of host time per layer call (75 of the 133 ms a 35-token follow-up spent on the host, for 1.6 ms of
+# GPU work) and about a second to plan each prompt length it had not seen. The other kernels plan nothing.
+_PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class StepRunner:
+    """Runs the model one call at a time over a cache. The CUDA fast path swaps in a compiled decode step."""
+
+    # Positions the runner's cache can hold, when it is preallocated; None = as many as the model allows.
+    max_positions: int | None = None
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def new_cache(self) -> Cache:
+        cache = DynamicCache(config=self.model.config)
+        if all(type(layer) is DynamicLayer for layer in cache.layers):
+            limit = getattr(self.model.config, "context_length", None)
+            cache.layers = [_GrowingLayer(limit) for _ in cache.layers]
+        return cache
+
+    def prefill(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        with sdpa_kernel(_PREFILL_ATTENTION):
+            out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
+        return self.prefill(cache, token, position)
+
+
+class ChatEngine:
+    def __init__(self, loaded: LoadedModel, runner: StepRunner | None = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        # Where the logits come out: with layers spread over several GPUs (accelerate's device map) that is
+        # the last one, and sampling state lives beside them; accelerate moves input ids to the first.
+        self.device = self.model.get_output_embeddings().weight.device
+        self.runner = runner or StepRunner(self.model)
+        # A preallocated (static) cache may hold fewer positions than the checkpoint allows.
+        self.context_limit = min(loaded.context_length, self.runner.max_positions or loaded.context_length)
+        self._cache: Cache | None = None
+        self._cached_ids: list[int] = []
+        self._lock = threading.Lock()
+        self._human_id = self.tokenizer.sp_model.piece_to_id(HUMAN_TAG)
+        self._eos_id = self.tokenizer.eos_token_id
+        # The chat format is built by the pure prompt module; it needs only this much of the tokenizer.
+        self.encoder = TokenizerEncoder(
+            self.tokenizer.encode_plain,
+            self.tokenizer.bos_token_id,
+            self._eos_id,
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            self.tokenizer.sp_model.get_piece_size(),  # never the padding rows past the tokenizer's pieces
+        )
+
+    def info(self) -> BackendInfo:
+        loaded = self.loaded
+        return BackendInfo(
+            model_id=loaded.model_id,
+            device=str(loaded.device),
+            dtype=dtype_name(loaded.dtype),
+            context_limit=self.context_limit,
+            quantization=loaded.quantization,
+            architecture=_architecture(self.model.config),
+            parameters=sum(parameter.numel() for parameter in self.model.parameters()),
+            origin=str(loaded.folder),
+        )
+
+    @property
+    def cached_ids(self) -> tuple[int, ...]:
+        """The ids whose keys and values the KV cache holds now (the conversation as the model has read it)."""
+        return tuple(self._cached_ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encoder.encode_plain(text))
+
+    def reset(self) -> None:
+        """Forget the cache (the next turn prefills from scratch)."""
+        with self._lock:
+            self._cache = None
+            self._cached_ids = []
+
+    # -------------------------------------------------------------------------------------- generation
+    def stream(self, plan: PromptPlan, settings: SamplingSettings, *, min_new_tokens: int = 0) -> GenerationStream:
+        """Start answering after `plan.ids`. Raises ContextOverflowError before starting if they can't fit.
+
+        `min_new_tokens`: the answer cannot end (</s> or [|Human|]:) before it has this many tokens
+        (generate()'s min_new_tokens; `bluelm bench` sets it so that every turn decodes the same count).
+        """
+        budget = self.context_limit - settings.max_new_tokens
+        if len(plan.ids) > budget:
+            raise ContextOverflowError(len(plan.ids), budget)
+        return GenerationStream(self, plan, settings, min_new_tokens)
+
+    def _generate(
+        self,
+        plan: PromptPlan,
+        settings: SamplingSettings,
+        min_new_tokens: int,
+        stop_event: threading.Event,
+        emit: Callable[[str], None],
+    ) -> AnswerResult:
+        with self._lock, torch.inference_mode():
+            try:
+                return self._generate_locked(plan, settings, min_new_tokens, stop_event, emit)
+            except BaseException:
+                # A failure mid-step can leave the cache half-written: start clean next time.
+                self._cache = None
+                self._cached_ids = []
+                raise
+
+    def _generate_locked(
+        self,
+        plan: PromptPlan,
+        settings: SamplingSettings,
+        min_new_tokens: int,
+        stop_event: threading.Event,
+        emit: Callable[[str], None],
+    ) -> AnswerResult:
+        started = time.perf_counter()
+        ids = plan.ids
+        reused = _common_prefix_length(self._cached_ids, ids)
+        reused = min(reused, len(ids) - 1)  # at least one token must run to get the next-token logits
+        if self._cache is None:
+            self._cache = self.runner.new_cache()
+            reused = 0
+        elif len(self._cached_ids) > reused:
+            self._cache.crop(-(len(self._cached_ids) - reused))
+        self._cached_ids = self._cached_ids[:reused]
+
+        processors = _logits_processors(settings)
+        generator = None
+        if settings.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        # The repetition penalty sees prompt and answer, as generate() does; a preallocated buffer avoids regrowth.
+        history_ids = torch.empty((1, len(ids) + settings.max_new_tokens + 1), dtype=torch.long, device=self.device)
+        history_ids[0, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        length = len(ids)
+
+        suffix = history_ids[:, reused:length]
+        logits = self.runner.prefill(self._cache, suffix, reused)
+        self._cached_ids = list(ids)
+
+        detokenizer = StreamDetokenizer(self.tokenizer)
+        answer_ids: list[int] = []
+        finish = FinishReason.LENGTH
+        first_token_at = last_token_at = 0.0
+        stop_ids = torch.tensor([self._eos_id, self._human_id], dtype=torch.long, device=self.device)
+        reader = _TokenReader(self.device)
+        while True:
+            if len(answer_ids) < min_new_tokens:
+                logits = logits.index_fill(-1, stop_ids, float("-inf"))
+            sampled = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
+            reader.copy(sampled)
+            # The sampled token goes into the history on the device, and the next forward is queued before the
+            # host reads the token: the host's work for this token (stop checks, detokenizing, streaming) then
+            # overlaps the GPU's next forward. If the token turns out to end the answer, that one forward was
+            # spare; the cache then holds the stop token too, and `_cached_ids` says so.
+            history_ids[:, length] = sampled
+            length += 1
+            more = len(answer_ids) + 1 < settings.max_new_tokens and length < self.context_limit
+            queued = more and not stop_event.is_set()
+            if queued:
+                logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
+            token = reader.value()
+            if queued:
+                self._cached_ids.append(token)
+            now = time.perf_counter()
+            if not answer_ids and not first_token_at:
+                first_token_at = now
+            last_token_at = now
+            if token in (self._eos_id, self._human_id):
+                finish = FinishReason.STOP
+                break
+            answer_ids.append(token)
+            delta = detokenizer.add(token)
+            if delta:
+                emit(delta)
+            if stop_event.is_set():
+                finish = FinishReason.INTERRUPTED
+                break
+            if len(answer_ids) >= settings.max_new_tokens:
+                finish = FinishReason.LENGTH
+                break
+            if length >= self.context_limit:
+                finish = FinishReason.CONTEXT
+                break
+        tail = detokenizer.flush()
+        if tail:
+            emit(tail)
+        decode_seconds = last_token_at - first_token_at
+        return AnswerResult(
+            text=detokenizer.text,
+            answer_ids=answer_ids,
+            finish_reason=finish,
+            prompt_tokens=len(ids),
+            reused_tokens=reused,
+            new_tokens=len(answer_ids),
+            ttft_s=first_token_at - started,
+            decode_tok_s=(len(answer_ids) - 1) / decode_seconds if len(answer_ids) > 1 and decode_seconds > 0 else 0.0,
+            context_tokens=len(ids) + len(answer_ids) + 1,
+            context_limit=self.context_limit,
+        )
+
+
+class GenerationStream(WorkerStream[AnswerResult]):
+    """Iterate for text deltas; `result` holds the AnswerResult once iteration ends.
+
+    `stop()` may be called from any thread (or a signal handler); generation ends within one decoding
+    step and the partial answer is returned with finish_reason "interrupted". An exception in the
+    worker is re-raised in the iterating thread.
+    """
+
+    def __init__(self, engine: ChatEngine, plan: PromptPlan, settings: SamplingSettings, min_new_tokens: int = 0) -> None:
+        self.plan = plan
+        self._stop = threading.Event()
+        self._start(lambda emit: engine._generate(plan, settings, min_new_tokens, self._stop, emit), "bluelm-generate")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _architecture(config: object) -> str:
+    names = getattr(config, "architectures", None) or [type(config).__name__.removesuffix("Config")]
+    parts = [str(names[0])]
+    for attribute, label in (("num_hidden_layers", "layers"), ("hidden_size", "hidden size"), ("num_attention_heads", "attention heads")):
+        value = getattr(config, attribute, None)
+        if value is not None:
+            parts.append(f"hidden size {value}" if attribute == "hidden_size" else f"{value} {label}")
+    return ", ".join(parts)
+
+
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    limit = min(len(a), len(b))
+    index = 0
+    while index < limit and a[index] == b[index]:
+        index += 1
+    return index
+
+
+def _logits_processors(settings: SamplingSettings) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if not settings.greedy:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+def _sample(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    processors: LogitsProcessorList,
+    generator: torch.Generator | None,
+    greedy: bool,
+) -> torch.Tensor:
+    """The next token as a [1] tensor on the logits' device (reading it on the host is the caller's one sync)."""
+    scores = processors(input_ids, logits.float()) if processors else logits
+    if greedy:
+        return scores.argmax(dim=-1)
+    probabilities = torch.softmax(scores.float(), dim=-1)
+    # torch.multinomial's own draw for one sample (argmax of p / Exp(1) noise, the same random stream), without
+    # its two validity checks, each a device-to-host sync.
+    noise = torch.empty_like(probabilities).exponential_(1, generator=generator)
+    return (probabilities / noise).argmax(dim=-1)
+
+
+class _TokenReader:
+    """Reads a sampled token on the host while later work stays queued on the GPU.
+
+    `tensor.item()` would wait for everything queued on the stream, the next forward included; an asynchronous
+    copy into pinned memory and an event wait only for the sampling. On a CPU every op has already run.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._pending: torch.Tensor | None = None
+        if self._cuda:
+            self._host = torch.empty((1,), dtype=torch.long, pin_memory=True)
+            self._copied = torch.cuda.Event()
+
+    def copy(self, token: torch.Tensor) -> None:
+        if self._cuda:
+            self._host.copy_(token.view(1), non_blocking=True)
+            self._copied.record()
+        else:
+            self._pending = token
+
+    def value(self) -> int:
+        if self._cuda:
+            self._copied.synchronize()
+            return int(self._host[0])
+        assert self._pending is not None
+        return int(self._pending.view(-1)[0])
