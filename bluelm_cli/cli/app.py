@@ -358,7 +358,8 @@ def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> Exception | None
         with answer_terminal(renderer, interactive=console.is_terminal):
             renderer.start()
             result = show_stream(stream, renderer)
-        if not result.text.endswith("\n") and (raw or not console.is_terminal):
+        failed_before_any_text = result.finish_reason is FinishReason.ERROR and not result.text
+        if not result.text.endswith("\n") and (raw or not console.is_terminal) and not failed_before_any_text:
             sys.stdout.write("\n")
     except Exception as error:  # noqa: BLE001 - reported by the caller once the turn is committed
         stream.stop()
