@@ -18,17 +18,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.22 parses with its own copy of click, whose exceptions are not click's
-    from typer._click.exceptions import UsageError as _ClickUsageError
-    from typer.exceptions import Abort as _ClickAbort
-except ImportError:  # older typer runs on click itself
-    from click.exceptions import Abort as _ClickAbort  # type: ignore[assignment]
-    from click.exceptions import UsageError as _ClickUsageError  # type: ignore[assignment]
-
 from bluelm_cli import __version__
 from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.config.paths import UserPaths, user_paths
+from bluelm_cli.cli.click_compat import ClickAbort as _ClickAbort
+from bluelm_cli.cli.click_compat import ClickUsageError as _ClickUsageError
 from bluelm_cli.cli.options import MODEL_SETTINGS, setting_options
 from bluelm_cli.cli.sessions import sessions_app
 from bluelm_cli.config.settings import ResolvedSettings, describe, read_generation_config, resolve_settings
@@ -45,6 +40,9 @@ from bluelm_cli.ui.stats import result_json, stats_line
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from bluelm_cli.core.backend import AnswerResult
+    from bluelm_cli.ui.presenter import PresentedTurn
 
     from bluelm_cli.core.backend import Backend
     from bluelm_cli.chat.service import Chat, TurnStream
@@ -259,9 +257,9 @@ def ask(
             f"kept its last {stream.plan.truncated_to} (--truncate)"
         )
     with ending_signals_interrupt() as ending:
-        failed = _show_ask(stream, raw=raw or as_json, quiet=as_json)
-    committed = stream.finish()  # the turn commits itself (`ask -c`: journaled even when it could not be written out)
-    result = committed.result
+        presented = _show_ask(stream, raw=raw or as_json, quiet=as_json)
+    # The turn committed itself (`ask -c`: journaled even when it could not be written out).
+    committed, failed, result = presented.committed, presented.write_failure, presented.result
     if committed.journal_error:
         _print_error(committed.journal_error)
     if isinstance(failed, BrokenPipeError):
@@ -339,40 +337,42 @@ def _start_ask(chat: Chat, question: str, truncate: bool) -> TurnStream:
         raise BlueLMError(f"{overflow} (or pass --truncate to keep only its end)") from None
 
 
-def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> Exception | None:
-    """Stream the answer to stdout. A failure to write it (a closed pipe, a full disk, an encoding) stops the
-    answer and is returned, after the worker has finished its step: exiting while it runs a torch op aborts
-    the process (SIGABRT), and the caller still commits the answer."""
+def _show_ask(stream: TurnStream, *, raw: bool, quiet: bool) -> PresentedTurn:
+    """Stream the answer to stdout (rendered on a terminal, plain with --raw or into a pipe, nothing for
+    --json) through the presenter the chat uses; the turn commits itself whatever happens on screen."""
     from rich.console import Console
 
-    from bluelm_cli.ui.job_control import answer_terminal
+    from bluelm_cli.ui.presenter import present_turn
     from bluelm_cli.ui.render import StreamRenderer
-    from bluelm_cli.ui.streaming import show_stream
 
     if quiet:
-        show_stream(stream, _NullRenderer())
-        return None
+        return present_turn(stream, _NullRenderer(), interactive=False)
     console = Console(highlight=False)
-    renderer = StreamRenderer(console, markdown=not raw)
-    try:
-        with answer_terminal(renderer, interactive=console.is_terminal):
-            renderer.start()
-            result = show_stream(stream, renderer)
+    plain = raw or not console.is_terminal
+
+    def end_line(result: AnswerResult) -> bool:
         failed_before_any_text = result.finish_reason is FinishReason.ERROR and not result.text
-        if not result.text.endswith("\n") and (raw or not console.is_terminal) and not failed_before_any_text:
-            sys.stdout.write("\n")
-    except Exception as error:  # noqa: BLE001 - reported by the caller once the turn is committed
-        stream.stop()
-        try:
-            stream.finish()
-        except Exception:  # noqa: BLE001 - the write failure is what gets reported
-            pass
-        return error
-    return None
+        return plain and not result.text.endswith("\n") and not failed_before_any_text
+
+    return present_turn(
+        stream, StreamRenderer(console, markdown=not raw), interactive=console.is_terminal,
+        end_line=end_line, write=sys.stdout.write,
+    )
 
 
 class _NullRenderer:
+    """`ask --json`: the answer is printed whole, afterwards."""
+
+    def start(self) -> None:
+        pass
+
     def feed(self, delta: str) -> None:
+        pass
+
+    def terminal_resized(self) -> None:
+        pass
+
+    def terminal_continued(self) -> None:
         pass
 
     def finish(self) -> None:

@@ -279,5 +279,5 @@ def make_runner(
         if kind == "compiled":
             # Best effort: dynamo's reset can itself trip over compiled functions being collected meanwhile.
             with contextlib.suppress(Exception):
-                torch._dynamo.reset()
+                torch.compiler.reset()
         return StepRunner(loaded.model)

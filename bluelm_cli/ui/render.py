@@ -39,6 +39,7 @@ from rich.segment import ControlType, Segment
 from rich.spinner import Spinner
 from rich.text import Text
 
+from bluelm_cli.ui.rich_live import drew_region, forget_region
 from bluelm_cli.core.sanitize import safe_for_terminal
 
 __all__ = ["StreamRenderer", "render_markdown", "safe_for_terminal", "wants_plain_output"]
@@ -293,21 +294,16 @@ class StreamRenderer:
                 self._started = False
                 self.start()
 
-    def _region_shape(self) -> Any:
-        # Rich's LiveRender keeps the shape it drew in order to erase it; there is no public way to
-        # tell it that the terminal no longer holds that shape.
-        assert self._live is not None
-        return self._live._live_render
-
     def _adapt_to_terminal(self) -> None:
         """Before the live region is redrawn: undo what a resize or a stop did to the screen."""
         continued, self._continued = self._continued, False
         resized, self._resized = self._resized, False
-        if self._region_shape()._shape is None:
+        assert self._live is not None
+        if not drew_region(self._live):
             return
         if continued:
             # Whatever follows the region may be the shell's ("[1]+ Stopped", "fg"): keep it all.
-            self._region_shape()._shape = None
+            forget_region(self._live)
             self._console.control(Control(ControlType.CARRIAGE_RETURN))
             self._console.line()
         elif resized or self._shown_size != (self._console.width, self._console.height):
@@ -316,15 +312,15 @@ class StreamRenderer:
     def _erase_live_region(self) -> None:
         """Erase the region by the rows its lines take at the terminal's *current* width (a resize has
         reflowed them), but never move the cursor above the top of the screen."""
-        live_render = self._region_shape()
-        if live_render._shape is None:
+        assert self._live is not None
+        if not drew_region(self._live):
             return
         width, height = self._console.width, self._console.height
         rows = sum(max(1, math.ceil(cells / width)) for cells in self._shown_widths) or 1
         up = min(rows, height) - 1
         erase_upwards = ((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * up
         self._console.control(Control(ControlType.CARRIAGE_RETURN, (ControlType.ERASE_IN_LINE, 2), *erase_upwards))
-        live_render._shape = None
+        forget_region(self._live)
 
     def _stop_spinner(self) -> None:
         if self._spinner is not None:

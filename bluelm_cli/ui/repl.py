@@ -38,14 +38,13 @@ from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.ui.habits import foreign_line_hint
 from bluelm_cli.ui.ending_signals import on_ending_signals
-from bluelm_cli.ui.job_control import answer_terminal
 from bluelm_cli.ui.load_view import LoadView
 from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
 from bluelm_cli.ui.output import PROMPT, ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir
 from bluelm_cli.ui.render import StreamRenderer
 from bluelm_cli.config.settings import ResolvedSettings
-from bluelm_cli.ui.streaming import show_stream
+from bluelm_cli.ui.presenter import present_turn
 
 __all__ = ["ChatRepl", "run_chat"]
 
@@ -243,8 +242,9 @@ class ChatRepl:
     # ------------------------------------------------------------------------------------- answers
     def answer(self, stream: TurnStream) -> AnswerResult:
         """Stream an answer to the screen, then commit it; Ctrl-C stops it and the partial answer is kept."""
-        shown = self._show(stream)
-        committed = stream.finish()  # the turn commits itself, whatever happened on screen
+        renderer = StreamRenderer(self.out.console, markdown=self.interactive)
+        presented = present_turn(stream, renderer, interactive=self.interactive, stops_answer=self._hangup_stops_answer())
+        committed, shown = presented.committed, presented.write_failure
         if isinstance(shown, BrokenPipeError):
             raise shown  # the reader went away (`| head`): the chat ends quietly, the turn is journaled
         if shown is not None:
@@ -255,26 +255,6 @@ class ChatRepl:
         if committed.result.finish_reason is FinishReason.ERROR:
             self.failures += 1  # kept and journaled, but script mode still reports the failure
         return committed.result
-
-    def _show(self, stream: TurnStream) -> Exception | None:
-        """Stream the answer to the screen. A failure to write it (the terminal went away, a full disk
-        under a redirect, an encoding) stops the answer and is returned: the answer is still committed,
-        and the model's worker is never left running (a torch op at interpreter exit aborts the process)."""
-        renderer = StreamRenderer(self.out.console, markdown=self.interactive)
-        with self._hangup_stops_answer(), answer_terminal(renderer, interactive=self.interactive):
-            try:
-                renderer.start()
-                show_stream(stream, renderer)
-            except KeyboardInterrupt:
-                # Ctrl-C landed just outside show_stream's own handling: stop all the same, keep the turn.
-                stream.stop()
-                renderer.finish()
-                stream.finish()
-            except Exception as error:  # noqa: BLE001 - reported by answer() once the turn is committed
-                stream.stop()
-                stream.finish()
-                return error
-        return None
 
     def _hangup_stops_answer(self) -> AbstractContextManager[None]:
         """While an answer streams, SIGHUP/SIGTERM stop it like Ctrl-C, so it is journaled, and then end the chat."""
