@@ -99,6 +99,8 @@ class Session(Conversation):
                 "source_model_id": other.model_id,
             }
         )
+        if other.pending is not None:  # the file's unanswered message stays reachable, and /retry sends it
+            self.record_message(other.pending)
 
     def _record(self, record: dict[str, Any]) -> None:
         """Apply a record in memory, then append it to the journal (if any).

@@ -114,7 +114,8 @@ class FakeOpenAI:
         }
         self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.fake = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # shutdown() waits for the loop's next poll: a short interval keeps each test's teardown short.
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
 
     @property

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -136,15 +137,21 @@ def test_the_waker_is_called_from_the_loader_thread_for_every_event() -> None:
     assert woken == ["bluelm-load"] * 3
 
 
-def test_exit_now_if_loading_returns_when_the_loader_is_done() -> None:
+def test_exit_now_if_loading_returns_when_the_loader_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # recorded instead of ending the test process
     load = GatedLoad(FakeBackend())
-    load.release.set()
     backend = BackgroundBackend(load)
-    backend.exit_now_if_loading(0)  # never started: nothing to wait out
+    backend.exit_now_if_loading(3)  # never started: nothing to wait out
+    assert exits == []
     backend.start()
+    backend.exit_now_if_loading(4)  # the loader is held at its gate: the process would end now
+    assert exits == [4]
+    load.release.set()
     settled(backend)
     backend._thread.join()  # type: ignore[union-attr]
-    backend.exit_now_if_loading(0)  # would have ended the test process if it had not returned
+    backend.exit_now_if_loading(5)  # done: returns
+    assert exits == [4]
 
 
 # --------------------------------------------------------------------------------- the chat, exact output

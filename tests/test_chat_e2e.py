@@ -70,6 +70,23 @@ def wait_for_prompt(child: pexpect.spawn) -> None:
     child.expect_exact(PROMPT)
 
 
+def shown_so_far(child: pexpect.spawn) -> str:
+    """Everything the child has written up to now (read without waiting)."""
+    text = child.buffer
+    while True:
+        try:
+            text += child.read_nonblocking(65536, timeout=0)
+        except (pexpect.TIMEOUT, pexpect.EOF):
+            return text
+
+
+def assert_mid_answer(child: pexpect.spawn) -> None:
+    """The answer is still streaming now: its end (the cut-off note) has not been written yet."""
+    so_far = shown_so_far(child)
+    child.buffer = so_far  # put it back for the expectations that follow
+    assert child.isalive() and "[cut off" not in so_far, "the answer ended before the keys were sent"
+
+
 def send(child: pexpect.spawn, line: str) -> None:
     """Type a line and press Enter (a carriage return, as a terminal sends)."""
     child.send(line + "\r")
@@ -231,10 +248,12 @@ def test_sigterm_at_the_prompt_restores_the_terminal(checkpoint: Path, home: Pat
 
 
 def test_keys_typed_during_an_answer_wait_for_the_next_prompt(checkpoint: Path, home: Path) -> None:
-    child = spawn(checkpoint, home, "--session", "typeahead", max_new_tokens=60)
+    child = spawn(checkpoint, home, "--session", "typeahead", max_new_tokens=300)
     try:
         send(child, "tell me something")
         child.expect_exact("thinking")
+        child.expect(r"\w{3}")  # answer text is streaming
+        assert_mid_answer(child)
         child.send("zq9x")  # typed while the answer streams: not echoed into it
         child.expect(r"\[cut off at max_new_tokens")
         assert "zq9x" not in child.before
@@ -255,6 +274,7 @@ def test_resize_mid_answer_keeps_streaming_and_journals_it_whole(checkpoint: Pat
         send(child, "tell me a long story")
         child.expect_exact("thinking")
         child.expect(r"\w{3}")  # answer text is streaming
+        assert_mid_answer(child)
         child.setwinsize(30, 60)  # SIGWINCH mid-answer, narrower: the terminal reflows the live region
         child.expect(r"\[cut off at max_new_tokens")
         _answer_again_and_check_both_journaled(child, home, "winch")
@@ -290,6 +310,8 @@ def test_ctrl_z_mid_answer_gives_the_shell_a_clean_terminal_and_fg_resumes(check
         send(child, "tell me a long story")
         child.expect_exact("thinking")
         child.expect(r"\w{3}")
+        child.buffer = shown_so_far(child)  # mid-answer (bash runs the chat: no isalive to ask)
+        assert "[cut off" not in child.buffer
         child.send("\x1a")  # Ctrl-Z
         child.expect_exact("Stopped")
         child.expect_exact("SHELL$ ")
@@ -318,6 +340,7 @@ def test_ask_on_a_terminal_does_not_echo_keys_typed_while_it_answers(checkpoint:
     try:
         child.expect(r"Loaded [^\n]* in [\d.]+ s")
         child.expect(r"\w{3}")  # the answer is streaming
+        assert child.isalive()  # ... and not over: ask exits when it is
         child.send("zqzqzq")
         child.expect(pexpect.EOF)
         assert "zqzqzq" not in child.before

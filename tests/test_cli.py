@@ -406,6 +406,7 @@ def wait_readable(stream, timeout: float) -> None:  # noqa: ANN001
         assert selector.select(timeout), "no output in time"
 
 
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly_with_status_0(models: dict[str, Path]) -> None:
     endless = models["endless"]
     _, _, finish = greedy_answer(ChatEngine(load_model(str(endless), device="cpu")), ENDLESS_PROMPT, 200)
@@ -426,6 +427,7 @@ def test_closed_pipe_ends_quietly_with_status_0(models: dict[str, Path]) -> None
     assert "Traceback" not in stderr and "Error" not in stderr and "Exception" not in stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_answer_with_status_130(models: dict[str, Path]) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bluelm_cli", "ask", "--model", str(models["endless"]), "--device", "cpu",

@@ -521,6 +521,26 @@ def test_resume_after_a_crash_shows_every_complete_turn(paths: UserPaths) -> Non
     assert [turn.user for turn in resumed.turns] == ["first", "second"]
 
 
+def test_resume_shows_the_unanswered_message_and_retry_sends_it(paths: UserPaths) -> None:
+    chat = Chat(FakeBackend().queue("First answer."), new_session(paths))
+    repl, _ = repl_for(chat, paths)
+    repl.handle("first")
+    chat.session.record_message("never answered")  # as a server failing before its first token leaves it
+    chat.session.close()
+    resumed = Session.resume(paths.sessions_dir, "t")
+    backend = FakeBackend().queue("Now answered.")
+    repl, screen = repl_for(Chat(backend, resumed), paths)
+    repl.show_resumed()
+    repl.handle("/retry")
+    assert screen.getvalue() == (
+        "Resumed session t: 1 earlier turn\n\n"
+        "> first\nFirst answer.\n\n"
+        "> never answered\n(not answered; /retry sends it)\n\n"
+        "Now answered.\n\n"
+    )
+    assert [(turn.user, turn.answer) for turn in resumed.turns] == [("first", "First answer."), ("never answered", "Now answered.")]
+
+
 # ------------------------------------------------------------------------------------------ script mode
 def test_script_mode_reads_one_line_at_a_time(paths: UserPaths) -> None:
     backend = FakeBackend().queue("Hello, scripted world.", "A slash answer here.")

@@ -386,7 +386,7 @@ def test_stop_from_another_thread(loaded: LoadedModel) -> None:
 def test_stop_then_finish_returns_the_partial_answer(loaded: LoadedModel) -> None:
     engine = ChatEngine(loaded, ScriptedRunner(loaded.model, delay_s=0.01))
     stream = start(engine, None, [], "hello", replace(GREEDY, max_new_tokens=500))
-    time.sleep(0.1)
+    next(iter(stream))  # the answer has begun (its first text came), not a pause that hopes it has
     stream.stop()
     result = stream.finish()
     assert result.finish_reason == FinishReason.INTERRUPTED
@@ -471,6 +471,8 @@ def test_top_k_limits_choices(loaded: LoadedModel) -> None:
     engine = ChatEngine(loaded)
     result = fresh(loaded, None, [], "hello", replace(SAMPLED, top_k=2, temperature=2.0, max_new_tokens=12))
     ids = plan(engine, None, [], "hello", 12).ids
+    # An empty or one-token answer would prove nothing: the seed gives a full-length answer.
+    assert len(result.answer_ids) == 12 and result.finish_reason is FinishReason.LENGTH
     with torch.inference_mode():
         for index, token in enumerate(result.answer_ids):
             context = torch.tensor([ids + result.answer_ids[:index]])

@@ -43,6 +43,7 @@ def conversation(engine: ChatEngine) -> list[list[int]]:
     return answers
 
 
+@pytest.mark.slow
 def test_compiled_static_cache_runner_equals_eager(loaded: LoadedModel) -> None:
     # backend="eager" traces the decode step with dynamo but skips code generation: it checks the
     # static-cache bookkeeping (crop by rewinding, fixed input buffers) at CPU-test speed.

@@ -211,6 +211,7 @@ def test_help_imports_neither_bench_nor_testing_nor_torch(tmp_path: Path) -> Non
     assert not {n for n in names if n.startswith(("bluelm_cli.bench", "bluelm_cli.testing", "bluelm_cli.local"))}
 
 
+@pytest.mark.slow
 def test_ask_on_a_checkpoint_imports_neither_bench_nor_testing(tmp_path: Path, tiny_folder: Path) -> None:
     names = _imported_by(["ask", "--model", str(tiny_folder), "-n", "2", "--temperature", "0", "hi"], tmp_path)
     assert "bluelm_cli.local.engine" in names  # the answer really ran

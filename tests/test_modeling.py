@@ -223,6 +223,7 @@ def padding_attractor(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_padding_rows_are_masked_when_tokenizer_size_is_known(padding_attractor: Path) -> None:
     folder = padding_attractor
     pieces = _tokenizer_pieces(folder)
@@ -294,6 +295,7 @@ def test_remote_code_is_never_needed_nor_executed(tmp_path: Path) -> None:
     assert not any(type(m).__module__.startswith("transformers_modules") for m in model.modules())
 
 
+@pytest.mark.slow
 def test_loading_never_prompts_on_stdin(tmp_path: Path) -> None:
     folder = fresh_checkpoint(tmp_path / "BlueLM-tiny-stdin")
     script = textwrap.dedent(

@@ -86,6 +86,7 @@ def test_outputs_are_empty_unless_asked(gqa_folder: Path) -> None:
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.slow
 def test_sdpa_and_eager_agree_on_hidden_states_and_logits_with_padding(gqa_folder: Path, side: str) -> None:
     sdpa, eager = _load(gqa_folder, "sdpa"), _load(gqa_folder, "eager")
     assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
@@ -176,6 +177,7 @@ def test_generate_returns_hidden_states_and_attentions_per_step(gqa_folder: Path
         assert all(a.shape == (rows, config.num_attention_heads, query, keys) for a in attention)
 
 
+@pytest.mark.slow
 def test_assisted_decoding_with_output_attentions(gqa_folder: Path) -> None:
     model = _load(gqa_folder, attn="eager")
     assistant = _load(gqa_folder, attn="eager")
@@ -198,6 +200,7 @@ def test_assisted_decoding_with_output_attentions(gqa_folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- cache keyword
+@pytest.mark.slow
 def test_past_key_values_keyword_means_cache(gqa_folder: Path) -> None:
     model = _load(gqa_folder)
     ids = _ids(1, 14, seed=5)
@@ -227,6 +230,7 @@ def _small_config(**overrides: object) -> BlueLMConfig:
     return BlueLMConfig(**{**fields, **overrides})
 
 
+@pytest.mark.slow
 def test_auto_model_knows_the_base_model() -> None:
     config = _small_config()
     base = AutoModel.from_config(config)
@@ -281,6 +285,7 @@ def test_labels_loss_is_next_token_cross_entropy(gqa_folder: Path) -> None:
     assert float(out.loss) > 0
 
 
+@pytest.mark.slow
 def test_loss_trains_against_shift_labels_when_given(gqa_folder: Path) -> None:
     """Sequence/context-parallel trainers pass targets already aligned with the logits as `shift_labels`.
 
@@ -301,6 +306,7 @@ def test_loss_trains_against_shift_labels_when_given(gqa_folder: Path) -> None:
     assert float(other_labels.loss) == float(out.loss)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(gqa_folder: Path) -> None:
     ids = _ids(2, 12, seed=7)
     results = []
@@ -321,6 +327,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(gqa_folder: Pa
         assert _max_diff(grad, grads_ckpt[name]) <= TOLERANCE, name
 
 
+@pytest.mark.slow
 def test_lora_finetune_lowers_the_loss(checkpoints: dict[str, Path]) -> None:
     peft = pytest.importorskip("peft", reason="peft is in the test extra: pip install -e '.[test]'")
     torch.manual_seed(0)

@@ -517,6 +517,7 @@ def test_a_history_file_that_stops_being_writable_is_one_warning(paths: UserPath
     assert text.count("Warning: the prompt history is no longer written") == 1 and "No space left" in text
 
 
+@pytest.mark.slow
 def test_an_answer_that_cannot_be_written_is_kept_and_reported(checkpoint: Path, tmp_path: Path) -> None:
     """stdout on a full device (and an encoding that can't hold the answer): one line, exit 1, never an
     abort from the model's worker (exit 134), and `ask --session` still journals the turn."""
@@ -579,6 +580,7 @@ def test_sessions_says_when_a_file_stands_where_its_folder_should_be(
         assert result.exit_code == 1 and result.stderr == expected
 
 
+@pytest.mark.slow
 def test_a_chat_started_with_stderr_closed_answers_and_journals(checkpoint: Path, tmp_path: Path) -> None:
     """`bluelm chat 2>&-` died at its first warning (sys.stderr is None) with exit 1 and lost the turn; and a
     closed descriptor 2 would be handed to the next file opened, so stray stderr writes landed in it."""
@@ -594,6 +596,7 @@ def test_a_chat_started_with_stderr_closed_answers_and_journals(checkpoint: Path
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1])
+@pytest.mark.slow
 def test_ask_session_journals_an_answer_ended_by_a_signal(signum: int, tmp_path: Path) -> None:
     """`bluelm ask --session` killed mid-answer by SIGTERM/SIGHUP (a supervisor, a dropped SSH connection)
     lost the turn (Ctrl-C kept it); now it is journaled as interrupted, and the exit status names the signal."""
@@ -658,6 +661,7 @@ def test_a_file_without_a_size_is_read_only_up_to_the_limit(monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("export_format", ["hf", "gguf"])
+@pytest.mark.slow
 def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
     export_format: str, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -687,6 +691,7 @@ def test_sessions_show_with_two_formats_is_a_usage_error(paths: UserPaths) -> No
     assert (result.exit_code, result.stderr) == (2, "Error: choose one of --json and --markdown\n")
 
 
+@pytest.mark.slow
 def test_a_chat_whose_stderr_is_on_a_full_disk_answers_and_journals(checkpoint: Path, tmp_path: Path) -> None:
     """`bluelm chat 2>/dev/full` (a log on a full partition) exited 1 at its first warning, before it had
     answered or journaled anything; a lost diagnostic must not cost the turn."""

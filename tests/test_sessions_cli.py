@@ -136,3 +136,41 @@ def test_sessions_commands_never_import_torch(args: list[str], two_sessions: tup
     assert "torch" not in top_level and "transformers" not in top_level
     assert "Traceback" not in proc.stderr
     assert proc.returncode == (1 if args[-1] == "x" else 0)
+
+
+# ---------------------------------------------------------------------------------- a message never answered
+@pytest.fixture
+def unanswered() -> Session:
+    """A session whose last message was journaled but never answered (the server failed before its first
+    token, or the process ended): it must stay reachable everywhere."""
+    session = Session.new(user_paths().sessions_dir, name="cut", model_id="blue")
+    session.add_turn(Turn("first question", "first answer", finish_reason=FinishReason.STOP))
+    session.record_message("the question nobody answered")
+    session.close()
+    return session
+
+
+def test_show_lists_the_unanswered_message_and_how_to_send_it(unanswered: Session) -> None:
+    result = invoke("sessions", "show", "cut")
+    assert result.exit_code == 0
+    assert result.stdout.endswith(
+        "> the question nobody answered\n(not answered; bluelm chat --resume cut, then /retry, sends it)\n\n"
+    )
+
+
+def test_search_finds_the_unanswered_message(unanswered: Session) -> None:
+    result = invoke("sessions", "search", "nobody")
+    assert (result.exit_code, result.stdout) == (0, "cut #2 you (not answered): the question nobody answered\n")
+
+
+def test_json_and_markdown_keep_the_unanswered_message_and_json_loads_it_back(unanswered: Session, tmp_path: Path) -> None:
+    from bluelm_cli.chat import transcript
+
+    saved = json.loads(invoke("sessions", "show", "cut", "--json").stdout)
+    assert saved["pending"] == "the question nobody answered"
+    assert invoke("sessions", "show", "cut", "--markdown").stdout.endswith(
+        "## Not answered\n\n**You:**\n\nthe question nobody answered\n")
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps(saved), encoding="utf-8")
+    loaded = transcript.load(path)
+    assert (len(loaded.turns), loaded.pending) == (1, "the question nobody answered")

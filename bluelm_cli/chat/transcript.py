@@ -45,6 +45,7 @@ def to_json_dict(conversation: Conversation) -> dict[str, Any]:
         "sampling": dict(conversation.sampling),
         "context_start": conversation.context_start,
         "turns": [t.to_dict() for t in conversation.turns],
+        **({"pending": conversation.pending} if conversation.pending is not None else {}),
         "saved_at": utc_now(),
     }
 
@@ -63,6 +64,8 @@ def to_markdown(conversation: Conversation) -> str:
         if note:
             answer = f"{answer} {note}" if answer.strip() else note
         lines.append(answer)
+    if conversation.pending is not None:
+        lines += ["", "---", "", "## Not answered", "", "**You:**", "", safe_for_terminal(conversation.pending)]
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +117,9 @@ def load(path: Path) -> Conversation:
             raise BadRecord("name is not a string")
         turns = checked_turns(obj.get("turns", []))
         raw_sampling = obj.get("sampling", {})
+        pending = obj.get("pending")
+        if pending is not None and not isinstance(pending, str):
+            raise BadRecord("the unanswered message is not a string")
         return Conversation(
             name=name,
             model_id=model_id,
@@ -122,6 +128,7 @@ def load(path: Path) -> Conversation:
             sampling={key: value for key, value in checked_sampling(raw_sampling).items() if key in raw_sampling},
             turns=turns,
             context_start=checked_context_start(obj.get("context_start"), turns),
+            pending=pending,
         )
     except BadRecord as exc:
         raise BlueLMError(f"{path} is a damaged bluelm session ({exc}); it cannot be loaded") from None

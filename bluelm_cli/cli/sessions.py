@@ -169,13 +169,16 @@ def search_command(
     for item in _listed(sessions_dir):
         if item.conversation is None:
             continue
-        for number, turn in enumerate(item.conversation.turns, start=1):
-            for role, body in (("you", turn.user), ("bluelm", turn.answer)):
-                at = body.casefold().find(needle)
-                if at < 0:
-                    continue
-                found += 1
-                typer.echo(f"{item.info.name} #{number} {role}: {_for_stdout(_snippet(body, at, len(needle)))}")
+        bodies = [(number, role, body) for number, turn in enumerate(item.conversation.turns, start=1)
+                  for role, body in (("you", turn.user), ("bluelm", turn.answer))]
+        if item.conversation.pending is not None:  # sent, not answered: still findable
+            bodies.append((len(item.conversation.turns) + 1, "you (not answered)", item.conversation.pending))
+        for number, role, body in bodies:
+            at = body.casefold().find(needle)
+            if at < 0:
+                continue
+            found += 1
+            typer.echo(f"{item.info.name} #{number} {role}: {_for_stdout(_snippet(body, at, len(needle)))}")
     if not found:
         typer.echo(f"No session has '{text}'.", err=True)
         return ExitStatus.ERROR
@@ -249,3 +252,5 @@ def _show_rendered(conversation: Conversation) -> None:
         out.note(f"System: {conversation.system}")
     out.blank()
     out.show_turns(conversation.turns)
+    if conversation.pending is not None:
+        out.show_pending(conversation.pending, f"bluelm chat --resume {conversation.name}, then /retry, sends it")

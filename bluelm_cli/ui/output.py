@@ -73,6 +73,13 @@ class ChatOutput:
             self.finish_note(turn.finish_reason)
             self.console.print()
 
+    def show_pending(self, message: str, how_to_send: str) -> None:
+        """The last message, sent but never answered (the server failed, the process ended): it stays
+        reachable, and the note says how to send it again."""
+        self.console.print(Text.assemble((PROMPT, "bold cyan"), self._safe(message)))
+        self.note(f"(not answered; {how_to_send})")
+        self.console.print()
+
     def print_answer(self, text: str) -> None:
         if not text:
             self.note("(empty answer)")

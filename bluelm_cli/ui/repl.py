@@ -163,6 +163,8 @@ class ChatRepl:
         self.out.note(f"Resumed session {session.name}: {len(turns)} earlier turn{'s' if len(turns) != 1 else ''}")
         self.out.blank()
         self.out.show_turns(turns)
+        if session.pending is not None:
+            self.out.show_pending(session.pending, "/retry sends it")
         if session.context_start:
             self.out.note(f"(the first {session.context_start} of these turns no longer fit the model's context)")
 
