@@ -497,3 +497,23 @@ def test_ask_refuses_a_binary_file_before_loading_the_model(tmp_path: Path) -> N
     result = invoke(["ask", "--model", "/nonexistent", "-f", str(blob), "what is it?"])
     assert (result.exit_code, result.stdout) == (1, "")
     assert result.stderr == f"Error: {blob} is a binary file (3 bytes); only text files can go into a message\n"
+
+
+def test_the_same_message_leaves_the_same_journal_records_through_ask_and_chat(tiny: Path) -> None:
+    """One owner of the turn: `ask --session` and `chat --session` journal a message identically, apart from
+    the times and the session's own name."""
+    from bluelm_cli.chat.journal import journal_path
+    from bluelm_cli.config.paths import user_paths
+
+    flags = ["--model", str(tiny), "--temperature", "0", "--max-new-tokens", "8"]
+    assert invoke(["ask", *flags, "--session", "via-ask", "hello there"]).exit_code == 0
+    assert invoke(["chat", *flags, "--session", "via-chat"], input="hello there\n").exit_code == 0
+
+    def records(name: str) -> list[dict]:
+        lines = journal_path(user_paths().sessions_dir, name).read_text("utf-8").splitlines()
+        timeless = [{k: v for k, v in json.loads(line).items() if k not in ("at", "created_at", "name")} for line in lines]
+        return [record for record in timeless if record["type"] != "resume"]
+
+    via_ask, via_chat = records("via-ask"), records("via-chat")
+    assert [r["type"] for r in via_ask] == ["start", "message", "turn"]
+    assert via_ask == via_chat
