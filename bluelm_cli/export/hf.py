@@ -20,6 +20,7 @@ import torch
 from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.export.chat_template import HF_CHAT_TEMPLATE
 from bluelm_cli.export.tokenizer_json import build_tokenizer
+from bluelm_cli.modeling.weights import SourceTensors
 
 __all__ = [
     "DTYPES",
@@ -111,58 +112,6 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
     elif scaling_type not in (None, "default"):
         raise ValueError(f"unsupported rope scaling type {scaling_type!r} (BlueLM uses 'ntkmixed')")
     return config
-
-
-class SourceTensors:
-    """The checkpoint's tensors by name, read lazily: safetensors through safe_open, .bin through mmap,
-    keeping at most one .bin shard mapped at a time."""
-
-    def __init__(self, folder: Path) -> None:
-        from bluelm_cli.local.loading import WEIGHT_FILES, WEIGHT_INDEXES
-
-        self._open_path: Path | None = None
-        self._open: Any = None
-        self._file_of: dict[str, Path] = {}
-        for index_name in WEIGHT_INDEXES:
-            index = folder / index_name
-            if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                self._file_of.update({name: folder / file for name, file in weight_map.items()})
-                break
-        else:
-            single = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-            if single is None:
-                raise FileNotFoundError(f"no weights in {folder}")
-            for name in self._names_in(single):
-                self._file_of[name] = single
-
-    def _names_in(self, path: Path) -> list[str]:
-        return list(self._load(path).keys())
-
-    def _load(self, path: Path) -> Any:
-        if path != self._open_path:
-            self._open = None  # drop the previous shard's mapping first
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._open = safe_open(str(path), framework="pt")
-            else:
-                self._open = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            self._open_path = path
-        return self._open
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def get(self, name: str) -> torch.Tensor:
-        opened = self._load(self._file_of[name])
-        return opened.get_tensor(name) if hasattr(opened, "get_tensor") else opened[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        opened = self._load(self._file_of[name])
-        if hasattr(opened, "get_slice"):
-            return tuple(opened.get_slice(name).get_shape())
-        return tuple(opened[name].shape)
 
 
 def folded_embedding(embed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

@@ -155,7 +155,7 @@ class ChatEngine:
             device=str(loaded.device),
             dtype=dtype_name(loaded.dtype),
             context_limit=self.context_limit,
-            quantization=loaded.quantization,
+            quantization=loaded.quantization or loaded.weights_format,
             architecture=_architecture(self.model.config),
             parameters=sum(parameter.numel() for parameter in self.model.parameters()),
             origin=str(loaded.folder),
