@@ -23,6 +23,7 @@ from bluelm_cli.cli.app import app
 from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.core.prompt import HistoryTurn
 from bluelm_cli.core.settings import SamplingSettings
+from bluelm_cli.export.hf import export_hf
 from bluelm_cli.local.engine import ChatEngine
 from bluelm_cli.local.loading import LoadedModel, load_model
 from bluelm_cli.modeling.quantized import QuantizedTensors, detect_layout
@@ -330,3 +331,83 @@ def test_a_non_zero_gptq_bias_is_refused(releases: dict[str, Path], tmp_path: Pa
     save_file(tensors, str(shard), metadata={"format": "pt"})
     with pytest.raises(BlueLMError, match=r"model.layers.0.self_attn.k_proj.bias is not zero"):
         load_model(str(folder), device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------- export
+def _ours_and_ids(folder: Path) -> tuple[torch.nn.Module, torch.Tensor, int]:
+    loaded = load_model(str(folder), device="cpu", dtype="float32")
+    pieces = loaded.tokenizer.sp_model.get_piece_size()
+    ids = torch.randint(4, pieces, (2, 40), generator=torch.Generator().manual_seed(3))
+    return loaded.model, ids, pieces
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_dequantised_export_is_plain_llama_with_the_release_logits(releases: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    from transformers import LlamaForCausalLM
+
+    notes: list[str] = []
+    out = tmp_path / "llama"
+    export_hf(releases[layout], out, dtype="float32", dequantize=layout != "chat-4bits", shard_bytes=400_000, on_note=notes.append)
+    assert len(notes) == 1
+    if layout == "chat-4bits":  # never repacked: its float32 scales and fused arithmetic are not vLLM's
+        assert notes[0].startswith("BlueLM-7B-Chat-4bits keeps float32 scales")
+    else:
+        assert notes[0].startswith("--dequantize was given")
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert "quantization_config" not in config and not (out / "quantize_config.json").exists()
+    assert "dequantised" in (out / "README.md").read_text(encoding="utf-8")
+    ours, ids, pieces = _ours_and_ids(releases[layout])
+    llama = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected, got = ours(ids).logits[..., :pieces], llama(ids).logits
+        assert (expected - got).abs().max().item() <= 1e-5
+        prompt = ids[:1, :10]
+        assert (ours.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=3, eos_token_id=None).tolist()
+                == llama.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=3, eos_token_id=None).tolist())
+
+
+@pytest.mark.parametrize("layout", ["chat-32k-awq", "chat-32k-gptq"])
+def test_awq_and_gptq_exports_keep_the_4bit_tensors_bit_for_bit(releases: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    source = releases[layout]
+    out = tmp_path / "llama-4bit"
+    result = CliRunner().invoke(app, ["export", str(out), "-m", str(source), "--dtype", "float32"])
+    assert result.exit_code == 0, result.stderr
+    assert "Note:" not in result.stderr  # exact: nothing to say
+    source_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["quantization_config"] == source_config["quantization_config"]
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_scaling"]["rope_type"] == "longrope"
+    if layout == "chat-32k-gptq":
+        assert json.loads((out / "quantize_config.json").read_text(encoding="utf-8")) == json.loads(
+            (source / "quantize_config.json").read_text(encoding="utf-8"))
+    before, after = stored(source), stored(out)
+    for module in LINEARS:
+        parts = {name.rpartition(".")[2] for name in after if name.rpartition(".")[0] == module}
+        assert parts == ({"qweight", "qzeros", "scales", "g_idx"} if layout == "chat-32k-gptq" else {"qweight", "qzeros", "scales"})
+        for part in parts:
+            assert torch.equal(after[f"{module}.{part}"], before[f"{module}.{part}"]), f"{module}.{part}"
+    # What an engine with these kernels computes: the exported 4-bit tensors, read by the publisher's arithmetic,
+    # in a plain Llama with the exported embedding, norms and head, gives the release's logits.
+    state = {name: tensor for name, tensor in after.items() if name.rpartition(".")[0] not in LINEARS}
+    state.update({f"{module}.weight": reference_weights(layout, after, module) for module in LINEARS})
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    llama = LlamaForCausalLM(LlamaConfig(**plain)).eval()
+    llama.load_state_dict(state, strict=True)
+    ours, ids, pieces = _ours_and_ids(source)
+    with torch.no_grad():
+        assert (ours(ids).logits[..., :pieces] - llama(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_gguf_of_a_quantized_release_holds_the_dequantised_weights(releases: dict[str, Path], tmp_path: Path) -> None:
+    import gguf
+
+    source = releases["chat-4bits"]
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "q.gguf"), "-m", str(source), "-f", "gguf", "--dtype", "float32"])
+    assert result.exit_code == 0, result.stderr
+    assert "Note: GGUF holds plain tensors: the GPTQ-for-LLaMa v1 (BlueLM-7B-Chat-4bits), 4-bit, group 128 weights are dequantised" in result.stderr
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    module = "model.layers.1.mlp.down_proj"
+    expected = reference_weights("chat-4bits", stored(source), module)
+    assert torch.equal(bits(torch.from_numpy(np.array(tensors["blk.1.ffn_down.weight"].data))), bits(expected))
