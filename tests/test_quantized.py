@@ -196,6 +196,20 @@ def test_dequantised_weights_equal_the_publishers_kernel_bit_for_bit(releases: d
         assert torch.equal(bits(got), bits(expected)), module
 
 
+def test_an_act_order_g_idx_is_honoured(releases: dict[str, Path]) -> None:
+    """desc_act checkpoints name each input row's group in g_idx; the published one is row // 128, others must work."""
+    from bluelm_cli.modeling.quantized import dequantize_gptq
+
+    tensors = stored(releases["chat-32k-gptq"])
+    module = "model.layers.1.mlp.down_proj"
+    qweight, qzeros, scales = (tensors[f"{module}.{part}"] for part in ("qweight", "qzeros", "scales"))
+    scales = scales * torch.linspace(0.5, 2.0, scales.shape[0], dtype=torch.float16)[:, None]  # groups told apart
+    shuffled = tensors[f"{module}.g_idx"][torch.randperm(qweight.shape[0] * 8, generator=torch.Generator().manual_seed(0))]
+    got = dequantize_gptq(qweight, qzeros, scales, shuffled, 128)
+    assert torch.equal(bits(got), bits(reference_gptq_v1(qweight, qzeros, scales, shuffled)))
+    assert not torch.equal(got, dequantize_gptq(qweight, qzeros, scales, tensors[f"{module}.g_idx"], 128))
+
+
 def test_chat_4bits_reading_differs_from_carrying_or_dropping_the_plus_one(releases: dict[str, Path]) -> None:
     """What the test above tells apart: gptqmodel's v1→v2 (+0x11111111, carrying) and a reader without the +1."""
     tensors = stored(releases["chat-4bits"])
@@ -283,6 +297,9 @@ def test_load_says_what_it_loaded(releases: dict[str, Path], layout: str, contex
     assert not hasattr(loaded.model.config, "quantization_config")
     info = ChatEngine(loaded).info()
     assert info.quantization == loaded.weights_format
+    from bluelm_cli.ui.show import info_rows
+
+    assert ("quantization", f"{description}, dequantised to bfloat16") in info_rows(info)  # /show info
 
 
 def test_ask_prints_the_format_it_loaded(releases: dict[str, Path]) -> None:
@@ -411,3 +428,24 @@ def test_gguf_of_a_quantized_release_holds_the_dequantised_weights(releases: dic
     module = "model.layers.1.mlp.down_proj"
     expected = reference_weights("chat-4bits", stored(source), module)
     assert torch.equal(bits(torch.from_numpy(np.array(tensors["blk.1.ffn_down.weight"].data))), bits(expected))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_cached_hub_id_of_a_release_loads_the_same_way(
+    releases: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    from huggingface_hub import constants
+
+    repo_id = {"chat-4bits": "vivo-ai/BlueLM-7B-Chat-4bits", "chat-32k-awq": "vivo-ai/BlueLM-7B-Chat-32K-AWQ",
+               "chat-32k-gptq": "vivo-ai/BlueLM-7B-Chat-32K-GPTQ"}[layout]
+    snapshot = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    shutil.copytree(releases[layout], snapshot, ignore=shutil.ignore_patterns("*.py"))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded = load_model(repo_id, device="cpu", dtype="float32")
+    assert loaded.folder == snapshot and loaded.weights_format.endswith("4-bit, group 128, dequantised to float32")
+    direct = load_model(str(releases[layout]), device="cpu", dtype="float32")
+    for name, tensor in direct.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor), name

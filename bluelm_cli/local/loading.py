@@ -23,7 +23,7 @@ from bluelm_cli.config.settings import read_generation_config
 
 DEFAULT_MODEL = "vivo-ai/BlueLM-7B-Chat"
 _METADATA_PATTERNS = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-                      "special_tokens_map.json"]
+                      "special_tokens_map.json", "quantize_config.json"]  # the last: AutoGPTQ releases
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -393,7 +393,7 @@ def _load_dequantized(
         if hasattr(config, key):
             delattr(config, key)
     try:
-        tensors = QuantizedTensors(SourceTensors(folder), layout)
+        tensors = QuantizedTensors(SourceTensors(folder), layout, device=target)
         with torch.device("meta"):
             network = BlueLMForCausalLM(config)
         expected = {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}

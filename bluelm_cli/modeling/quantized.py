@@ -129,14 +129,14 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """[n/8, m] int32 → [n, m] nibbles: row 8r+j from bits 4j..4j+3 of row r (GPTQ's qweight)."""
     words = packed.to(torch.int32)
     # An arithmetic shift of a negative word only changes bits above the nibble, which the mask drops.
-    nibbles = (words.unsqueeze(1) >> _SHIFTS.view(1, 8, 1)) & 0xF
+    nibbles = (words.unsqueeze(1) >> _SHIFTS.to(words.device).view(1, 8, 1)) & 0xF
     return nibbles.reshape(words.shape[0] * 8, words.shape[1])
 
 
 def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
     """[n, m/8] int32 → [n, m] nibbles: column 8c+j from bits 4j..4j+3 of column c (qzeros, AWQ's qweight)."""
     words = packed.to(torch.int32)
-    nibbles = (words.unsqueeze(-1) >> _SHIFTS) & 0xF
+    nibbles = (words.unsqueeze(-1) >> _SHIFTS.to(words.device)) & 0xF
     return nibbles.reshape(words.shape[0], words.shape[1] * 8)
 
 
@@ -146,17 +146,41 @@ def _awq_columns(packed: torch.Tensor) -> torch.Tensor:
     return nibbles.view(rows, columns // 8, 8)[:, :, list(_AWQ_UNPACK_ORDER)].reshape(rows, columns)
 
 
-def _groups(in_features: int, scales: torch.Tensor, g_idx: torch.Tensor | None, group_size: int | None) -> torch.Tensor:
-    """The group of each input row: g_idx where the file has one, else row // group size."""
+def _groups(in_features: int, scales: torch.Tensor, g_idx: torch.Tensor | None, group_size: int | None) -> int | torch.Tensor:
+    """The size of the contiguous groups of input rows, or (for a g_idx that is not `row // size`) each row's group."""
+    groups = scales.shape[0]
+    size = group_size or in_features // max(groups, 1)
+    if size <= 0 or -(-in_features // size) != groups:
+        raise UnsupportedQuantization(f"{in_features} input features do not split into {groups} groups of {size}")
     if g_idx is not None:
-        groups = g_idx.to(torch.int64)
-        if groups.shape != (in_features,) or groups.min() < 0 or groups.max() >= scales.shape[0]:
-            raise UnsupportedQuantization(f"g_idx of shape {tuple(g_idx.shape)} does not index {scales.shape[0]} groups")
-        return groups
-    size = group_size or in_features // max(scales.shape[0], 1)
-    if size <= 0 or -(-in_features // size) != scales.shape[0]:
-        raise UnsupportedQuantization(f"{in_features} input features do not split into {scales.shape[0]} groups of {size}")
-    return torch.arange(in_features) // size
+        index = g_idx.to(torch.int64)
+        if index.shape != (in_features,) or index.min() < 0 or index.max() >= groups:
+            raise UnsupportedQuantization(f"g_idx of shape {tuple(g_idx.shape)} does not index {groups} groups")
+        if not torch.equal(index, torch.arange(in_features, device=index.device) // size):
+            return index  # act-order: each row names its group
+    if in_features % size:
+        return torch.arange(in_features, device=scales.device) // size
+    return size
+
+
+def _dequantize(q: torch.Tensor, zero: torch.Tensor, scales: torch.Tensor, groups: int | torch.Tensor, *, fused: bool) -> torch.Tensor:
+    """[out, in] float32 from q [in, out], zero and scale [groups, out]; contiguous groups broadcast, without copies.
+
+    fused: `scale * q - fp32(scale * zero)` with the product unrounded (Chat-4bits' kernel); else `(q - zero) * scale`."""
+    in_features, out_features = q.shape
+    scale = scales.to(torch.float32)
+    if isinstance(groups, int):
+        q = q.view(-1, groups, out_features)
+        zero, scale = zero.unsqueeze(1), scale.unsqueeze(1)
+    else:
+        zero, scale = zero[groups], scale[groups]
+    if fused:
+        rounded_zero = scale * zero.to(torch.float32)  # rounded to float32, as the kernel's
+        # exact in float64 (see the module doc), then rounded once: the fused multiply-add's result
+        weight = torch.addcmul(-rounded_zero.to(torch.float64), scale.to(torch.float64), q.to(torch.float64)).to(torch.float32)
+    else:
+        weight = (q - zero).to(torch.float32) * scale
+    return weight.reshape(in_features, out_features).t().contiguous()
 
 
 # ------------------------------------------------------------------------------------------- dequantising
@@ -166,12 +190,8 @@ def dequantize_gptq_for_llama(qweight: torch.Tensor, qzeros: torch.Tensor, scale
 
     zero = fp32(scale * (nibble + 1)); w = fp32(scale * q - zero) with the product unrounded (nvcc's FMA)."""
     q = unpack_rows(qweight)
-    in_features = q.shape[0]
-    groups = _groups(in_features, scales, g_idx, group_size)
-    scale = scales.to(torch.float32)[groups]
-    zero = scale * (unpack_columns(qzeros)[groups] + 1).to(torch.float32)  # rounded to float32, as the kernel's
-    exact = scale.to(torch.float64) * q.to(torch.float64) - zero.to(torch.float64)  # exact: see the module doc
-    return exact.to(torch.float32).t().contiguous()
+    groups = _groups(q.shape[0], scales, g_idx, group_size)
+    return _dequantize(q, unpack_columns(qzeros) + 1, scales, groups, fused=True)
 
 
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
@@ -179,8 +199,7 @@ def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.T
     """AutoGPTQ v1 (`zero_offset` 1) or v2 (0): float32 [out, in] = (q - (nibble + offset)) * scale."""
     q = unpack_rows(qweight)
     groups = _groups(q.shape[0], scales, g_idx, group_size)
-    zero = unpack_columns(qzeros)[groups] + zero_offset
-    return ((q - zero).to(torch.float32) * scales.to(torch.float32)[groups]).t().contiguous()
+    return _dequantize(q, unpack_columns(qzeros) + zero_offset, scales, groups, fused=False)
 
 
 def dequantize_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -188,8 +207,7 @@ def dequantize_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     """AutoAWQ GEMM: float32 [out, in] = (q - zero) * scale (fp16 scales: exact in float32)."""
     q = _awq_columns(qweight)
     groups = _groups(q.shape[0], scales, None, group_size)
-    zero = _awq_columns(qzeros)[groups]
-    return ((q - zero).to(torch.float32) * scales.to(torch.float32)[groups]).t().contiguous()
+    return _dequantize(q, _awq_columns(qzeros), scales, groups, fused=False)
 
 
 # -------------------------------------------------------------------------------------- the checkpoint view
@@ -205,9 +223,12 @@ class QuantizedTensors:
     """A quantized checkpoint's tensors as a plain BlueLM's: `X.weight` (float32, dequantised) in place of
     `X.qweight/.qzeros/.scales/.g_idx/.bias`, every other tensor as stored. Same interface as SourceTensors."""
 
-    def __init__(self, source: TensorSource, layout: QuantizedLayout) -> None:
+    def __init__(self, source: TensorSource, layout: QuantizedLayout, device: torch.device | str = "cpu") -> None:
         self.source = source
         self.layout = layout
+        # Where the arithmetic runs: the loader passes its GPU, where unpacking 6.5 B weights takes a moment, not
+        # minutes. The result is the same on any device: integer ops, float64 sums that are exact, single roundings.
+        self.device = torch.device(device)
         stored = source.names()
         self.modules = [name.removesuffix(".qweight") for name in stored if name.endswith(".qweight")]
         if not self.modules:
@@ -257,7 +278,7 @@ class QuantizedTensors:
             return self.source.get(name)
         module = name.removesuffix(".weight")
         part: Callable[[str], torch.Tensor | None] = (
-            lambda suffix: self.source.get(module + suffix) if module + suffix in self._stored else None
+            lambda suffix: self.source.get(module + suffix).to(self.device) if module + suffix in self._stored else None
         )
         qweight, qzeros, scales = part(".qweight"), part(".qzeros"), part(".scales")
         if qzeros is None or scales is None:
