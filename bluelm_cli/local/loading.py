@@ -392,6 +392,7 @@ def _load_dequantized(
     for key in ("quantization_config", "quantization_bit"):  # the weights will be plain: nothing may treat them as not
         if hasattr(config, key):
             delattr(config, key)
+    config.dtype = dtype  # as from_pretrained records it for a plain checkpoint
     try:
         tensors = QuantizedTensors(SourceTensors(folder), layout, device=target)
         with torch.device("meta"):
