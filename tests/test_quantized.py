@@ -310,13 +310,41 @@ def test_ask_prints_the_format_it_loaded(releases: dict[str, Path]) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_load_in_4bit_of_a_quantized_release_is_one_line(releases: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import bluelm_cli.local.loading as loading
+def test_ask_load_in_4bit_keeps_a_release_4bit_on_the_cpu(releases: dict[str, Path]) -> None:
+    args = ["ask", "--model", str(releases["chat-32k-gptq"]), "--device", "cpu", "-t", "0", "-n", "4", "你好"]
+    kept = CliRunner().invoke(app, [*args, "--load-in-4bit"])
+    dense = CliRunner().invoke(app, args)
+    assert kept.exit_code == dense.exit_code == 0, kept.stderr
+    assert "GPTQ v1 symmetric, 4-bit, group 128, kept 4-bit, computing in float32" in kept.stderr
+    assert kept.stdout == dense.stdout and kept.stdout.strip()
 
-    monkeypatch.setattr(loading, "pick_device", lambda requested: torch.device("cuda"))
-    monkeypatch.setattr(loading, "pick_dtype", lambda requested, device: torch.float16)
-    with pytest.raises(BlueLMError, match=r"already quantized \(AWQ GEMM, 4-bit, group 128\); drop --load-in-4bit"):
-        load_model(str(releases["chat-32k-awq"]), quantization="4bit")
+
+def test_load_in_8bit_of_a_quantized_release_is_one_line(releases: dict[str, Path]) -> None:
+    with pytest.raises(BlueLMError, match=r"already quantized \(AWQ GEMM, 4-bit, group 128\); drop --load-in-8bit"):
+        load_model(str(releases["chat-32k-awq"]), device="cpu", quantization="8bit")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_load_in_4bit_keeps_a_release_4bit_and_computes_the_same(releases: dict[str, Path], layout: str) -> None:
+    """--load-in-4bit on a 4-bit release: its own tensors stay packed (no bitsandbytes, CPU too), same answers."""
+    from bluelm_cli.modeling.quantized import PackedInt4Linear
+
+    packed = load_model(str(releases[layout]), device="cpu", dtype="float32", quantization="4bit")
+    dense = load_model(str(releases[layout]), device="cpu", dtype="float32")
+    assert packed.weights_format.endswith("4-bit, group 128, kept 4-bit, computing in float32")
+    assert packed.quantization is None  # not bitsandbytes
+    linears = [module for module in packed.model.modules() if isinstance(module, PackedInt4Linear)]
+    assert len(linears) == len(LINEARS)
+    assert not any(isinstance(module, torch.nn.Linear) and module is not packed.model.lm_head for module in packed.model.modules())
+    packed_bytes = sum(b.numel() * b.element_size() for m in linears for b in m.buffers())
+    dense_bytes = sum(dense.model.get_submodule(name).weight.numel() * 4 for name in LINEARS)
+    assert packed_bytes < dense_bytes / 6  # int4 against float32, plus scales and zeros
+    ids = packed.tokenizer("[|Human|]:你好[|AI|]:", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        assert torch.equal(packed.model(ids).logits, dense.model(ids).logits)
+    assert [answer for answer, _ in _three_turns(packed)] == [answer for answer, _ in _three_turns(dense)]
+    info = ChatEngine(packed).info()
+    assert info.parameters == ChatEngine(dense).info().parameters  # /show info counts the packed weights too
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -160,7 +160,8 @@ def _root(
 # -------------------------------------------------------------------------------------- shared options
 # Options that are not settings; the settings' options come from the settings table (cli_options).
 Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="8-bit weights via bitsandbytes (CUDA).")]
-Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA).")]
+Load4Opt = Annotated[bool, typer.Option(
+    "--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA); a 4-bit release (Chat-4bits, -AWQ, -GPTQ) keeps its own, on any device.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and token statistics on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", show_default=False,

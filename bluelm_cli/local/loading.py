@@ -253,7 +253,10 @@ def load_model(
     torch_dtype = pick_dtype(dtype, target)
     if target.type == "cpu" and on_warning:
         on_warning("no CUDA GPU found; running on the CPU, which is slow for a 7B model")
-    if quantization and target.type != "cuda":
+    layout = _quantized_layout(folder)
+    if layout is not None and quantization == "8bit":
+        raise BlueLMError(f"{folder} is already quantized ({layout.describe()}); drop --load-in-8bit")
+    if quantization and target.type != "cuda" and layout is None:
         raise BlueLMError(f"--load-in-{quantization} needs a CUDA GPU (bitsandbytes); drop it to run on the CPU")
 
     tokenizer = load_tokenizer(folder)
@@ -267,13 +270,11 @@ def load_model(
         if on_warning:
             on_warning(problem)
     config.tokenizer_vocab_size = tokenizer.sp_model.get_piece_size()
-    layout = _quantized_layout(folder)
     if layout is not None:
-        if quantization:
-            raise BlueLMError(
-                f"{folder} is already quantized ({layout.describe()}); drop --load-in-{quantization}"
-            )
-        network, weights_format = _load_dequantized(folder, config, layout, target, torch_dtype, model)
+        # --load-in-4bit on a 4-bit release: keep its own 4-bit tensors (no bitsandbytes, any device).
+        network, weights_format = _load_dequantized(
+            folder, config, layout, target, torch_dtype, model, keep_4bit=quantization == "4bit"
+        )
         network.generation_config = _generation_config(generation_defaults)
         return LoadedModel(
             model=network,
@@ -374,10 +375,12 @@ def _quantized_layout(folder: Path) -> Any:
 
 
 def _load_dequantized(
-    folder: Path, config: BlueLMConfig, layout: Any, target: torch.device, dtype: torch.dtype, model: str
+    folder: Path, config: BlueLMConfig, layout: Any, target: torch.device, dtype: torch.dtype, model: str,
+    *, keep_4bit: bool = False,
 ) -> tuple[BlueLMForCausalLM, str]:
     """A quantized release as a plain BlueLM: each linear dequantised (exactly, in float32, as the publisher's
-    kernel reads the file) and then cast to `dtype` on `target`, one tensor at a time.
+    kernel reads the file) and then cast to `dtype` on `target`, one tensor at a time. With `keep_4bit` the
+    linears stay in their 4-bit tensors (PackedInt4Linear) and are dequantised the same way at every forward.
 
     No transformers quantizer is involved: none recognises Chat-4bits, and transformers hands AWQ/GPTQ to
     GPU kernel packages; the arithmetic here is the files' own and runs anywhere."""
@@ -416,7 +419,8 @@ def _load_dequantized(
                 f"the weights in {folder} do not have the sizes its config.json describes ({wrong[0]} is"
                 f" {list(tensors.shape(wrong[0]))}, the config says {list(expected[wrong[0]])}); download the checkpoint again"
             )
-        state = {name: tensors.get(name).to(device=target, dtype=dtype) for name in expected}
+        packed = {name: tensors.packed_linear(name) for name in expected if keep_4bit and tensors.is_quantized(name)}
+        state = {name: tensors.get(name).to(device=target, dtype=dtype) for name in expected if name not in packed}
     except UnsupportedQuantization as error:
         raise BlueLMError(f"{folder}: {error}") from None
     except torch.cuda.OutOfMemoryError:
@@ -426,12 +430,19 @@ def _load_dequantized(
         raise BlueLMError(
             problem or f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again"
         ) from None
-    network.load_state_dict(state, strict=True, assign=True)
+    for name, linear in packed.items():
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        setattr(network.get_submodule(parent), child, linear)
+    network.load_state_dict(state, strict=not packed, assign=True)
     for module in network.modules():  # non-persistent buffers were made on the meta device: compute them here
         if isinstance(module, BlueLMRotaryEmbedding):
             module.inv_freq = rope_inverse_frequencies(config).to(target)
+    still_meta = [name for name, tensor in [*network.named_parameters(), *network.named_buffers()] if tensor.is_meta]
+    if still_meta:  # never run a model with a weight nothing was loaded into
+        raise BlueLMError(f"the weights in {folder} are incomplete: {still_meta[0]} was not loaded; download the checkpoint again")
     network.eval()
-    return network, f"{tensors.describe()}, dequantised to {dtype_name(dtype)}"
+    how = f"kept 4-bit, computing in {dtype_name(dtype)}" if packed else f"dequantised to {dtype_name(dtype)}"
+    return network, f"{tensors.describe()}, {how}"
 
 
 def _indexed_shards(folder: Path) -> list[Path]:

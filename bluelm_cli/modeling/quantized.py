@@ -37,9 +37,11 @@ import torch
 
 __all__ = [
     "AWQ_PACK_ORDER",
+    "PackedInt4Linear",
     "QuantizedLayout",
     "QuantizedTensors",
     "UnsupportedQuantization",
+    "dequantize",
     "dequantize_awq_gemm",
     "dequantize_gptq",
     "dequantize_gptq_for_llama",
@@ -210,6 +212,43 @@ def dequantize_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     return _dequantize(q, _awq_columns(qzeros), scales, groups, fused=False)
 
 
+def dequantize(layout: QuantizedLayout, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The float32 [out, in] weight of one linear stored in `layout`, as its publisher's kernel computes it."""
+    if layout.kind == "awq-gemm":
+        return dequantize_awq_gemm(qweight, qzeros, scales, layout.group_size)
+    if layout.kind == "gptq-for-llama":
+        return dequantize_gptq_for_llama(qweight, qzeros, scales, g_idx, layout.group_size)
+    return dequantize_gptq(qweight, qzeros, scales, g_idx, layout.group_size, layout.zero_offset)
+
+
+class PackedInt4Linear(torch.nn.Module):
+    """A linear layer that keeps its release's 4-bit tensors and dequantises them at every forward.
+
+    The weight it multiplies by is the one `dequantize` gives (cast to the input's dtype), so a model of these
+    computes what the dequantised-at-load model computes, bit for bit, in a quarter of the weight memory, at the
+    price of unpacking each layer's weight at each step (plain PyTorch, any device)."""
+
+    def __init__(self, layout: QuantizedLayout, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor | None, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.layout = layout
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("qzeros", qzeros)
+        self.register_buffer("scales", scales)
+        self.register_buffer("g_idx", g_idx)
+
+    def weight_float32(self) -> torch.Tensor:
+        return dequantize(self.layout, self.qweight, self.qzeros, self.scales, self.g_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight_float32().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.layout.describe()}"
+
+
 # -------------------------------------------------------------------------------------- the checkpoint view
 class TensorSource(Protocol):
     def names(self) -> list[str]: ...
@@ -286,12 +325,18 @@ class QuantizedTensors:
         bias = part(".bias")
         if bias is not None and bool(bias.ne(0).any()):
             raise UnsupportedQuantization(f"{module}.bias is not zero; BlueLM's linear layers have no bias")
-        layout = self.layout
         try:
-            if layout.kind == "awq-gemm":
-                return dequantize_awq_gemm(qweight, qzeros, scales, layout.group_size)
-            if layout.kind == "gptq-for-llama":
-                return dequantize_gptq_for_llama(qweight, qzeros, scales, part(".g_idx"), layout.group_size)
-            return dequantize_gptq(qweight, qzeros, scales, part(".g_idx"), layout.group_size, layout.zero_offset)
+            return dequantize(self.layout, qweight, qzeros, scales, part(".g_idx"))
         except RuntimeError as error:  # shapes that do not fit one another
             raise UnsupportedQuantization(f"{module}: its qweight, qzeros and scales do not fit together ({error})") from None
+
+    def packed_linear(self, name: str) -> PackedInt4Linear:
+        """The quantized linear `name` (…proj.weight) as a PackedInt4Linear on this view's device, its parts checked
+        by dequantising them once (shapes, bias)."""
+        self.get(name)
+        module = name.removesuffix(".weight")
+        stored = lambda suffix: self.source.get(module + suffix).to(self.device).contiguous()  # noqa: E731
+        g_idx = stored(".g_idx").to(torch.int32) if module + ".g_idx" in self._stored else None
+        out_features, in_features = self.shape(name)
+        return PackedInt4Linear(self.layout, stored(".qweight"), stored(".qzeros"), stored(".scales"), g_idx,
+                                out_features, in_features)
