@@ -208,6 +208,11 @@ def test_an_act_order_g_idx_is_honoured(releases: dict[str, Path]) -> None:
     got = dequantize_gptq(qweight, qzeros, scales, shuffled, 128)
     assert torch.equal(bits(got), bits(reference_gptq_v1(qweight, qzeros, scales, shuffled)))
     assert not torch.equal(got, dequantize_gptq(qweight, qzeros, scales, tensors[f"{module}.g_idx"], 128))
+    from bluelm_cli.modeling.quantized import PackedInt4Linear, QuantizedLayout
+
+    layout = QuantizedLayout("gptq", 4, 128, zero_offset=1, symmetric=True)
+    linear = PackedInt4Linear(layout, qweight, qzeros, scales, shuffled, scales.shape[1], qweight.shape[0] * 8)
+    assert linear.group_index is not None and torch.equal(bits(linear.weight_float32()), bits(got))
 
 
 def test_chat_4bits_reading_differs_from_carrying_or_dropping_the_plus_one(releases: dict[str, Path]) -> None:

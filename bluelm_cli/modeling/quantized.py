@@ -124,21 +124,23 @@ def detect_layout(config: dict[str, Any], folder: Path | None = None) -> Quantiz
 
 
 # ------------------------------------------------------------------------------------------------ unpacking
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+def _shifts(device: torch.device) -> torch.Tensor:
+    # Made on the device (a kernel), not copied from the host: a CUDA graph can capture it.
+    return torch.arange(0, 32, 4, dtype=torch.int32, device=device)
 
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """[n/8, m] int32 → [n, m] nibbles: row 8r+j from bits 4j..4j+3 of row r (GPTQ's qweight)."""
     words = packed.to(torch.int32)
     # An arithmetic shift of a negative word only changes bits above the nibble, which the mask drops.
-    nibbles = (words.unsqueeze(1) >> _SHIFTS.to(words.device).view(1, 8, 1)) & 0xF
+    nibbles = (words.unsqueeze(1) >> _shifts(words.device).view(1, 8, 1)) & 0xF
     return nibbles.reshape(words.shape[0] * 8, words.shape[1])
 
 
 def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
     """[n, m/8] int32 → [n, m] nibbles: column 8c+j from bits 4j..4j+3 of column c (qzeros, AWQ's qweight)."""
     words = packed.to(torch.int32)
-    nibbles = (words.unsqueeze(-1) >> _SHIFTS.to(words.device)) & 0xF
+    nibbles = (words.unsqueeze(-1) >> _shifts(words.device)) & 0xF
     return nibbles.reshape(words.shape[0], words.shape[1] * 8)
 
 
@@ -227,26 +229,45 @@ class PackedInt4Linear(torch.nn.Module):
 
     The weight it multiplies by is the one `dequantize` gives (cast to the input's dtype), so a model of these
     computes what the dequantised-at-load model computes, bit for bit, in a quarter of the weight memory, at the
-    price of unpacking each layer's weight at each step (plain PyTorch, any device)."""
+    price of unpacking each layer's weight at each step (plain PyTorch, any device). The forward makes no host
+    round trip (groups worked out here, AWQ's column order undone here), so a CUDA graph can capture it."""
 
     def __init__(self, layout: QuantizedLayout, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  g_idx: torch.Tensor | None, out_features: int, in_features: int) -> None:
         super().__init__()
         self.layout = layout
         self.in_features, self.out_features = in_features, out_features
+        self.columns_packed = layout.kind == "awq-gemm"  # AWQ packs output columns; GPTQ packs input rows
+        if self.columns_packed:  # the same nibbles in plain column order: a lossless permutation
+            qweight, qzeros = _pack_plain_columns(_awq_columns(qweight)), _pack_plain_columns(_awq_columns(qzeros))
+        self.zero_offset = 1 if layout.kind == "gptq-for-llama" else layout.zero_offset
+        self.fused = layout.kind == "gptq-for-llama"
+        groups = _groups(in_features, scales, g_idx, layout.group_size)
+        self.group_size = groups if isinstance(groups, int) else None
         self.register_buffer("qweight", qweight)
         self.register_buffer("qzeros", qzeros)
         self.register_buffer("scales", scales)
-        self.register_buffer("g_idx", g_idx)
+        self.register_buffer("group_index", None if isinstance(groups, int) else groups)
 
     def weight_float32(self) -> torch.Tensor:
-        return dequantize(self.layout, self.qweight, self.qzeros, self.scales, self.g_idx)
+        q = unpack_columns(self.qweight) if self.columns_packed else unpack_rows(self.qweight)
+        zero = unpack_columns(self.qzeros) + self.zero_offset
+        groups = self.group_size if self.group_size is not None else self.group_index
+        return _dequantize(q, zero, self.scales, groups, fused=self.fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight_float32().to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.layout.describe()}"
+
+
+def _pack_plain_columns(nibbles: torch.Tensor) -> torch.Tensor:
+    """[n, m] nibbles → int32 [n, m/8], column 8c+j in bits 4j..4j+3 (the inverse of unpack_columns)."""
+    words = torch.zeros(nibbles.shape[0], nibbles.shape[1] // 8, dtype=torch.int64, device=nibbles.device)
+    for j in range(8):
+        words |= nibbles[:, j::8].to(torch.int64) << (4 * j)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 # -------------------------------------------------------------------------------------- the checkpoint view
