@@ -153,7 +153,7 @@ def open_weights(folder: Path, source_config: dict[str, Any]) -> Any:
         layout = detect_layout(source_config, folder)
         return QuantizedTensors(SourceTensors(folder), layout) if layout is not None else SourceTensors(folder)
     except UnsupportedQuantization as error:
-        raise BlueLMError(f"{folder} holds {error}") from None
+        raise BlueLMError(f"{folder} has a quantization bluelm-cli cannot read: {error}") from None
 
 
 def repack_problem(tensors: Any) -> str | None:

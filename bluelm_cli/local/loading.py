@@ -371,7 +371,7 @@ def _quantized_layout(folder: Path) -> Any:
     try:
         return detect_layout(config, folder)
     except (UnsupportedQuantization, ValueError, TypeError) as error:
-        raise BlueLMError(f"{folder} holds {error}") from None
+        raise BlueLMError(f"{folder} has a quantization bluelm-cli cannot read: {error}") from None
 
 
 def _load_dequantized(
