@@ -158,7 +158,8 @@ def _root(
 # -------------------------------------------------------------------------------------- shared options
 # Options that are not settings; the settings' options come from the settings table (cli_options).
 Load8Opt = Annotated[bool, typer.Option("--load-in-8bit", help="8-bit weights via bitsandbytes (CUDA).")]
-Load4Opt = Annotated[bool, typer.Option("--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA).")]
+Load4Opt = Annotated[bool, typer.Option(
+    "--load-in-4bit", help="4-bit weights via bitsandbytes (CUDA); a 4-bit release (Chat-4bits, -AWQ, -GPTQ) keeps its own, on any device.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and token statistics on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", show_default=False,
@@ -641,11 +642,14 @@ def export(
     flags: dict[str, Any],
     export_format: Annotated[str, typer.Option("--format", "-f", help="hf (a folder) or gguf (one file).", metavar="FORMAT")] = "hf",
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.", metavar="DTYPE")] = "auto",
+    dequantize: Annotated[bool, typer.Option(
+        "--dequantize", help="Write an AWQ/GPTQ release's 4-bit layers as plain DTYPE weights instead of keeping them.")] = False,
     debug: DebugOpt = False,
 ) -> int:
     """Write the model as plain Llama (no remote code) for other engines; see the README's "Exporting to other engines"."""
     from rich.markup import escape
 
+    from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.export import export_checkpoint
 
     settings, _ = _resolve(flags)
@@ -653,7 +657,8 @@ def export(
     with console.status(f"Exporting {escape(settings['model'])}…", spinner="dots") as status:
         written = export_checkpoint(
             settings["model"], out, format=export_format, dtype=dtype, source=settings["source"],
-            on_status=lambda text: status.update(escape(text) + "…"),
+            on_status=lambda text: status.update(escape(text) + "…"), dequantize=dequantize,
+            on_note=lambda text: console.print(f"[dim]Note: {escape(safe_for_terminal(text))}[/]"),
         )
     sys.stdout.write(f"Exported {settings['model']} to {written} ({export_format})\n")
     return ExitStatus.OK

@@ -64,7 +64,8 @@ def model_source(settings: ResolvedSettings, quantization: str | None, *, chatti
 def loaded_line(loaded: LoadedModel, seconds: float) -> str:
     from bluelm_cli.local.loading import dtype_name
 
-    return (f"Loaded {loaded.model_id} on {loaded.device} ({dtype_name(loaded.dtype)}, context {loaded.context_length})"
+    weights = f", {loaded.weights_format}" if loaded.weights_format else ""
+    return (f"Loaded {loaded.model_id} on {loaded.device} ({dtype_name(loaded.dtype)}, context {loaded.context_length}{weights})"
             f" in {seconds:.1f} s")
 
 

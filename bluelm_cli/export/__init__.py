@@ -26,8 +26,13 @@ def export_checkpoint(
     dtype: str = "auto",
     source: str = "huggingface",
     on_status: Callable[[str], None] | None = None,
+    dequantize: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export `model` (hub id or folder) to `out`: a folder for `hf`, a file for `gguf`. Returns what was written."""
+    """Export `model` (hub id or folder) to `out`: a folder for `hf`, a file for `gguf`. Returns what was written.
+
+    A quantized release (Chat-32K-AWQ/-GPTQ) keeps its 4-bit linears in an `hf` export where vLLM reads them exactly,
+    unless `dequantize`; otherwise (Chat-4bits, GGUF) they are dequantised, and `on_note` says so."""
     if format not in FORMATS:
         raise UsageError(f"unknown format '{format}'; use hf or gguf")
     if dtype not in _DTYPES:
@@ -43,13 +48,17 @@ def export_checkpoint(
         if format == "hf":
             from bluelm_cli.export.hf import export_hf
 
-            export_hf(folder, partial, dtype=dtype, on_status=on_status)
+            export_hf(folder, partial, dtype=dtype, on_status=on_status, dequantize=dequantize, on_note=on_note)
         else:
             from bluelm_cli.export.gguf_file import export_gguf
 
-            export_gguf(folder, partial, dtype=dtype, on_status=on_status)
+            export_gguf(folder, partial, dtype=dtype, on_status=on_status, on_note=on_note)
         partial.replace(out)  # an empty OUT folder is replaced too
     except Exception as error:
+        from bluelm_cli.modeling.quantized import UnsupportedQuantization
+
+        if isinstance(error, UnsupportedQuantization):  # found while dequantising a layer: one line, no traceback
+            raise BlueLMError(f"{folder}: {error}") from None
         if isinstance(error, BlueLMError) or not _is_write_failure(error):
             raise
         raise BlueLMError(f"cannot write {out} ({_reason(error)}); free some space or choose another OUT") from None

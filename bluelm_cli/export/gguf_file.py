@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE
-from bluelm_cli.export.hf import SourceTensors, check_shapes, llama_config, llama_tensors, piece_count, resolve_dtype
+from bluelm_cli.export.hf import check_shapes, open_weights, llama_config, llama_tensors, piece_count, resolve_dtype
 from bluelm_cli.export.tokenizer_json import read_model_proto
 
 __all__ = ["export_gguf", "gguf_tensor_name"]
@@ -49,7 +49,8 @@ def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def export_gguf(folder: Path, out_file: Path, *, dtype: str = "auto", on_status: Callable[[str], None] | None = None) -> int:
+def export_gguf(folder: Path, out_file: Path, *, dtype: str = "auto", on_status: Callable[[str], None] | None = None,
+                on_note: Callable[[str], None] | None = None) -> int:
     """Write the GGUF for the checkpoint in `folder`; returns the number of tensors written."""
     import gguf
 
@@ -79,8 +80,12 @@ def export_gguf(folder: Path, out_file: Path, *, dtype: str = "auto", on_status:
     if "rope_scaling" in config:
         factors = np.asarray(config["rope_scaling"]["long_factor"], dtype=np.float32)
         tensors.append(("rope_freqs.weight", lambda: factors, None))
-    tensors_in = SourceTensors(folder)
+    tensors_in = open_weights(folder, source_config)
     check_shapes(tensors_in, source_config, folder)
+    if hasattr(tensors_in, "layout") and on_note:
+        on_note(f"GGUF holds plain tensors: the {tensors_in.describe()} weights are dequantised as its kernel computes "
+                f"them and written as {dtype_name}" + ("" if dtype_name == "float32" else " (--dtype float32 keeps them exact)")
+                + "; llama.cpp's llama-quantize can make a 4-bit GGUF of it")
     for name, make, _shape in llama_tensors(tensors_in, source_config, pieces, torch.float32):
         tensors.append((gguf_tensor_name(name), _converter(name, make, heads, kv_heads, dtype_name), name))
 

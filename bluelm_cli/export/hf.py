@@ -20,6 +20,7 @@ import torch
 from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.export.chat_template import HF_CHAT_TEMPLATE
 from bluelm_cli.export.tokenizer_json import build_tokenizer
+from bluelm_cli.modeling.weights import SourceTensors
 
 __all__ = [
     "DTYPES",
@@ -113,58 +114,6 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
     return config
 
 
-class SourceTensors:
-    """The checkpoint's tensors by name, read lazily: safetensors through safe_open, .bin through mmap,
-    keeping at most one .bin shard mapped at a time."""
-
-    def __init__(self, folder: Path) -> None:
-        from bluelm_cli.local.loading import WEIGHT_FILES, WEIGHT_INDEXES
-
-        self._open_path: Path | None = None
-        self._open: Any = None
-        self._file_of: dict[str, Path] = {}
-        for index_name in WEIGHT_INDEXES:
-            index = folder / index_name
-            if index.is_file():
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                self._file_of.update({name: folder / file for name, file in weight_map.items()})
-                break
-        else:
-            single = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-            if single is None:
-                raise FileNotFoundError(f"no weights in {folder}")
-            for name in self._names_in(single):
-                self._file_of[name] = single
-
-    def _names_in(self, path: Path) -> list[str]:
-        return list(self._load(path).keys())
-
-    def _load(self, path: Path) -> Any:
-        if path != self._open_path:
-            self._open = None  # drop the previous shard's mapping first
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                self._open = safe_open(str(path), framework="pt")
-            else:
-                self._open = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            self._open_path = path
-        return self._open
-
-    def names(self) -> list[str]:
-        return list(self._file_of)
-
-    def get(self, name: str) -> torch.Tensor:
-        opened = self._load(self._file_of[name])
-        return opened.get_tensor(name) if hasattr(opened, "get_tensor") else opened[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        opened = self._load(self._file_of[name])
-        if hasattr(opened, "get_slice"):
-            return tuple(opened.get_slice(name).get_shape())
-        return tuple(opened[name].shape)
-
-
 def folded_embedding(embed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm(embed) row by row in float32: what BlueLM feeds layer 0, as a plain embedding table."""
     return torch.nn.functional.layer_norm(embed.float(), (embed.shape[-1],), weight.float(), bias.float(), eps)
@@ -193,6 +142,57 @@ def check_shapes(source: SourceTensors, config: dict[str, Any], folder: Path) ->
             f"the weights in {folder} do not have the sizes its config.json describes ({what}); "
             "export a checkpoint whose config.json came with its weights"
         )
+
+
+def open_weights(folder: Path, source_config: dict[str, Any]) -> Any:
+    """The checkpoint's tensors as a plain BlueLM's: a quantized release's linears dequantised (exactly, in float32,
+    as its publisher's kernel computes them), everything else as stored."""
+    from bluelm_cli.modeling.quantized import QuantizedTensors, UnsupportedQuantization, detect_layout
+
+    try:
+        layout = detect_layout(source_config, folder)
+        return QuantizedTensors(SourceTensors(folder), layout) if layout is not None else SourceTensors(folder)
+    except UnsupportedQuantization as error:
+        raise BlueLMError(f"{folder} has a quantization bluelm-cli cannot read: {error}") from None
+
+
+def repack_problem(tensors: Any) -> str | None:
+    """Why a quantized release's 4-bit tensors can't go to the Llama export as they are (None: they can, exactly).
+
+    AWQ GEMM is read by vLLM's AWQ kernels exactly as AutoAWQ wrote it. AutoGPTQ v1 is read with the same +1 per
+    nibble; vLLM's Marlin kernels take a symmetric checkpoint's zero as 8, so every stored nibble must be 7.
+    Chat-4bits' float32 scales would be rounded to fp16 by vLLM, and its kernel's fused arithmetic is its own."""
+    layout = tensors.layout
+    if layout.kind == "gptq-for-llama":
+        return ("BlueLM-7B-Chat-4bits keeps float32 scales, which vLLM's GPTQ kernels would round to fp16, "
+                "so its linears are written dequantised")
+    if layout.kind == "gptq":
+        if not layout.zero_offset:
+            return "GPTQ v2 checkpoints are not what vLLM's GPTQ loader reads, so the linears are written dequantised"
+        for module in tensors.modules:
+            source = tensors.source
+            if module + ".bias" in source.names() and bool(source.get(module + ".bias").ne(0).any()):
+                return f"{module} has a non-zero bias, which a Llama layer has no place for"
+            if layout.symmetric and not bool((source.get(module + ".qzeros") == 0x77777777).all()):
+                return (f"{module} has zero points other than 8 in a symmetric GPTQ checkpoint, which vLLM would read as 8, "
+                        "so the linears are written dequantised")
+    return None
+
+
+def quantized_tensors(
+    tensors: Any, config: dict[str, Any], pieces: int, dtype: torch.dtype
+) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
+    """As llama_tensors, but each quantized linear as its stored 4-bit parts (qweight, qzeros, scales, g_idx), unchanged."""
+    source = tensors.source
+    stored = set(source.names())
+    for name, make, shape in llama_tensors(tensors, config, pieces, dtype):
+        if not tensors.is_quantized(name):
+            yield name, make, shape
+            continue
+        module = name.removesuffix(".weight")
+        for part in ("qweight", "qzeros", "scales", "g_idx"):  # a bias (checked zero) has no place in Llama
+            if f"{module}.{part}" in stored:
+                yield f"{module}.{part}", (lambda part_name=f"{module}.{part}": source.get(part_name).contiguous()), source.shape(f"{module}.{part}")
 
 
 def llama_tensors(
@@ -233,8 +233,13 @@ def export_hf(
     dtype: str = "auto",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     on_status: Callable[[str], None] | None = None,
+    dequantize: bool = False,
+    on_note: Callable[[str], None] | None = None,
 ) -> ExportSummary:
-    """Write the Llama folder for the BlueLM checkpoint in `folder` into `out` (which must be empty or absent)."""
+    """Write the Llama folder for the BlueLM checkpoint in `folder` into `out` (which must be empty or absent).
+
+    A quantized release keeps its 4-bit linears (AWQ or GPTQ, for vLLM's kernels) where that is exact, unless
+    `dequantize`; otherwise they are written dequantised in `dtype`, and `on_note` says so."""
     from safetensors.torch import save_file
 
     source_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -244,14 +249,28 @@ def export_hf(
     config = llama_config(source_config, pieces, dtype_name)
     out.mkdir(parents=True, exist_ok=True)
 
-    tensors_in = SourceTensors(folder)
+    tensors_in = open_weights(folder, source_config)
     check_shapes(tensors_in, source_config, folder)
-    plan = list(llama_tensors(tensors_in, source_config, pieces, torch_dtype))
+    layout = getattr(tensors_in, "layout", None)
+    quantization: dict[str, Any] | None = None
+    if layout is not None:
+        problem = "--dequantize was given" if dequantize else repack_problem(tensors_in)
+        if problem is None:
+            quantization = _quantization_config(folder, source_config)
+            config["quantization_config"] = quantization
+            plan = list(quantized_tensors(tensors_in, source_config, pieces, torch_dtype))
+        else:
+            plan = list(llama_tensors(tensors_in, source_config, pieces, torch_dtype))
+            if on_note:
+                on_note(f"{problem}: the {tensors_in.describe()} weights are dequantised as its kernel computes them "
+                        f"and written as {dtype_name}" + ("" if dtype_name == "float32" else " (--dtype float32 keeps them exact)"))
+    else:
+        plan = list(llama_tensors(tensors_in, source_config, pieces, torch_dtype))
     element = torch.empty((), dtype=torch_dtype).element_size()
     shards: list[list[tuple[str, Callable[[], torch.Tensor]]]] = [[]]
     size = 0
     for name, make, shape in plan:
-        nbytes = math.prod(shape) * element
+        nbytes = math.prod(shape) * (4 if name.endswith((".qweight", ".qzeros", ".g_idx")) else element)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -275,7 +294,18 @@ def export_hf(
         _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
         files.append("model.safetensors.index.json")
     files += _write_side_files(folder, out, config, source_config)
+    if quantization is not None and quantization.get("quant_method") == "gptq":
+        _write_json(out / "quantize_config.json", {k: v for k, v in quantization.items() if k != "quant_method"})
+        files.append("quantize_config.json")
     return ExportSummary(out=out, files=sorted(files), tensors=len(plan), total_bytes=total_bytes)
+
+
+def _quantization_config(folder: Path, source_config: dict[str, Any]) -> dict[str, Any]:
+    """The release's quantization_config as vLLM and transformers read it (GPTQ: from quantize_config.json if need be)."""
+    quantization = source_config.get("quantization_config")
+    if not isinstance(quantization, dict):
+        quantization = {**json.loads((folder / "quantize_config.json").read_text(encoding="utf-8")), "quant_method": "gptq"}
+    return dict(quantization)
 
 
 def resolve_dtype(dtype: str, source_config: dict[str, Any]) -> str:
@@ -332,6 +362,15 @@ def _readme(folder: Path, source_config: dict[str, Any], config: dict[str, Any])
     from bluelm_cli import __version__
 
     rope = "longrope parameters reproducing BlueLM's ntkmixed RoPE" if "rope_scaling" in config else "plain RoPE"
+    quantization = config.get("quantization_config")
+    if quantization:
+        weights = (f"- The linear layers keep the release's 4-bit {str(quantization.get('quant_method')).upper()} tensors "
+                   "bit for bit (vLLM serves them with its own kernels).\n")
+    elif "quantization_config" in source_config or "quantization_bit" in source_config:
+        weights = (f"- The release's 4-bit linear layers are dequantised (as its publisher's kernel computes them) "
+                   f"to {config['torch_dtype']}.\n")
+    else:
+        weights = ""
     return (
         f"# {folder.name} as plain Llama\n\n"
         f"Exported by bluelm-cli {__version__} (`bluelm export`) from the BlueLM checkpoint `{folder.name}`.\n\n"
@@ -339,6 +378,7 @@ def _readme(folder: Path, source_config: dict[str, Any], config: dict[str, Any])
         "(computed in float32), and the padding rows beyond the tokenizer's "
         f"{config['vocab_size']} pieces are dropped (the checkpoint had {source_config.get('vocab_size')}).\n"
         f"- {rope}; context {config['max_position_embeddings']} tokens.\n"
+        f"{weights}"
         "- `tokenizer.json` gives SentencePiece's ids (`[|Human|]:`/`[|AI|]:` single pieces); the chat template "
         "builds `<s>{system}[|Human|]:{user}[|AI|]:{answer}</s>[|Human|]:…[|AI|]:`.\n\n"
         "The weights and their license are the original checkpoint's (vivo-ai BlueLM).\n"

@@ -155,9 +155,9 @@ class ChatEngine:
             device=str(loaded.device),
             dtype=dtype_name(loaded.dtype),
             context_limit=self.context_limit,
-            quantization=loaded.quantization,
+            quantization=loaded.quantization or loaded.weights_format,
             architecture=_architecture(self.model.config),
-            parameters=sum(parameter.numel() for parameter in self.model.parameters()),
+            parameters=_parameter_count(self.model),
             origin=str(loaded.folder),
         )
 
@@ -392,3 +392,11 @@ class _TokenReader:
             return int(self._host[0])
         assert self._pending is not None
         return int(self._pending.view(-1)[0])
+
+
+def _parameter_count(model: torch.nn.Module) -> int:
+    """The model's weights, counting a 4-bit release's packed linears (buffers, not parameters) as out × in."""
+    from bluelm_cli.modeling.quantized import PackedInt4Linear
+
+    packed = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, PackedInt4Linear))
+    return sum(parameter.numel() for parameter in model.parameters()) + packed

@@ -18,13 +18,12 @@ import torch
 
 from bluelm_cli.core.errors import BlueLMError, UsageError
 from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM, BlueLMTokenizer
+from bluelm_cli.modeling.weights import WEIGHT_FILES, WEIGHT_INDEXES
 from bluelm_cli.config.settings import read_generation_config
 
 DEFAULT_MODEL = "vivo-ai/BlueLM-7B-Chat"
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _METADATA_PATTERNS = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-                      "special_tokens_map.json"]
+                      "special_tokens_map.json", "quantize_config.json"]  # the last: AutoGPTQ releases
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -39,7 +38,10 @@ class LoadedModel:
     context_length: int
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     load_seconds: float = 0.0
-    quantization: str | None = None
+    quantization: str | None = None  # bitsandbytes at load time (--load-in-8bit / --load-in-4bit)
+    # A published quantized release read from its files, e.g. "AWQ GEMM, 4-bit, group 128"; its weights are
+    # dequantised at load time into `dtype`, so the engine (fast path included) runs plain linears.
+    weights_format: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- resolving
@@ -251,7 +253,10 @@ def load_model(
     torch_dtype = pick_dtype(dtype, target)
     if target.type == "cpu" and on_warning:
         on_warning("no CUDA GPU found; running on the CPU, which is slow for a 7B model")
-    if quantization and target.type != "cuda":
+    layout = _quantized_layout(folder)
+    if layout is not None and quantization == "8bit":
+        raise BlueLMError(f"{folder} is already quantized ({layout.describe()}); drop --load-in-8bit")
+    if quantization and target.type != "cuda" and layout is None:
         raise BlueLMError(f"--load-in-{quantization} needs a CUDA GPU (bitsandbytes); drop it to run on the CPU")
 
     tokenizer = load_tokenizer(folder)
@@ -265,6 +270,24 @@ def load_model(
         if on_warning:
             on_warning(problem)
     config.tokenizer_vocab_size = tokenizer.sp_model.get_piece_size()
+    if layout is not None:
+        # --load-in-4bit on a 4-bit release: keep its own 4-bit tensors (no bitsandbytes, any device).
+        network, weights_format = _load_dequantized(
+            folder, config, layout, target, torch_dtype, model, keep_4bit=quantization == "4bit"
+        )
+        network.generation_config = _generation_config(generation_defaults)
+        return LoadedModel(
+            model=network,
+            tokenizer=tokenizer,
+            model_id=model,
+            folder=folder,
+            device=target,
+            dtype=torch_dtype,
+            context_length=config.context_length,
+            generation_defaults=generation_defaults,
+            load_seconds=time.perf_counter() - started,
+            weights_format=weights_format,
+        )
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": torch_dtype,
@@ -338,6 +361,88 @@ def load_model(
         load_seconds=time.perf_counter() - started,
         quantization=quantization,
     )
+
+
+def _quantized_layout(folder: Path) -> Any:
+    """The published quantized layout of the folder's weights (None for plain ones), or one line saying why not."""
+    from bluelm_cli.modeling.quantized import UnsupportedQuantization, detect_layout
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    try:
+        return detect_layout(config, folder)
+    except (UnsupportedQuantization, ValueError, TypeError) as error:
+        raise BlueLMError(f"{folder} has a quantization bluelm-cli cannot read: {error}") from None
+
+
+def _load_dequantized(
+    folder: Path, config: BlueLMConfig, layout: Any, target: torch.device, dtype: torch.dtype, model: str,
+    *, keep_4bit: bool = False,
+) -> tuple[BlueLMForCausalLM, str]:
+    """A quantized release as a plain BlueLM: each linear dequantised (exactly, in float32, as the publisher's
+    kernel reads the file) and then cast to `dtype` on `target`, one tensor at a time. With `keep_4bit` the
+    linears stay in their 4-bit tensors (PackedInt4Linear) and are dequantised the same way at every forward.
+
+    No transformers quantizer is involved: none recognises Chat-4bits, and transformers hands AWQ/GPTQ to
+    GPU kernel packages; the arithmetic here is the files' own and runs anywhere."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from bluelm_cli.modeling.modeling_bluelm import BlueLMRotaryEmbedding, rope_inverse_frequencies
+    from bluelm_cli.modeling.quantized import QuantizedTensors, UnsupportedQuantization
+    from bluelm_cli.modeling.weights import SourceTensors
+
+    for key in ("quantization_config", "quantization_bit"):  # the weights will be plain: nothing may treat them as not
+        if hasattr(config, key):
+            delattr(config, key)
+    config.dtype = dtype  # as from_pretrained records it for a plain checkpoint
+    try:
+        tensors = QuantizedTensors(SourceTensors(folder), layout, device=target)
+        with torch.device("meta"):
+            network = BlueLMForCausalLM(config)
+        expected = {name: tuple(tensor.shape) for name, tensor in network.state_dict().items()}
+        names = [name for name in tensors.names() if not name.endswith("rotary_emb.inv_freq")]
+        missing = sorted(set(expected) - set(names))
+        if missing:
+            raise BlueLMError(
+                f"the weights in {folder} are incomplete: {len(missing)} tensors missing (first: {missing[0]}); download the checkpoint again"
+            )
+        unexpected = sorted(set(names) - set(expected))
+        if unexpected:
+            raise BlueLMError(
+                f"the weights in {folder} hold {len(unexpected)} tensors its config.json does not describe (first:"
+                f" {unexpected[0]}); the config is from another model, download the checkpoint again"
+            )
+        wrong = [name for name in names if tensors.shape(name) != expected[name]]
+        if wrong:
+            raise BlueLMError(
+                f"the weights in {folder} do not have the sizes its config.json describes ({wrong[0]} is"
+                f" {list(tensors.shape(wrong[0]))}, the config says {list(expected[wrong[0]])}); download the checkpoint again"
+            )
+        packed = {name: tensors.packed_linear(name) for name in expected if keep_4bit and tensors.is_quantized(name)}
+        state = {name: tensors.get(name).to(device=target, dtype=dtype) for name in expected if name not in packed}
+    except UnsupportedQuantization as error:
+        raise BlueLMError(f"{folder}: {error}") from None
+    except torch.cuda.OutOfMemoryError:
+        raise BlueLMError(f"out of GPU memory while loading {model} dequantised to {dtype_name(dtype)}; free the GPU") from None
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
+        problem = _weight_file_problem(folder)
+        raise BlueLMError(
+            problem or f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again"
+        ) from None
+    for name, linear in packed.items():
+        parent, _, child = name.removesuffix(".weight").rpartition(".")
+        setattr(network.get_submodule(parent), child, linear)
+    network.load_state_dict(state, strict=not packed, assign=True)
+    for module in network.modules():  # non-persistent buffers were made on the meta device: compute them here
+        if isinstance(module, BlueLMRotaryEmbedding):
+            module.inv_freq = rope_inverse_frequencies(config).to(target)
+    still_meta = [name for name, tensor in [*network.named_parameters(), *network.named_buffers()] if tensor.is_meta]
+    if still_meta:  # never run a model with a weight nothing was loaded into
+        raise BlueLMError(f"the weights in {folder} are incomplete: {still_meta[0]} was not loaded; download the checkpoint again")
+    network.eval()
+    how = f"kept 4-bit, computing in {dtype_name(dtype)}" if packed else f"dequantised to {dtype_name(dtype)}"
+    return network, f"{tensors.describe()}, {how}"
 
 
 def _indexed_shards(folder: Path) -> list[Path]:
