@@ -50,6 +50,7 @@ from bluelm_cli.core.settings import (
     SamplingSettings,
     get_spec,
     parse_setting,
+    shown_value,
 )
 
 try:  # Python 3.11+
@@ -219,4 +220,4 @@ def resolve_settings(
 
 def describe(resolved: ResolvedSettings) -> list[tuple[str, Any, str]]:
     """(name, value, source) for every setting, in table order, for ``bluelm config``."""
-    return [(name, resolved[name], resolved.source_of(name)) for name in SPECS]
+    return [(name, shown_value(name, resolved[name]), resolved.source_of(name)) for name in SPECS]

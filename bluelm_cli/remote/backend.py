@@ -15,16 +15,22 @@ from bluelm_cli.core.settings import SamplingSettings
 # When the server does not say its context length: BlueLM-7B-Chat's.
 DEFAULT_CONTEXT = 2048
 # Sampling parameters outside OpenAI's API: vLLM and SGLang read top_k and repetition_penalty, llama.cpp
-# top_k and repeat_penalty; strict servers (transformers serve) refuse unknown fields, so they are sent
-# only when they matter, and dropped for the rest of the chat when the server refuses them.
+# top_k and repeat_penalty; strict servers (transformers serve) refuse unknown fields, so they are dropped
+# for the rest of the chat when the server refuses them. Until then every value is sent, a repetition
+# penalty of 1.0 too: left out, a server applies the model's own default (BlueLM's generation_config: 1.1).
 _EXTRA_FIELDS = ("top_k", "repetition_penalty", "repeat_penalty")
 
 
 @dataclass(frozen=True)
 class ServerModel:
-    name: str
+    name: str  # as shown and journaled: the server's id made safe for a terminal
     context_limit: int
     context_source: str  # where the context length was read, for the banner and /show
+    id: str = ""  # as the server spells it, sent back in every request
+
+    @property
+    def request_id(self) -> str:
+        return self.id or self.name
 
 
 class RemoteBackend:
@@ -56,7 +62,7 @@ class RemoteBackend:
         if plan.partial_answer:  # /continue: the open answer goes last, to be extended
             messages.append({"role": "assistant", "content": plan.partial_answer})
         body: dict[str, Any] = {
-            "model": self.model.name,
+            "model": self.model.request_id,
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -73,8 +79,7 @@ class RemoteBackend:
         if self._send_extras:
             if settings.top_k and not settings.greedy:
                 body["top_k"] = settings.top_k
-            if settings.repetition_penalty != 1.0:
-                body["repetition_penalty"] = body["repeat_penalty"] = settings.repetition_penalty
+            body["repetition_penalty"] = body["repeat_penalty"] = settings.repetition_penalty
         return body
 
     def stream(self, plan: PromptPlan, settings: SamplingSettings) -> RemoteStream:
@@ -104,11 +109,11 @@ def connect(api: str, *, api_key: str | None, model: str | None, local_tokenizer
     else:
         entry = next((item for item in listed if item.get("id") == model), None)
         if entry is None:
-            names = ", ".join(str(item.get("id")) for item in listed[:8]) or "none"
+            names = ", ".join(client.server_text(str(item.get("id"))) for item in listed[:8]) or "none"
             raise RemoteError(f"the server at {client.url.api} does not serve '{model}' (it serves: {names}); "
                               "choose one with --model")
     name = str(entry["id"])
-    served = ServerModel(name, *_context_length(client, name, entry))
+    served = ServerModel(client.server_text(name), *_context_length(client, name, entry), id=name)
     encoder: PromptEncoder | None = ServerEncoder.probe(client, name)
     if encoder is None and local_tokenizer:
         encoder = SentencePieceEncoder.from_folder(local_tokenizer)
