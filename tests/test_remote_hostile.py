@@ -372,3 +372,31 @@ def test_the_servers_model_id_is_sanitised_before_banner_and_journal(server: Fak
     assert server.chat_bodies()[-1]["model"] == hostile  # the server is still sent its own id
     listing = invoke(["sessions"])
     assert "\x1b" not in listing.stdout
+
+
+# ------------------------------------------------------------------------------------------ /continue
+def test_continue_is_a_text_completion_of_the_conversation(server: FakeOpenAI) -> None:
+    set_chat(server, lambda h, _: h.send_events(answer_events(["Once upon"], finish="length")))
+    server.routes[("POST", "/v1/completions")] = lambda h, _: h.send_events([
+        'data: {"choices": [{"index": 0, "text": " a time", "finish_reason": null}]}\n\n',
+        'data: {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}\n\n', "data: [DONE]\n\n"])
+    result = invoke(["chat", "--api", server.url, "-t", "0", "--system", "Be kind.", "--session", "cont"],
+                    input="tell me\n/continue\n")
+    assert (result.exit_code, errors_of(result)) == (0, [])
+    body = [body for _, path, body, _ in server.requests if path == "/v1/completions"][-1]
+    assert body["prompt"] == "Be kind.[|Human|]:tell me[|AI|]:Once upon"
+    assert "messages" not in body and body["stop"] == ["[|Human|]:"]
+    from bluelm_cli.session import Session
+    assert Session.resume(user_paths().sessions_dir, "cont").turns[-1].answer == "Once upon a time"
+
+
+def test_continue_without_text_completions_asks_the_chat_to_continue(server: FakeOpenAI) -> None:
+    replies = iter([answer_events(["Once upon"], finish="length"), answer_events([" a time"])])
+    set_chat(server, lambda h, _: h.send_events(next(replies)))  # no /v1/completions here: 404
+    result = invoke(["chat", "--api", server.url, "-t", "0", "--session", "cont2"], input="tell me\n/continue\n")
+    assert (result.exit_code, errors_of(result)) == (0, [])
+    from bluelm_cli.session import Session
+    assert Session.resume(user_paths().sessions_dir, "cont2").turns[-1].answer == "Once upon a time"
+    body = server.chat_bodies()[-1]
+    assert body["messages"][-1] == {"role": "assistant", "content": "Once upon"}
+    assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)

@@ -41,6 +41,7 @@ MAX_CHARS_PER_TOKEN = 256
 # After the finish_reason, only the usage chunk and `[DONE]` are still awaited, and not longer than this.
 AFTER_FINISH_S = 2.0
 _READ_SIZE = 64 * 1024
+_MAX_ATTEMPTS = 4  # a request refused for a field or an endpoint is asked again another way, this often at most
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 
 
@@ -107,14 +108,14 @@ class RemoteStream(WorkerStream[AnswerResult]):
     """Text deltas of one served answer (the :class:`~bluelm_cli.core.backend.AnswerStream` protocol)."""
 
     def __init__(self, client: HttpClient, body: dict[str, Any], *, prompt_tokens: int, context_limit: int,
-                 on_rejected_fields: Callable[[dict[str, Any], RemoteError], dict[str, Any] | None] | None = None,
+                 on_refused: Callable[[str, dict[str, Any], RemoteError], tuple[str, dict[str, Any]] | None] | None = None,
                  path: str | None = None) -> None:
         self._client = client
         self._body = body
         self._path = path or f"{client.url.api_path}/chat/completions"
         self._prompt_tokens = prompt_tokens
         self._context_limit = context_limit
-        self._retry_body = on_rejected_fields
+        self._on_refused = on_refused  # a refused request, asked again another way (see RemoteBackend._adapt)
         max_tokens = body.get("max_tokens")
         self._token_limit = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
         self._stop = threading.Event()
@@ -135,16 +136,18 @@ class RemoteStream(WorkerStream[AnswerResult]):
     def _answer(self) -> AnswerResult:
         progress = _Progress()
         started = time.perf_counter()
-        body = self._body
-        while True:
+        path, body = self._path, self._body
+        for attempt in range(_MAX_ATTEMPTS):
             try:
-                self._request(body, progress)
+                self._request(path, body, progress)
                 break
             except RemoteError as error:
-                retry = self._retry_body(body, error) if self._retry_body and not progress.text else None
+                retry = None
+                if self._on_refused and not progress.text and attempt + 1 < _MAX_ATTEMPTS:
+                    retry = self._on_refused(path, body, error)
                 if retry is None:
                     return self._failed(progress, error, started)
-                body = retry
+                path, body = retry
             except (OSError, http.client.HTTPException) as error:
                 if self._stop.is_set():
                     break
@@ -172,10 +175,10 @@ class RemoteStream(WorkerStream[AnswerResult]):
             raise error
         return self._result(progress, FinishReason.ERROR, started, error=str(error))
 
-    def _request(self, body: dict[str, Any], progress: _Progress) -> None:
+    def _request(self, path: str, body: dict[str, Any], progress: _Progress) -> None:
         client = self._client
         # Until the headers come, a deadline (a busy server may queue the request); then the stream's own limits.
-        exchange = client.exchange("POST", self._path, body, streaming=True, read_timeout=READ_TIMEOUT_S,
+        exchange = client.exchange("POST", path, body, streaming=True, read_timeout=READ_TIMEOUT_S,
                                    deadline_s=READ_TIMEOUT_S)
         with self._exchange_lock:
             self._exchange = exchange
@@ -190,7 +193,7 @@ class RemoteStream(WorkerStream[AnswerResult]):
                 raise
             exchange.settle()
             if response.status >= 400:
-                raise client.status_error(response.status, response.read(64 * 1024), f"POST {self._path}")
+                raise client.status_error(response.status, response.read(64 * 1024), f"POST {path}")
             if "text/event-stream" not in (response.getheader("Content-Type") or ""):
                 self._whole_answer(response, progress)
                 return
@@ -263,7 +266,8 @@ class RemoteStream(WorkerStream[AnswerResult]):
             delta = choice.get("delta") or {} if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 raise MalformedStream(f"the server sent a malformed event ('{self._clip(data)}')")
-            content = _text_of(delta.get("content"))
+            # A chat chunk's delta, or a text completion's `text` (/continue asks /v1/completions).
+            content = _text_of(delta.get("content")) if "delta" in choice or "text" not in choice else _text_of(choice["text"])
             if content:
                 self._add_text(content, progress)
             if choice.get("finish_reason") and progress.finish is None:
