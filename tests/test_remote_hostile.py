@@ -353,6 +353,7 @@ def test_api_key_on_the_command_line_warns_once_and_a_key_file_is_the_safe_way(s
 
     key_file = tmp_path / "key"
     key_file.write_text(SECRET + "\n")
+    key_file.chmod(0o600)
     result = invoke(["ask", "--api", server.url, "--api-key-file", str(key_file), "hi"])
     assert (result.exit_code, result.stdout, result.stderr.count("Warning")) == (0, "Hello, world!\n", 0)
     assert server.requests[-1][3]["Authorization"] == f"Bearer {SECRET}"
@@ -400,3 +401,66 @@ def test_continue_without_text_completions_asks_the_chat_to_continue(server: Fak
     body = server.chat_bodies()[-1]
     assert body["messages"][-1] == {"role": "assistant", "content": "Once upon"}
     assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
+
+
+def test_keep_alives_forever_before_any_answer_meet_the_idle_limit(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote_stream, "IDLE_LIMIT_S", 0.5)
+
+    def pings(handler: Handler, _: object) -> None:
+        handler.start_events()
+        pause = threading.Event()
+
+        def ping() -> None:
+            pause.wait(0.01)
+            handler.send_chunk(": still queued\n\n")
+        _until_closed(handler, ping)
+
+    set_chat(server, pings)
+    result = invoke(["ask", "--api", server.url, "-t", "0", "hi"])
+    assert (result.exit_code, result.stdout, errors_of(result)) == (1, "", [
+        f"Error: the server at {server.url} sent no answer for 0.5 s (only keep-alives); check the server or try again"])
+
+
+@pytest.mark.parametrize(("environment", "url", "proxy"), [
+    ({"HTTP_PROXY": "proxy:3128"}, "http://served:8000/v1", "http://proxy:3128"),
+    ({"HTTP_PROXY": "http://proxy:3128"}, "https://served/v1", None),  # HTTP_PROXY is for http:// only
+    ({"HTTPS_PROXY": "http://tunnel:8080"}, "https://served/v1", "http://tunnel:8080"),
+    ({"ALL_PROXY": "http://any:1"}, "https://served/v1", "http://any:1"),
+    ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "served"}, "http://a.served:8000/v1", None),  # subdomains too
+    ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "other, .served"}, "http://served:8000/v1", "http://p:1"),  # .x: subdomains only
+    ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "127.0.0.1"}, "http://127.0.0.1:8000/v1", None),
+    ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "served:9000"}, "http://served:8000/v1", "http://p:1"),  # another port
+    ({"HTTP_PROXY": "http://p:1", "NO_PROXY": "http://served:8000"}, "http://served:8000/v1", None),
+    ({"HTTP_PROXY": "http://p:1"}, "http://localhost:8000/v1", "http://p:1"),  # as httpx: localhost only by NO_PROXY
+])
+def test_proxy_rules_are_httpx_rules(environment: dict[str, str], url: str, proxy: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    found = remote_http.proxy_for(remote_http.ServerURL.parse(url).origin_key)
+    assert (str(found) if found else None) == proxy
+
+
+def test_a_socks_proxy_is_a_clear_error(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALL_PROXY", "socks5://user:secret-pass@127.0.0.1:1080")
+    result = invoke(["ask", "--api", server.url, "hi"])
+    assert result.exit_code == 2 and "secret-pass" not in result.stderr
+    assert errors_of(result) == ["Error: the proxy for http:// is a socks5:// proxy ('socks5://user:***@127.0.0.1:1080'); "
+                                 "bluelm uses http:// proxies: change HTTP_PROXY / HTTPS_PROXY / ALL_PROXY, or name the "
+                                 "server in NO_PROXY"]
+
+
+def test_refused_url_credentials_say_what_to_check(server: FakeOpenAI) -> None:
+    server.routes[("GET", "/v1/models")] = lambda h, _: h.send_json(401, {"detail": "Unauthorized"})
+    result = invoke(["ask", "--api", f"http://alice:pa55word@127.0.0.1:{server.port}/v1", "hi"])
+    assert errors_of(result) == [f"Error: the server at {server.url} refused the request (HTTP 401: Unauthorized); "
+                                 "check the user name and password in --api"]
+
+
+def test_a_key_file_others_can_read_is_warned_about(server: FakeOpenAI, tmp_path) -> None:  # noqa: ANN001
+    key_file = tmp_path / "key"
+    key_file.write_text(SECRET)
+    key_file.chmod(0o644)
+    result = invoke(["ask", "--api", server.url, "--api-key-file", str(key_file), "hi"])
+    assert result.exit_code == 0
+    assert [line for line in result.stderr.splitlines() if line.startswith("Warning:")] == [
+        f"Warning: other users can read the API key file {key_file}; chmod 600 {key_file}"]

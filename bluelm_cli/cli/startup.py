@@ -126,6 +126,15 @@ def _read_key_file(path: str) -> str:
     return key
 
 
+def _readable_by_others(path: str) -> bool:
+    from pathlib import Path
+
+    try:
+        return bool(Path(path).expanduser().stat().st_mode & 0o044)  # as ssh warns of a private key's mode
+    except OSError:
+        return False
+
+
 def api_key_source(flag: str | None) -> str | None:
     if flag and flag.strip():
         return SOURCE_FLAG
@@ -149,6 +158,8 @@ def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: 
     key = api_key_from(api_key, api_key_file)
     if api_key and api_key.strip():
         console.print(f"[yellow]Warning:[/] {escape(KEY_ON_COMMAND_LINE)}")
+    elif api_key_file and _readable_by_others(api_key_file):
+        console.print(f"[yellow]Warning:[/] {escape(f'other users can read the API key file {api_key_file}; chmod 600 {api_key_file}')}")
     with console.status(f"Connecting to {escape(redact_url(settings['api']))}…", spinner="dots"):
         backend = connect(settings["api"], api_key=key, model=model, local_tokenizer=model)
     console.print(

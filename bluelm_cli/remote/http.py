@@ -432,6 +432,7 @@ class HttpClient:
         said = f": {detail}" if detail else ""
         if status in (401, 403):
             fix = ("check --api-key (or BLUELM_API_KEY / OPENAI_API_KEY)" if self._api_key
+                   else "check the user name and password in --api" if self._authorization
                    else "pass --api-key or set BLUELM_API_KEY")
             return RemoteError(f"the server at {self.url.api} refused the request (HTTP {status}{said}); {fix}", status, detail)
         if status == 404 and what.endswith("/models"):

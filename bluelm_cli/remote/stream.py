@@ -38,6 +38,8 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 # Our own bound on an answer, for a server that ignores max_tokens: no more content chunks than max_tokens
 # (a chunk holds one token or more), and no more characters than this many per token.
 MAX_CHARS_PER_TOKEN = 256
+# A server that sends only keep-alives (or empty events) this long has not answered: the turn ends with an error.
+IDLE_LIMIT_S = READ_TIMEOUT_S
 # After the finish_reason, only the usage chunk and `[DONE]` are still awaited, and not longer than this.
 AFTER_FINISH_S = 2.0
 _READ_SIZE = 64 * 1024
@@ -207,7 +209,13 @@ class RemoteStream(WorkerStream[AnswerResult]):
         lines = _SSELines(MAX_EVENT_BYTES)
         data: list[str] = []
         size = 0
+        chunks, moved_at = progress.chunks, time.monotonic()
         while not self._stop.is_set():
+            if progress.chunks != chunks or progress.finish is not None:
+                chunks, moved_at = progress.chunks, time.monotonic()
+            elif time.monotonic() - moved_at > IDLE_LIMIT_S:
+                raise RemoteError(f"the server at {self._client.url.api} sent no answer for {IDLE_LIMIT_S:g} s "
+                                  "(only keep-alives); check the server or try again")
             try:
                 raw = response.read1(_READ_SIZE)
             except TimeoutError:
