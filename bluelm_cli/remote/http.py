@@ -29,7 +29,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
-from urllib.request import getproxies
 
 from bluelm_cli.core.errors import BlueLMError, UsageError
 from bluelm_cli.core.sanitize import safe_for_terminal
@@ -136,6 +135,8 @@ class Proxy:
 def proxy_for(origin: Origin) -> Proxy | None:
     """The proxy httpx would use for `origin` from the environment: HTTP(S)_PROXY / ALL_PROXY, unless NO_PROXY
     names the host (`*`; a domain and its subdomains; `.domain` for subdomains only; an IP; `localhost`)."""
+    from urllib.request import getproxies  # what httpx reads too; imported here: it is slow to import
+
     found = getproxies()
     if _bypassed(origin, found.get("no", "")):
         return None

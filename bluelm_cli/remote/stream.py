@@ -8,7 +8,12 @@ reason in `result.error`.
 
 Streams end with `data: [DONE]` (vLLM, SGLang, llama.cpp, ollama, TGI) or without it (`transformers
 serve`): the end of the body after a chunk with a finish_reason is a normal end; the end of the body
-before one is the server dying.
+before one is the server dying. After the finish_reason only the usage chunk and `[DONE]` are awaited: a
+keep-alive comment, or a short silence, ends the turn there.
+
+Nothing unbounded: an event is capped (MAX_EVENT_BYTES), a server that ignores max_tokens is stopped at our
+own limit (the turn marked cut at max_new_tokens), and a stream of keep-alives alone ends after
+IDLE_LIMIT_S. Lines may end in CR, LF or CRLF, and a BOM may lead, as the SSE specification allows.
 """
 
 from __future__ import annotations
