@@ -464,3 +464,35 @@ def test_a_key_file_others_can_read_is_warned_about(server: FakeOpenAI, tmp_path
     assert result.exit_code == 0
     assert [line for line in result.stderr.splitlines() if line.startswith("Warning:")] == [
         f"Warning: other users can read the API key file {key_file}; chmod 600 {key_file}"]
+
+
+def test_a_trickled_error_body_meets_the_deadline(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote_stream, "READ_TIMEOUT_S", 1.0)
+
+    def trickle(handler: Handler, _: object) -> None:
+        handler.send_raw(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        pause = threading.Event()
+
+        def one_byte() -> None:
+            pause.wait(0.02)
+            handler.send_raw(b" ")
+        _until_closed(handler, one_byte)
+
+    set_chat(server, trickle)
+    backend = connect(server.url, api_key=None, model=None)
+    with pytest.raises(RemoteError, match=r"did not finish answering POST /v1/chat/completions within 1 s"):
+        backend.stream(plan(), SamplingSettings(temperature=0)).finish()
+
+
+def test_an_unreachable_proxy_is_named_in_the_error(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fake_openai import Handler as _  # noqa: F401 - the fake is imported; the proxy port is a closed one
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://user:proxy-pass@127.0.0.1:{port}")
+    result = invoke(["ask", "--api", server.url, "hi"])
+    assert errors_of(result) == [f"Error: cannot reach the proxy http://127.0.0.1:{port} (from the environment) for "
+                                 f"{server.url}: connection refused; check HTTP_PROXY / HTTPS_PROXY / ALL_PROXY, or "
+                                 "name the server in NO_PROXY"]

@@ -246,7 +246,7 @@ class Exchange:
         with_credentials = True
         self._timer.start()
         for _ in range(MAX_REDIRECTS + 1):
-            conn, target, proxy_headers = client.connection(origin, path, self._read_timeout)
+            conn, target, proxy_headers, proxy = client.connection(origin, path, self._read_timeout)
             with self._lock:
                 if self._closed:
                     raise OSError("closed")
@@ -254,6 +254,11 @@ class Exchange:
             try:
                 conn.connect()
             except OSError as error:
+                if proxy is not None and not self.expired and not str(error).startswith("Tunnel connection failed"):
+                    raise RemoteError(
+                        f"cannot reach the proxy {proxy} (from the environment) for {client.url.api}: "
+                        f"{_describe(error).lower()}; check HTTP_PROXY / HTTPS_PROXY / ALL_PROXY, or name the server "
+                        "in NO_PROXY") from None
                 raise client.connection_error(error, CONNECT_TIMEOUT_S) from None
             assert conn.sock is not None
             conn.sock.settimeout(self._read_timeout)
@@ -353,22 +358,23 @@ class HttpClient:
         """Text from the server as it may be printed or journaled: secrets redacted, controls made harmless."""
         return safe_for_terminal(self.redact(text))
 
-    def connection(self, origin: Origin, path: str, timeout: float) -> tuple[http.client.HTTPConnection, str, dict[str, str]]:
+    def connection(self, origin: Origin, path: str, timeout: float
+                   ) -> tuple[http.client.HTTPConnection, str, dict[str, str], Proxy | None]:
         """A connection towards `origin` (direct, or through the environment's proxy), the request target to
-        send on it, and the headers the proxy needs."""
+        send on it, the headers the proxy needs, and the proxy."""
         proxy = proxy_for(origin)
         if origin.scheme == "https":
             context = ssl.create_default_context()
             if proxy is None:
-                return http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout, context=context), path, {}
+                return http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout, context=context), path, {}, None
             conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout, context=context)
             conn.set_tunnel(origin.host, origin.port,
                             headers={"Proxy-Authorization": proxy.authorization} if proxy.authorization else None)
-            return conn, path, {}
+            return conn, path, {}, proxy
         if proxy is None:
-            return http.client.HTTPConnection(origin.host, origin.port, timeout=timeout), path, {}
+            return http.client.HTTPConnection(origin.host, origin.port, timeout=timeout), path, {}, None
         conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
-        return conn, f"{origin}{path}", {"Proxy-Authorization": proxy.authorization} if proxy.authorization else {}
+        return conn, f"{origin}{path}", {"Proxy-Authorization": proxy.authorization} if proxy.authorization else {}, proxy
 
     def headers(self, *, streaming: bool = False, credentials: bool = True) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if streaming else "application/json"}

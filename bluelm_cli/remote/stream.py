@@ -184,7 +184,8 @@ class RemoteStream(WorkerStream[AnswerResult]):
 
     def _request(self, path: str, body: dict[str, Any], progress: _Progress) -> None:
         client = self._client
-        # Until the headers come, a deadline (a busy server may queue the request); then the stream's own limits.
+        # Until an event stream begins (the headers, an error body, a whole JSON answer) a total deadline (a busy
+        # server may queue the request for long); then the stream's own limits.
         exchange = client.exchange("POST", path, body, streaming=True, read_timeout=READ_TIMEOUT_S,
                                    deadline_s=READ_TIMEOUT_S)
         with self._exchange_lock:
@@ -194,16 +195,19 @@ class RemoteStream(WorkerStream[AnswerResult]):
                 return
             try:
                 response = exchange.open()
+                if response.status >= 400:
+                    error_body = response.read(64 * 1024)
+                    if exchange.expired:
+                        raise exchange.deadline_error()
+                    raise client.status_error(response.status, error_body, f"POST {path}")
+                if "text/event-stream" not in (response.getheader("Content-Type") or ""):
+                    self._whole_answer(response, progress)
+                    return
             except (OSError, http.client.HTTPException):
                 if exchange.expired:
                     raise exchange.deadline_error() from None
                 raise
             exchange.settle()
-            if response.status >= 400:
-                raise client.status_error(response.status, response.read(64 * 1024), f"POST {path}")
-            if "text/event-stream" not in (response.getheader("Content-Type") or ""):
-                self._whole_answer(response, progress)
-                return
             self._read_events(response, exchange, progress)
         finally:
             with self._exchange_lock:
