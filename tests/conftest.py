@@ -19,4 +19,10 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.delenv("BLUELM_MODEL", raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "unknown")
+    # The tests' servers are on 127.0.0.1: a proxy set in the caller's environment must not be asked for them.
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    for name in ("BLUELM_API_KEY", "OPENAI_API_KEY", "BLUELM_API"):
+        monkeypatch.delenv(name, raising=False)
     return home

@@ -28,8 +28,13 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         body = json.loads(raw) if raw else None
         fake = self.server.fake
-        fake.requests.append((method, self.path, body, dict(self.headers)))
-        route = fake.routes.get((method, self.path))
+        # A forward proxy is sent the absolute URL (`GET http://host/v1/models`): the fake serves as one too.
+        path = self.path
+        if path.lower().startswith(("http://", "https://")):
+            fake.proxied.append(path)
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
+        fake.requests.append((method, path, body, dict(self.headers)))
+        route = fake.routes.get((method, path))
         if route is None:
             self.send_json(404, {"detail": "Not Found"})
             return
@@ -65,6 +70,17 @@ class Handler(BaseHTTPRequestHandler):
     def end_events(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes as they are (a status line, headers, a body): for what no well-behaved server sends."""
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def send_redirect(self, status: int, location: str) -> None:
+        self.send_response(status)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def send_events(self, events: Iterable[str]) -> None:
         self.start_events()
@@ -107,6 +123,7 @@ class FakeOpenAI:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, Any, dict[str, str]]] = []
+        self.proxied: list[str] = []  # absolute URLs asked of it as a forward proxy
         self.answer = ["Hello", ", world", "!"]
         self.routes: dict[tuple[str, str], Route] = {
             ("GET", "/v1/models"): lambda h, _: h.send_json(200, {"object": "list", "data": [{"id": "blue", "object": "model", "max_model_len": 4096}]}),

@@ -128,6 +128,8 @@ def test_a_server_refusing_the_extra_fields_is_asked_again_without_them(server: 
     assert backend.stream(plan, settings).finish().text == "Hello, world!"
     sent = [set(body) & {"repetition_penalty", "repeat_penalty"} for body in server.chat_bodies()]
     assert sent == [{"repetition_penalty", "repeat_penalty"}, set(), set()]  # refused once, then not sent again
+    # ... but as transformers serve's generation_config, so the penalty the user set still applies there.
+    assert [json.loads(body["generation_config"]) for body in server.chat_bodies()[1:]] == [{"repetition_penalty": 1.3}] * 2
 
 
 # ------------------------------------------------------------------------- context and token counts

@@ -23,7 +23,7 @@ from bluelm_cli.local.engine import ChatEngine
 from bluelm_cli.export.hf import export_hf
 from bluelm_cli.local.loading import load_model
 from bluelm_cli.config.paths import user_paths
-from bluelm_cli.core.prompt import HistoryTurn, fit_prompt
+from bluelm_cli.core.prompt import HistoryTurn, fit_continuation, fit_prompt
 from bluelm_cli.session import Session
 from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
@@ -125,3 +125,27 @@ def test_greedy_answers_through_the_server_equal_the_local_engine(served: str, c
     lines = result.stdout.splitlines()
     assert lines[0] == turns[0][1] and lines[1] == lines[2] and lines[3] == "Removed the last exchange (“hello again”)"
     assert lines[4:] == [turns[1][1], turns[2][1]]
+
+
+def test_continue_through_the_server_goes_on_with_the_answer(served: str, checkpoints, local_engine: ChatEngine) -> None:
+    """`/continue` against the real `transformers serve` (which refused vLLM's continue_final_message with a
+    422): the cut answer is extended with what the local engine generates after the same prompt text."""
+    _, export = checkpoints
+    result = CliRunner().invoke(app, [
+        "chat", "--api", served, "--model", str(export), "--session", "continued",
+        "-t", "0", "--repetition-penalty", "1.0", "-n", str(NEW_TOKENS),
+    ], input="hello there\n/continue\n")
+    assert result.exit_code == 0, result.stderr
+    assert "Error" not in result.stderr
+    first = _local_answer(local_engine, [], "hello there")
+    turn = Session.resume(user_paths().sessions_dir, "continued").turns[-1]
+    assert turn.answer.startswith(first) and len(turn.answer) > len(first)
+
+    # What the local engine adds after the same text (the answer re-encoded from its text, as a server sees it).
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
+    plan = fit_continuation(local_engine.encoder, None, [], HistoryTurn("hello there", [], first),
+                            context_limit=local_engine.context_limit, max_new_tokens=NEW_TOKENS)
+    expected = first + local_engine.stream(plan, settings).finish().text
+    # The tiny model ends on byte pieces of an unfinished UTF-8 character: the local engine shows them as
+    # U+FFFD, the server's stream drops them; every character before them is the same.
+    assert turn.answer.rstrip("\ufffd") == expected.rstrip("\ufffd")

@@ -316,6 +316,8 @@ def _history(turns: Sequence[Turn]) -> list[HistoryTurn]:
 def _extended(encoder: PromptEncoder, turn: Turn, result: AnswerResult) -> tuple[str, list[int]]:
     """The answer of `turn` followed by a continuation: ids joined, and the text of the joined ids (a
     SentencePiece piece that begins with a space loses it when decoded alone, as the continuation was)."""
+    if result.text and not result.answer_ids:  # a served model says no ids: its text is the continuation
+        return turn.answer + result.text, []
     old_ids = list(turn.answer_ids) if turn.answer_ids or not turn.answer else encoder.encode_plain(turn.answer)
     ids = old_ids + list(result.answer_ids)
     before, after = encoder.decode(old_ids), encoder.decode(ids)

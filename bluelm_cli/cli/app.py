@@ -163,7 +163,9 @@ Load4Opt = Annotated[bool, typer.Option(
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Timing and token statistics on stderr.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", show_default=False,
-                      help="API key for --api (else env BLUELM_API_KEY, else OPENAI_API_KEY).")]
+                      help="API key for --api (visible in ps: prefer env BLUELM_API_KEY or --api-key-file).")]
+ApiKeyFileOpt = Annotated[Optional[str], typer.Option("--api-key-file", metavar="PATH", show_default=False,
+                          help="Read the API key for --api from the first line of this file.")]
 
 
 def _resolve(flags: dict[str, Any]) -> tuple[ResolvedSettings, UserPaths]:
@@ -225,6 +227,7 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, finish reason, tokens, timings.")] = False,
     truncate: Annotated[bool, typer.Option("--truncate", help="Trim a prompt that is too long from the front instead of refusing it.")] = False,
     api_key: ApiKeyOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
     continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the most recent chat session (journaled like a chat turn).")] = False,
     session_name: Annotated[Optional[str], typer.Option("--session", metavar="NAME", help="Continue the session NAME, or start it if there is none.", show_default=False)] = None,
     files: Annotated[Optional[list[Path]], typer.Option("--file", "-f", help="Put a text file into the question, fenced with its name (repeatable).", metavar="PATH", show_default=False)] = None,
@@ -242,7 +245,7 @@ def ask(
     question = _read_prompt(prompt, required=not attachments)
     resumed = _resume_for_ask(paths, continue_last, session_name)
     errors = _stderr_console()
-    backend, model_id = open_backend(settings, quantization, api_key, errors)
+    backend, model_id = open_backend(settings, quantization, api_key, errors, api_key_file)
     chat = _ask_chat(backend, settings, model_id, paths, resumed, session_name)
     if attachments:
         check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
@@ -391,6 +394,7 @@ def chat(
     resume: Annotated[Optional[str], typer.Option("--resume", metavar="[NAME]", help="Continue the most recent session, or the one named NAME.", show_default=False)] = None,
     session_name: Annotated[Optional[str], typer.Option("--session", help="Start a new session with this name.", show_default=False)] = None,
     api_key: ApiKeyOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
     verbose: VerboseOpt = False,
     debug: DebugOpt = False,
 ) -> int:
@@ -420,7 +424,7 @@ def chat(
         engine: Any = background
         model_id = settings["model"]
     else:
-        engine, model_id = open_backend(settings, quantization, api_key, errors)
+        engine, model_id = open_backend(settings, quantization, api_key, errors, api_key_file)
     if resumed is not None:
         session = resumed
         for key, value in _explicit_sampling(settings).items():
@@ -567,6 +571,7 @@ def bench(
     *,
     flags: dict[str, Any],
     api_key: ApiKeyOpt = None,
+    api_key_file: ApiKeyFileOpt = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
     shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context), cpu25m (26M parameters) or cpu25m-32k.")] = "7b",
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.")] = 256,
@@ -580,7 +585,7 @@ def bench(
 ) -> int:
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""
     if _resolve(flags)[0]["api"]:  # a served model, measured from the client (no torch imported)
-        return _bench_served(flags, api_key, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
+        return _bench_served(flags, api_key, api_key_file, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
                              repeats=repeats, as_json=as_json, other_options=baseline or random_weights)
     from bluelm_cli.bench.local import SHAPES, format_report, random_weights_model, run_bench
     from bluelm_cli.local.engine import StepRunner
@@ -619,7 +624,7 @@ def bench(
     return ExitStatus.OK
 
 
-def _bench_served(flags: dict[str, Any], api_key: str | None, *, prompt_tokens: int, new_tokens: int, turns: int,
+def _bench_served(flags: dict[str, Any], api_key: str | None, api_key_file: str | None, *, prompt_tokens: int, new_tokens: int, turns: int,
                   repeats: int, as_json: bool, other_options: bool) -> int:
     from bluelm_cli.bench.remote import format_served_report, run_served_bench
 
@@ -627,7 +632,7 @@ def _bench_served(flags: dict[str, Any], api_key: str | None, *, prompt_tokens: 
         raise UsageError("--baseline and --random-weights measure a local model; leave them out with --api")
     settings, _ = _resolve(flags)
     errors = _stderr_console()
-    backend, _ = open_backend(settings, None, api_key, errors)
+    backend, _ = open_backend(settings, None, api_key, errors, api_key_file)
     with errors.status("Running the benchmark conversation…"):
         report = run_served_bench(backend, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns, repeats=repeats)
     typer.echo(report.to_json() if as_json else format_served_report(report))

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from bluelm_cli.core.errors import UsageError
+from bluelm_cli.core.secrets import redact_url
 from bluelm_cli.config.settings import ResolvedSettings
 from bluelm_cli.core.settings import SOURCE_FLAG, check_max_new_tokens
 
@@ -91,12 +92,48 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
     return ChatEngine(loaded, runner=runner)
 
 
-def api_key_from(flag: str | None) -> str | None:
-    """--api-key, else BLUELM_API_KEY, else OPENAI_API_KEY (never printed)."""
-    for value in (flag, os.environ.get("BLUELM_API_KEY"), os.environ.get("OPENAI_API_KEY")):
+KEY_ON_COMMAND_LINE = ("--api-key puts the key where every user of this machine can read it (ps, /proc); "
+                       "set BLUELM_API_KEY or use --api-key-file PATH instead")
+
+
+def api_key_from(flag: str | None, key_file: str | None = None) -> str | None:
+    """--api-key, else --api-key-file, else BLUELM_API_KEY, else OPENAI_API_KEY (never printed). A key a
+    header can't carry (a line break, a control character) is refused without being shown."""
+    from bluelm_cli.remote.http import check_api_key
+
+    candidates: list[tuple[str | None, str]] = [(flag, "--api-key")]
+    if key_file:
+        candidates.append((_read_key_file(key_file), f"the file {key_file}"))
+    candidates += [(os.environ.get(name), name) for name in ("BLUELM_API_KEY", "OPENAI_API_KEY")]
+    for value, source in candidates:
         if value and value.strip():
+            check_api_key(value.strip(), source)
             return value.strip()
     return None
+
+
+def _read_key_file(path: str) -> str:
+    from pathlib import Path
+
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or "not UTF-8 text"
+        raise UsageError(f"cannot read the API key file {path}: {reason}; check --api-key-file") from None
+    # The first line is the key (as for `curl --oauth2-bearer $(cat FILE)`); a trailing newline is not part of it.
+    key = text.split("\n", 1)[0].strip()
+    if not key:
+        raise UsageError(f"the API key file {path} is empty; write the key on its first line")
+    return key
+
+
+def _readable_by_others(path: str) -> bool:
+    from pathlib import Path
+
+    try:
+        return bool(Path(path).expanduser().stat().st_mode & 0o044)  # as ssh warns of a private key's mode
+    except OSError:
+        return False
 
 
 def api_key_source(flag: str | None) -> str | None:
@@ -105,7 +142,8 @@ def api_key_source(flag: str | None) -> str | None:
     return next((f"env {name}" for name in ("BLUELM_API_KEY", "OPENAI_API_KEY") if os.environ.get(name, "").strip()), None)
 
 
-def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: str | None, console: Console) -> tuple[Backend, str]:
+def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: str | None, console: Console,
+                 api_key_file: str | None = None) -> tuple[Backend, str]:
     """The served model (`--api`) or the local one, and its id for the session."""
     if not settings["api"]:
         loaded = load_local(settings, quantization, console)
@@ -118,8 +156,13 @@ def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: 
         raise UsageError("--load-in-8bit/--load-in-4bit apply to a local model; the server decides how it runs with --api")
     # With --api, --model names the served model; a model from the environment or config file is a local one.
     model = settings["model"] if settings.source_of("model") == SOURCE_FLAG else None
-    with console.status(f"Connecting to {escape(settings['api'])}…", spinner="dots"):
-        backend = connect(settings["api"], api_key=api_key_from(api_key), model=model, local_tokenizer=model)
+    key = api_key_from(api_key, api_key_file)
+    if api_key and api_key.strip():
+        console.print(f"[yellow]Warning:[/] {escape(KEY_ON_COMMAND_LINE)}")
+    elif api_key_file and _readable_by_others(api_key_file):
+        console.print(f"[yellow]Warning:[/] {escape(f'other users can read the API key file {api_key_file}; chmod 600 {api_key_file}')}")
+    with console.status(f"Connecting to {escape(redact_url(settings['api']))}…", spinner="dots"):
+        backend = connect(settings["api"], api_key=key, model=model, local_tokenizer=model)
     console.print(
         f"[dim]Connected to {escape(backend.client.url.api)}: {escape(backend.model.name)}, context "
         f"{backend.context_limit} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"

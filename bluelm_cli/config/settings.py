@@ -29,7 +29,7 @@ TOML, at ``$BLUELM_HOME/config.toml`` (or the platform's config directory, see
 
 Values may also be written as strings (``temperature = "0.3"``); they get the same checks as flags.
 The environment variables are ``BLUELM_MODEL`` (the model) and ``BLUELM_API`` (a server's URL); the API
-key is never a setting (it would show in ``bluelm config``): ``--api-key``, ``BLUELM_API_KEY`` or ``OPENAI_API_KEY``.
+key is never a setting (it would show in ``bluelm config``): ``--api-key``, ``--api-key-file``, ``BLUELM_API_KEY`` or ``OPENAI_API_KEY``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from bluelm_cli.core.settings import (
     SamplingSettings,
     get_spec,
     parse_setting,
+    shown_value,
 )
 
 try:  # Python 3.11+
@@ -219,4 +220,4 @@ def resolve_settings(
 
 def describe(resolved: ResolvedSettings) -> list[tuple[str, Any, str]]:
     """(name, value, source) for every setting, in table order, for ``bluelm config``."""
-    return [(name, resolved[name], resolved.source_of(name)) for name in SPECS]
+    return [(name, shown_value(name, resolved[name]), resolved.source_of(name)) for name in SPECS]

@@ -14,6 +14,8 @@ class FinishReason(str, Enum):
     INTERRUPTED = "interrupted"  # Ctrl-C, SIGHUP/SIGTERM, or a closed stream
     CONTEXT = "context"  # the context window is full
     ERROR = "error"  # a served model failed mid-answer (the server died, a malformed or error event)
+    CONTENT_FILTER = "content_filter"  # a served model's answer stopped by the server's content filter
+    TOOL_CALLS = "tool_calls"  # a served model asked to call a tool (bluelm runs none)
 
     @property
     def note(self) -> str | None:
@@ -43,6 +45,8 @@ _NOTES: dict[FinishReason, str | None] = {
     FinishReason.INTERRUPTED: "[interrupted]",
     FinishReason.CONTEXT: "[cut off: the context window is full; /reset starts a new conversation]",
     FinishReason.ERROR: "[cut off: the server failed mid-answer; /retry asks again]",
+    FinishReason.CONTENT_FILTER: "[stopped by the server's content filter]",
+    FinishReason.TOOL_CALLS: "[the model asked to call a tool, which bluelm does not run]",
 }
 _TRANSCRIPT_NOTES: dict[FinishReason, str | None] = {
     FinishReason.STOP: None,
@@ -50,4 +54,6 @@ _TRANSCRIPT_NOTES: dict[FinishReason, str | None] = {
     FinishReason.INTERRUPTED: "*(interrupted)*",
     FinishReason.CONTEXT: "*(cut off: context window full)*",
     FinishReason.ERROR: "*(cut off: the server failed mid-answer)*",
+    FinishReason.CONTENT_FILTER: "*(stopped by the server's content filter)*",
+    FinishReason.TOOL_CALLS: "*(the model asked to call a tool)*",
 }

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bluelm_cli.core.errors import UsageError
+from bluelm_cli.core.secrets import redact_url
 
 # --------------------------------------------------------------------------- parsers
 class _Invalid(Exception):
@@ -139,8 +140,16 @@ def _parse_model(raw: object) -> str:
     raise _Invalid
 
 
+def shown_value(name: str, value: Any) -> Any:
+    """A setting's value as it may be printed: the API URL without the password of its user info."""
+    if name == "api" and isinstance(value, str):
+        return redact_url(value)
+    return value
+
+
 def _parse_api(raw: object) -> str:
-    if isinstance(raw, str) and re.fullmatch(r"https?://[^\s/]+(/\S*)?", raw.strip()):
+    # The scheme in any case (`HTTP://`), as curl accepts it.
+    if isinstance(raw, str) and re.fullmatch(r"(?i:https?)://[^\s/]+(/\S*)?", raw.strip()):
         return raw.strip()
     raise _Invalid
 
@@ -183,7 +192,7 @@ class SettingSpec:
         try:
             return self.parse(raw)
         except _Invalid:
-            raise UsageError(f"{self.name} must be {self.expected}, got '{_show(raw)}'") from None
+            raise UsageError(f"{self.name} must be {self.expected}, got '{shown_value(self.name, _show(raw))}'") from None
 
 
 SPECS: dict[str, SettingSpec] = {

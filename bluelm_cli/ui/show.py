@@ -11,7 +11,7 @@ from typing import Any
 
 from bluelm_cli.core.backend import BackendInfo
 from bluelm_cli.config.settings import ResolvedSettings
-from bluelm_cli.core.settings import GENERATION_KEYS, SPECS
+from bluelm_cli.core.settings import GENERATION_KEYS, SPECS, shown_value
 
 __all__ = ["format_value", "info_rows", "parameter_rows"]
 
@@ -59,7 +59,7 @@ def parameter_rows(
             value, source = settings[name], settings.source_of(name)
         else:
             continue
-        rows.append((name, format_value(value), source))
+        rows.append((name, format_value(shown_value(name, value)), source))
     return rows
 
 
