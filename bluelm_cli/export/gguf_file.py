@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE
+from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.export.hf import SourceTensors, check_shapes, llama_config, llama_tensors, piece_count, resolve_dtype
 from bluelm_cli.export.tokenizer_json import read_model_proto
 
@@ -57,6 +58,15 @@ def export_gguf(folder: Path, out_file: Path, *, dtype: str = "auto", on_status:
     dtype_name = resolve_dtype(dtype, source_config)
     pieces = piece_count(folder / "tokenizer.model")
     config = llama_config(source_config, pieces, dtype_name)
+    source_rope = source_config.get("rope_scaling") or source_config.get("rope_parameters") or {}
+    rope_type = source_rope.get("type") or source_rope.get("rope_type") or "default"
+    if rope_type not in ("default", "ntkmixed"):
+        # llama.cpp has its own keys for some types (linear, yarn) but computes them its own way; unverified
+        # here, so refuse rather than write a GGUF that silently computes plain RoPE.
+        raise BlueLMError(
+            f"GGUF export supports the published RoPE types (default and ntkmixed), not {rope_type!r}; "
+            "use --format hf (it carries every transformers RoPE type)"
+        )
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
     writer = gguf.GGUFWriter(str(out_file), "llama")

@@ -109,8 +109,25 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
         config["original_max_position_embeddings"] = original_positions
         config["max_position_embeddings"] = full_positions
     elif scaling_type not in (None, "default"):
-        raise ValueError(f"unsupported rope scaling type {scaling_type!r} (BlueLM uses 'ntkmixed')")
+        config["rope_scaling"] = llama_rope_scaling(scaling, rope_theta)
     return config
+
+
+def llama_rope_scaling(scaling: dict[str, Any], rope_theta: float) -> dict[str, Any]:
+    """A transformers RoPE type (linear, dynamic, yarn, longrope, llama3, ...) as Llama's config carries it.
+
+    BlueLM computes these with transformers' own `ROPE_INIT_FUNCTIONS` from the same fields and the same
+    `max_position_embeddings`, so they are copied unchanged; both spellings of the type are written for readers
+    that look for either (vLLM and TGI read "type" or "rope_type"). A type transformers lacks is refused.
+    """
+    from bluelm_cli.modeling.configuration import IMPLEMENTED_ROPE_TYPES
+
+    scaling_type = scaling.get("type") or scaling.get("rope_type")
+    if scaling_type not in IMPLEMENTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {scaling_type!r}")
+    rope = {key: value for key, value in scaling.items() if key not in ("type", "rope_type")}
+    rope.setdefault("rope_theta", rope_theta)
+    return {"rope_type": scaling_type, "type": scaling_type, **rope}
 
 
 class SourceTensors:
