@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (
 
 from bluelm_cli.core.backend import AnswerResult, BackendInfo
 from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.local.kv_cache import KV_CACHE_KINDS, Int8Layer
 from bluelm_cli.local.loading import LoadedModel, dtype_name
 from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
@@ -107,17 +108,25 @@ class StepRunner:
     # Positions the runner's cache can hold, when it is preallocated; None = as many as the model allows.
     max_positions: int | None = None
 
-    def __init__(self, model: torch.nn.Module, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+    def __init__(self, model: torch.nn.Module, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_cache: str = "model") -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
         self.model = model
         self.prefill_chunk = prefill_chunk
+        # "model": keys and values in the model's dtype; "int8": int8 with a scale per head and position (local.kv_cache).
+        self.kv_cache = kv_cache
 
     def new_cache(self) -> Cache:
         cache = DynamicCache(config=self.model.config)
-        if all(type(layer) is DynamicLayer for layer in cache.layers):
-            limit = getattr(self.model.config, "context_length", None)
-            cache.layers = [_GrowingLayer(limit) for _ in cache.layers]
+        limit = getattr(self.model.config, "context_length", None)
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            if self.kv_cache == "int8":
+                raise ValueError("the int8 KV cache needs a model whose every layer has a full (not sliding) cache")
+            return cache
+        layer_class = Int8Layer if self.kv_cache == "int8" else _GrowingLayer
+        cache.layers = [layer_class(limit) for _ in cache.layers]
         return cache
 
     def prefill(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
