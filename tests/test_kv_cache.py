@@ -127,3 +127,37 @@ def test_the_int8_cache_never_reserves_past_the_context(checkpoints: dict[str, P
         runner.prefill(cache, ids[:, 250:], 250)  # doubling would reserve 512 rows
     assert all(layer._buffers[0].shape[-2] == 300 for layer in cache.layers)
     assert cache.get_seq_length() == 290
+
+
+# ------------------------------------------------------------------------------------------ the CLI option
+def test_ask_with_kv_cache_int8_answers_from_the_int8_cache(checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    from typer.testing import CliRunner
+
+    from bluelm_cli.cli.app import app
+    from bluelm_cli.core.prompt import fit_prompt
+
+    folder = checkpoints["bin-sharded"]
+    loaded_model = load_model(str(folder), device="cpu")
+    reference = ChatEngine(loaded_model, runner=StepRunner(loaded_model.model, kv_cache="int8"))
+    settings = SamplingSettings(max_new_tokens=12, temperature=0)
+    plan = fit_prompt(reference.encoder, None, [], "hello", context_limit=reference.context_limit, max_new_tokens=12)
+    expected = reference.stream(plan, settings).finish().text
+
+    updates: list[int] = []
+    original_update = Int8Layer.update
+
+    def counting_update(self, key_states, value_states, *args, **kwargs):  # type: ignore[no-untyped-def]
+        updates.append(key_states.shape[-2])
+        return original_update(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(Int8Layer, "update", counting_update)
+    monkeypatch.delenv("BLUELM_MODEL", raising=False)
+    result = CliRunner().invoke(app, ["ask", "--model", str(folder), "--device", "cpu", "--kv-cache", "int8",
+                                      "-t", "0", "-n", "12", "hello"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert updates  # the answer came through int8 layers
+
+    bad = CliRunner().invoke(app, ["ask", "--model", str(folder), "--kv-cache", "fp4", "hi"])
+    assert bad.exit_code == 2
+    assert bad.stderr == "Error: kv_cache must be 'model' or 'int8', got 'fp4'\n"
