@@ -229,3 +229,19 @@ def test_export_round_trip_per_rope_type(tmp_path: Path, name: str) -> None:
             expected = ours(ids).logits[..., :pieces]
             got = llama(ids).logits
         assert (expected - got).abs().max().item() <= 1e-5, (name, length)
+
+
+def test_gguf_export_refuses_a_rope_type_it_would_compute_as_plain_rope(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    from typer.testing import CliRunner
+
+    from bluelm_cli.cli.app import app
+
+    source = build_checkpoint(tmp_path / "src", TinySpec(rope_scaling={"type": "linear", "factor": 4.0}, seed=9))
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "out.gguf"), "--model", str(source), "--format", "gguf"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: GGUF export supports the published RoPE types (default and ntkmixed), not 'linear'; "
+        "use --format hf (it carries every transformers RoPE type)\n"
+    )
+    assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "out.gguf.partial").exists()

@@ -646,6 +646,7 @@ def export(
     """Write the model as plain Llama (no remote code) for other engines; see the README's "Exporting to other engines"."""
     from rich.markup import escape
 
+    from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.export import export_checkpoint
 
     settings, _ = _resolve(flags)
@@ -654,6 +655,7 @@ def export(
         written = export_checkpoint(
             settings["model"], out, format=export_format, dtype=dtype, source=settings["source"],
             on_status=lambda text: status.update(escape(text) + "…"),
+            on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(safe_for_terminal(text))}"),
         )
     sys.stdout.write(f"Exported {settings['model']} to {written} ({export_format})\n")
     return ExitStatus.OK

@@ -26,6 +26,7 @@ def export_checkpoint(
     dtype: str = "auto",
     source: str = "huggingface",
     on_status: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Path:
     """Export `model` (hub id or folder) to `out`: a folder for `hf`, a file for `gguf`. Returns what was written."""
     if format not in FORMATS:
@@ -47,7 +48,7 @@ def export_checkpoint(
         else:
             from bluelm_cli.export.gguf_file import export_gguf
 
-            export_gguf(folder, partial, dtype=dtype, on_status=on_status)
+            export_gguf(folder, partial, dtype=dtype, on_status=on_status, on_warning=on_warning)
         partial.replace(out)  # an empty OUT folder is replaced too
     except Exception as error:
         if isinstance(error, BlueLMError) or not _is_write_failure(error):
