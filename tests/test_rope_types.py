@@ -245,3 +245,24 @@ def test_gguf_export_refuses_a_rope_type_it_would_compute_as_plain_rope(tmp_path
         "use --format hf (it carries every transformers RoPE type)\n"
     )
     assert not (tmp_path / "out.gguf").exists() and not (tmp_path / "out.gguf.partial").exists()
+
+
+@pytest.mark.parametrize("rope", [{"type": "ntkmixed", "factor": 4.0, "power": 0.25}, ROPE_TYPES["yarn"]],
+                         ids=["ntkmixed", "yarn"])
+def test_export_reads_a_config_saved_by_transformers(tmp_path: Path, rope: dict) -> None:
+    """A fine-tune saved with save_pretrained has `rope_parameters` (rope_theta inside), not `rope_scaling`."""
+    spec = TinySpec(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4 * ORIGINAL,
+                    rope_scaling=dict(rope), weights_format="safetensors", seed=10)
+    source = build_checkpoint(tmp_path / "src", spec)
+    ours = load_model(str(source), device="cpu", dtype="float32").model
+    ours.config.rope_parameters["rope_theta"] = 5000.0  # not the default, so a dropped theta shows
+    ours.config.save_pretrained(source)
+    saved = json.loads((source / "config.json").read_text())
+    assert "rope_scaling" not in saved and saved["rope_parameters"]["rope_theta"] == 5000.0
+    ours = load_model(str(source), device="cpu", dtype="float32").model
+    export_hf(source, tmp_path / "hf", dtype="float32")
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    pieces = llama.config.vocab_size
+    ids = torch.randint(4, pieces, (1, LONG), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (ours(ids).logits[..., :pieces] - llama(ids).logits).abs().max().item() <= 1e-5

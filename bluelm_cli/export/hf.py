@@ -58,7 +58,10 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
     """config.json of the exported LlamaForCausalLM, with the rope keys each engine reads for 32K."""
     heads = int(source["num_attention_heads"])
     head_dim = int(source.get("head_dim") or int(source["hidden_size"]) // heads)
-    rope_theta = float(source.get("rope_theta", 10000.0))
+    # Published configs carry `rope_scaling`; one saved by transformers 5 (a fine-tune) carries `rope_parameters`,
+    # with rope_theta inside it.
+    scaling = source.get("rope_scaling") or source.get("rope_parameters") or {}
+    rope_theta = float(source.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
     original_positions = int(source.get("max_position_embeddings", 2048))
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -85,7 +88,6 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
         "use_cache": True,
         "vocab_size": pieces,
     }
-    scaling = source.get("rope_scaling") or {}
     scaling_type = scaling.get("type") or scaling.get("rope_type")
     if scaling_type == "ntkmixed":
         factor, power = float(scaling["factor"]), float(scaling["power"])
