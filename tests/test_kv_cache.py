@@ -161,3 +161,26 @@ def test_ask_with_kv_cache_int8_answers_from_the_int8_cache(checkpoints: dict[st
     bad = CliRunner().invoke(app, ["ask", "--model", str(folder), "--kv-cache", "fp4", "hi"])
     assert bad.exit_code == 2
     assert bad.stderr == "Error: kv_cache must be 'model' or 'int8', got 'fp4'\n"
+
+
+def test_bench_measures_the_int8_cache(checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """`bluelm bench --kv-cache int8` runs its conversation through the int8 cache (what a GPU check measures)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bluelm_cli.cli.app import app
+
+    updates: list[int] = []
+    original_update = Int8Layer.update
+
+    def counting_update(self, key_states, value_states, *args, **kwargs):  # type: ignore[no-untyped-def]
+        updates.append(key_states.shape[-2])
+        return original_update(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(Int8Layer, "update", counting_update)
+    result = CliRunner().invoke(app, ["bench", "--random-weights", "--model", str(checkpoints["bin-sharded"]), "--device", "cpu", "--kv-cache", "int8",
+                                      "--turns", "2", "--prompt-tokens", "40", "--new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert len(json.loads(result.stdout)["turns"]) == 2
+    assert updates and max(updates) >= 40  # the prompt's prefill went through the int8 layers
