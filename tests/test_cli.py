@@ -347,7 +347,7 @@ def test_bad_config_syntax_and_unknown_key() -> None:
     assert result.exit_code == 1
     assert result.stderr == (
         f"Error: config file {path}: unknown setting 'temprature'; known settings: model, source, device, dtype, "
-        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, history\n"
+        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, kv_cache, history\n"
     )
 
 

@@ -235,6 +235,7 @@ def test_show_info_parameters_and_system(paths: UserPaths, monkeypatch: pytest.M
         'system              "Be brief."                   session t (/set, /load or --resume)\n'
         "api                 (unset)                       default\n"
         "compile             true                          default\n"
+        'kv_cache            "model"                       default\n'
         f"history             false                         {config}\n"
         "Error: usage: /show [info|parameters|system]; 'nonsense' is not one of them\n"
     )

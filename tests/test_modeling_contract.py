@@ -244,18 +244,20 @@ def test_auto_model_knows_the_base_model() -> None:
 
 
 # -------------------------------------------------------------------------------------------------- RoPE
+# Every type transformers computes is implemented (tests/test_rope_types.py); a type nobody implements is refused.
 UNIMPLEMENTED_ROPE = [
-    {"type": "linear", "factor": 2.0},
-    {"type": "dynamic", "factor": 2.0},
-    {"rope_type": "yarn", "factor": 4.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 2048},
+    {"type": "su", "factor": 2.0},
+    {"rope_type": "ntk-by-parts", "factor": 4.0},
 ]
 
 
 @pytest.mark.parametrize("scaling", UNIMPLEMENTED_ROPE, ids=lambda s: s.get("type") or s.get("rope_type"))
 def test_unimplemented_rope_types_are_refused(scaling: dict) -> None:
     rope_type = scaling.get("type") or scaling.get("rope_type")
-    expected = f"BlueLM implements RoPE types 'default' and 'ntkmixed', not '{rope_type}': remove rope_scaling / rope_parameters from config.json or set its type to 'ntkmixed'"
+    expected = (
+        "BlueLM implements RoPE types 'default', 'ntkmixed', 'linear', 'dynamic', 'yarn', 'longrope', 'llama3', "
+        f"'proportional', not '{rope_type}': fix the type in rope_scaling / rope_parameters of config.json"
+    )
     with pytest.raises(ValueError) as raised:
         _small_config(rope_scaling=scaling)
     assert str(raised.value) == expected

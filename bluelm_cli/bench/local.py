@@ -418,7 +418,7 @@ def random_weights_model(
     """
     from bluelm_cli.local.loading import load_tokenizer
     from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM
-    from bluelm_cli.modeling.modeling_bluelm import BlueLMRotaryEmbedding, rope_inverse_frequencies
+    from bluelm_cli.modeling.modeling_bluelm import BlueLMRotaryEmbedding
     from bluelm_cli.testing.tiny_checkpoint import TinySpec, random_config, train_tokenizer
 
     started = time.perf_counter()
@@ -466,7 +466,7 @@ def random_weights_model(
                 module.weight.fill_(1.0)
                 module.bias.zero_()
             elif isinstance(module, BlueLMRotaryEmbedding):
-                module.register_buffer("inv_freq", rope_inverse_frequencies(config).to(target), persistent=False)
+                module.reset_frequencies(target)
             elif hasattr(module, "variance_epsilon"):  # RMSNorm
                 module.weight.fill_(1.0)
     model.eval()

@@ -566,7 +566,7 @@ app.add_typer(sessions_app, name="sessions", short_help="List, show, remove or s
 
 
 @app.command(short_help="Measure load, time to first token per turn, and decode speed.")
-@setting_options("model", "source", "device", "dtype", "compile", "api")
+@setting_options("model", "source", "device", "dtype", "compile", "kv_cache", "api")
 def bench(
     *,
     flags: dict[str, Any],
@@ -664,6 +664,7 @@ def export(
             settings["model"], out, format=export_format, dtype=dtype, source=settings["source"],
             on_status=lambda text: status.update(escape(text) + "…"), dequantize=dequantize,
             on_note=lambda text: console.print(f"[dim]Note: {escape(safe_for_terminal(text))}[/]"),
+            on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(safe_for_terminal(text))}"),
         )
     sys.stdout.write(f"Exported {settings['model']} to {written} ({export_format})\n")
     return ExitStatus.OK

@@ -78,7 +78,9 @@ def load_engine_in_background(settings: ResolvedSettings, quantization: str | No
 
     loaded = load_model(**model_source(settings, quantization), on_status=progress.status, on_warning=progress.warn)
     progress.note(loaded_line(loaded, progress.elapsed()))
-    return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note))
+    runner = _int8_cache_runner(loaded, settings, progress.note) or make_runner(
+        loaded, enabled=bool(settings["compile"]), on_status=progress.note)
+    return ChatEngine(loaded, runner=runner)
 
 
 def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None) -> ChatEngine:
@@ -87,9 +89,25 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
 
     from rich.markup import escape
 
-    runner = make_runner(loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER,
-                         on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
+    def note(text: str) -> None:
+        console.print(f"[dim]{escape(text)}[/]")
+
+    runner = _int8_cache_runner(loaded, settings, note) or make_runner(
+        loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER, on_status=note)
     return ChatEngine(loaded, runner=runner)
+
+
+def _int8_cache_runner(loaded: LoadedModel, settings: ResolvedSettings, note: Any) -> Any:
+    """The eager runner over an int8 KV cache when `kv_cache = int8`, else None (the usual fast path or eager).
+
+    The CUDA fast path preallocates a static cache in the model's dtype, so the int8 cache decodes eagerly."""
+    if settings["kv_cache"] != "int8":
+        return None
+    from bluelm_cli.local.engine import StepRunner
+
+    if loaded.device.type == "cuda" and settings["compile"]:
+        note("The KV cache is int8: decoding on the eager path (the CUDA fast path keeps a cache in the model's dtype)")
+    return StepRunner(loaded.model, kv_cache="int8")
 
 
 KEY_ON_COMMAND_LINE = ("--api-key puts the key where every user of this machine can read it (ps, /proc); "

@@ -24,6 +24,7 @@ TOML, at ``$BLUELM_HOME/config.toml`` (or the platform's config directory, see
     seed = 42                          # >= 0; leave out for a random seed
     system = "You are a concise assistant."   # placed before the first turn
     compile = true                     # CUDA fast path: static KV cache + CUDA-graph decode
+    kv_cache = "int8"                  # model | int8 (keys/values in int8 with per-head scales)
     api = "http://localhost:8000/v1"   # chat with a served model (see the README's "Chatting with a served model")
     history = false                    # keep no input history file (bluelm chat --no-history)
 

@@ -254,6 +254,11 @@ SPECS: dict[str, SettingSpec] = {
             _parse_bool, "true or false",
         ),
         SettingSpec(
+            "kv_cache", str, "model",
+            "KV cache storage: model (the weights' dtype) or int8 (per-head scales: half of bf16, 32K fits beside bf16 7B on 24 GB).",
+            _choice("model", "int8"), "'model' or 'int8'", metavar="KIND",
+        ),
+        SettingSpec(
             "history", bool, True, "Keep the chat's input history in a file (Up, Ctrl-R); off for typing secrets.",
             _parse_bool, "true or false",
         ),

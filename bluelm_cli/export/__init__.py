@@ -28,6 +28,7 @@ def export_checkpoint(
     on_status: Callable[[str], None] | None = None,
     dequantize: bool = False,
     on_note: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Path:
     """Export `model` (hub id or folder) to `out`: a folder for `hf`, a file for `gguf`. Returns what was written.
 
@@ -52,7 +53,7 @@ def export_checkpoint(
         else:
             from bluelm_cli.export.gguf_file import export_gguf
 
-            export_gguf(folder, partial, dtype=dtype, on_status=on_status, on_note=on_note)
+            export_gguf(folder, partial, dtype=dtype, on_status=on_status, on_note=on_note, on_warning=on_warning)
         partial.replace(out)  # an empty OUT folder is replaced too
     except Exception as error:
         from bluelm_cli.modeling.quantized import UnsupportedQuantization

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from bluelm_cli.export.chat_template import GGUF_CHAT_TEMPLATE
+from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.export.hf import check_shapes, open_weights, llama_config, llama_tensors, piece_count, resolve_dtype
-from bluelm_cli.export.tokenizer_json import read_model_proto
+from bluelm_cli.export.tokenizer_json import read_model_proto, steps_llama_cpp_skips
 
 __all__ = ["export_gguf", "gguf_tensor_name"]
 
@@ -49,15 +50,39 @@ def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def export_gguf(folder: Path, out_file: Path, *, dtype: str = "auto", on_status: Callable[[str], None] | None = None,
-                on_note: Callable[[str], None] | None = None) -> int:
+def export_gguf(
+    folder: Path,
+    out_file: Path,
+    *,
+    dtype: str = "auto",
+    on_status: Callable[[str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
+) -> int:
     """Write the GGUF for the checkpoint in `folder`; returns the number of tensors written."""
     import gguf
+
+    skipped = steps_llama_cpp_skips(read_model_proto(folder / "tokenizer.model"))
+    if skipped and on_warning:
+        on_warning(
+            f"this tokenizer.model normalizes text ({'; '.join(skipped)}) and llama.cpp does not: text that "
+            "normalization changes is tokenized differently there; normalize prompts before sending them, "
+            "or serve the hf export (its tokenizer.json carries the normalizer)"
+        )
 
     source_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dtype_name = resolve_dtype(dtype, source_config)
     pieces = piece_count(folder / "tokenizer.model")
     config = llama_config(source_config, pieces, dtype_name)
+    source_rope = source_config.get("rope_scaling") or source_config.get("rope_parameters") or {}
+    rope_type = source_rope.get("type") or source_rope.get("rope_type") or "default"
+    if rope_type not in ("default", "ntkmixed"):
+        # llama.cpp has its own keys for some types (linear, yarn) but computes them its own way; unverified
+        # here, so refuse rather than write a GGUF that silently computes plain RoPE.
+        raise BlueLMError(
+            f"GGUF export supports the published RoPE types (default and ntkmixed), not {rope_type!r}; "
+            "use --format hf (it carries every transformers RoPE type)"
+        )
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
     writer = gguf.GGUFWriter(str(out_file), "llama")

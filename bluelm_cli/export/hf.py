@@ -59,7 +59,10 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
     """config.json of the exported LlamaForCausalLM, with the rope keys each engine reads for 32K."""
     heads = int(source["num_attention_heads"])
     head_dim = int(source.get("head_dim") or int(source["hidden_size"]) // heads)
-    rope_theta = float(source.get("rope_theta", 10000.0))
+    # Published configs carry `rope_scaling`; one saved by transformers 5 (a fine-tune) carries `rope_parameters`,
+    # with rope_theta inside it.
+    scaling = source.get("rope_scaling") or source.get("rope_parameters") or {}
+    rope_theta = float(source.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
     original_positions = int(source.get("max_position_embeddings", 2048))
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
@@ -86,7 +89,6 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
         "use_cache": True,
         "vocab_size": pieces,
     }
-    scaling = source.get("rope_scaling") or {}
     scaling_type = scaling.get("type") or scaling.get("rope_type")
     if scaling_type == "ntkmixed":
         factor, power = float(scaling["factor"]), float(scaling["power"])
@@ -110,8 +112,25 @@ def llama_config(source: dict[str, Any], pieces: int, dtype: str) -> dict[str, A
         config["original_max_position_embeddings"] = original_positions
         config["max_position_embeddings"] = full_positions
     elif scaling_type not in (None, "default"):
-        raise ValueError(f"unsupported rope scaling type {scaling_type!r} (BlueLM uses 'ntkmixed')")
+        config["rope_scaling"] = llama_rope_scaling(scaling, rope_theta)
     return config
+
+
+def llama_rope_scaling(scaling: dict[str, Any], rope_theta: float) -> dict[str, Any]:
+    """A transformers RoPE type (linear, dynamic, yarn, longrope, llama3, ...) as Llama's config carries it.
+
+    BlueLM computes these with transformers' own `ROPE_INIT_FUNCTIONS` from the same fields and the same
+    `max_position_embeddings`, so they are copied unchanged; both spellings of the type are written for readers
+    that look for either (vLLM and TGI read "type" or "rope_type"). A type transformers lacks is refused.
+    """
+    from bluelm_cli.modeling.configuration import IMPLEMENTED_ROPE_TYPES
+
+    scaling_type = scaling.get("type") or scaling.get("rope_type")
+    if scaling_type not in IMPLEMENTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {scaling_type!r}")
+    rope = {key: value for key, value in scaling.items() if key not in ("type", "rope_type")}
+    rope.setdefault("rope_theta", rope_theta)
+    return {"rope_type": scaling_type, "type": scaling_type, **rope}
 
 
 def folded_embedding(embed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

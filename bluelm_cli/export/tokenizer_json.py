@@ -26,7 +26,10 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-__all__ = ["build_tokenizer", "read_model_proto", "unreachable_pieces", "user_defined_pieces"]
+__all__ = [
+    "build_tokenizer", "normalizer_description", "read_model_proto", "steps_llama_cpp_skips", "unreachable_pieces",
+    "user_defined_pieces",
+]
 
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _SPACE = "▁"
@@ -69,6 +72,35 @@ def build_tokenizer(path: Path) -> Tokenizer:
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, proto.trainer_spec.bos_id)]
     )
     return tokenizer
+
+
+def normalizer_description(proto: Any) -> dict[str, Any]:
+    """The normalizer spec of a SentencePiece model as plain fields (what `scripts/tokenizer_normalizer.py` prints).
+
+    `unicode_normalization` is False for the identity rule: its precompiled character map is empty."""
+    spec = proto.normalizer_spec
+    return {
+        "name": spec.name,
+        "unicode_normalization": bool(spec.precompiled_charsmap),
+        "precompiled_charsmap_bytes": len(spec.precompiled_charsmap),
+        "add_dummy_prefix": spec.add_dummy_prefix,
+        "remove_extra_whitespaces": spec.remove_extra_whitespaces,
+        "escape_whitespaces": spec.escape_whitespaces,
+    }
+
+
+def steps_llama_cpp_skips(proto: Any) -> list[str]:
+    """What this model's normalizer does to text that llama.cpp's SentencePiece ("llama") tokenizer does not do.
+
+    llama.cpp's SPM tokenizer only escapes spaces and adds the dummy prefix (llama-vocab.cpp): it applies no
+    character map, and its `remove_extra_whitespaces` key is read by the T5 (UGM) tokenizer only."""
+    spec = proto.normalizer_spec
+    skipped = []
+    if spec.precompiled_charsmap:
+        skipped.append(f"Unicode normalization ({spec.name or 'a precompiled character map'})")
+    if spec.remove_extra_whitespaces:
+        skipped.append("removing leading, trailing and repeated spaces")
+    return skipped
 
 
 def user_defined_pieces(proto: Any) -> list[str]:

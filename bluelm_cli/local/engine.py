@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (
 
 from bluelm_cli.core.backend import AnswerResult, BackendInfo
 from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.local.kv_cache import KV_CACHE_KINDS, Int8Layer
 from bluelm_cli.local.loading import LoadedModel, dtype_name
 from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
@@ -96,6 +97,10 @@ class TokenizerEncoder:
 # GPU work) and about a second to plan each prompt length it had not seen. The other kernels plan nothing.
 _PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# Tokens a prefill forward takes at once. 2048 keeps a 32K prompt's activations to what a 2K prompt needs
+# (e.g. the MLP's 2048 x 11008 intermediates in bf16: 43 MiB), while a chunk is still long enough to keep a GPU busy.
+DEFAULT_PREFILL_CHUNK = 2048
+
 
 class StepRunner:
     """Runs the model one call at a time over a cache. The CUDA fast path swaps in a compiled decode step."""
@@ -103,21 +108,46 @@ class StepRunner:
     # Positions the runner's cache can hold, when it is preallocated; None = as many as the model allows.
     max_positions: int | None = None
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, kv_cache: str = "model") -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
+        if kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {kv_cache!r}")
         self.model = model
+        self.prefill_chunk = prefill_chunk
+        # "model": keys and values in the model's dtype; "int8": int8 with a scale per head and position (local.kv_cache).
+        self.kv_cache = kv_cache
 
     def new_cache(self) -> Cache:
         cache = DynamicCache(config=self.model.config)
-        if all(type(layer) is DynamicLayer for layer in cache.layers):
-            limit = getattr(self.model.config, "context_length", None)
-            cache.layers = [_GrowingLayer(limit) for _ in cache.layers]
+        limit = getattr(self.model.config, "context_length", None)
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            if self.kv_cache == "int8":
+                raise ValueError("the int8 KV cache needs a model whose every layer has a full (not sliding) cache")
+            return cache
+        layer_class = Int8Layer if self.kv_cache == "int8" else _GrowingLayer
+        cache.layers = [layer_class(limit) for _ in cache.layers]
         return cache
 
     def prefill(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-        with sdpa_kernel(_PREFILL_ATTENTION):
-            out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :]
+        """Run `ids` (positions `start`...) into `cache`; the next-token logits of the last one, [batch, vocab].
+
+        In chunks of `prefill_chunk` tokens into the same cache: a 32K prompt in one forward would hold
+        activations for every position at once (its attention scores and MLP activations run to GiBs).
+        Only the last position's logits are ever formed (`logits_to_keep=1`): fp32 logits for 32K positions
+        of a 100K vocabulary would take 12 GiB by themselves.
+        """
+        logits = None
+        for offset in range(0, ids.shape[1], self.prefill_chunk):
+            chunk = ids[:, offset : offset + self.prefill_chunk]
+            first = start + offset
+            positions = torch.arange(first, first + chunk.shape[1], device=ids.device).unsqueeze(0)
+            with sdpa_kernel(_PREFILL_ATTENTION):
+                out = self.model(input_ids=chunk, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1, :]
+        if logits is None:
+            raise ValueError("prefill needs at least one token")
+        return logits
 
     def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
         return self.prefill(cache, token, position)

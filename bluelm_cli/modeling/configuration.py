@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 class BlueLMConfig(PreTrainedConfig):
@@ -12,7 +13,9 @@ class BlueLMConfig(PreTrainedConfig):
 
     Published configs carry `rope_scaling = {"type": "ntkmixed", "factor": k, "power": b}` for the 32K
     models; transformers 5 standardizes that into `rope_parameters` (rope_type "ntkmixed"), which our
-    rotary embedding implements itself (`modeling.rope`).
+    rotary embedding implements itself. Every RoPE type transformers has (linear, dynamic, yarn, longrope,
+    llama3, ...) is computed by transformers' own `ROPE_INIT_FUNCTIONS`, as its Llama does, with the same
+    meaning of `max_position_embeddings` and `original_max_position_embeddings`.
     """
 
     model_type = "BlueLM"
@@ -77,14 +80,9 @@ class BlueLMConfig(PreTrainedConfig):
         return int(self.max_position_embeddings * factor)
 
     def _validate_ntkmixed_rope_parameters(self, rope_parameters: dict[str, Any], ignore_keys: Any = None) -> None:
-        # Found by name by transformers' registered rope validator (which calls the base class's
-        # `validate_rope`, not the override below); without it every 32K config logs "Missing validation
-        # function ... 'ntkmixed'". `_standard_rope_parameters` has already checked the fields.
-        return None
-
-    def validate_rope(self) -> None:
-        # transformers has no validator for BlueLM's own "ntkmixed" type; `_standard_rope_parameters`
-        # already checked the fields, so skip the generic one (it would only warn).
+        # Found by name by transformers' `validate_rope` (the standard types have theirs in the mixin); without
+        # it every 32K config logs "Missing validation function ... 'ntkmixed'". `_standard_rope_parameters`
+        # has already checked the fields.
         return None
 
 
@@ -97,7 +95,8 @@ def _standard_rope_parameters(scaling: dict[str, Any] | None, rope_theta: float)
     return params
 
 
-IMPLEMENTED_ROPE_TYPES = ("default", "ntkmixed")
+# BlueLM's own type, plain RoPE, and every type transformers computes (what its Llama accepts).
+IMPLEMENTED_ROPE_TYPES = ("default", "ntkmixed", *ROPE_INIT_FUNCTIONS)
 
 
 def check_rope_type(params: dict[str, Any]) -> None:
@@ -105,8 +104,8 @@ def check_rope_type(params: dict[str, Any]) -> None:
     rope_type = params.get("rope_type", "default")
     if rope_type not in IMPLEMENTED_ROPE_TYPES:
         raise ValueError(
-            f"BlueLM implements RoPE types 'default' and 'ntkmixed', not {rope_type!r}: "
-            "remove rope_scaling / rope_parameters from config.json or set its type to 'ntkmixed'"
+            f"BlueLM implements RoPE types {', '.join(repr(name) for name in IMPLEMENTED_ROPE_TYPES)}, not {rope_type!r}: "
+            "fix the type in rope_scaling / rope_parameters of config.json"
         )
     if rope_type == "ntkmixed":
         for key in ("factor", "power"):

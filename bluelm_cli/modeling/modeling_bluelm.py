@@ -19,6 +19,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -28,20 +29,32 @@ from bluelm_cli.modeling._compat import accepts_past_key_values, cache_keyword, 
 from bluelm_cli.modeling.configuration import BlueLMConfig, check_rope_type
 
 
-def rope_inverse_frequencies(config: BlueLMConfig) -> torch.Tensor:
-    """RoPE inverse frequencies over the full head dim; BlueLM's "ntkmixed" divides frequency i by exp(a·(i+1)^b)."""
+def rope_frequencies(config: BlueLMConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies over the full head dim and the factor cos/sin are scaled by.
+
+    "default" and BlueLM's "ntkmixed" (frequency i divided by exp(a·(i+1)^b)) are computed here; every other
+    type by transformers' `ROPE_INIT_FUNCTIONS`, exactly as its Llama computes them.
+    """
     params = config.rope_parameters
     # The config refuses other types when built, but a caller may have replaced rope_parameters since.
     check_rope_type(params)
+    rope_type = params["rope_type"]
+    if rope_type not in ("default", "ntkmixed"):
+        return ROPE_INIT_FUNCTIONS[rope_type](config, device)
     dim = config.head_dim
     base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if params["rope_type"] == "ntkmixed":
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    if rope_type == "ntkmixed":
         factor, power = float(params["factor"]), float(params["power"])
         a = math.log(factor) / (dim / 2) ** power
-        index = torch.arange(1, dim // 2 + 1, dtype=torch.float32)
+        index = torch.arange(1, dim // 2 + 1, dtype=torch.float32, device=device)
         inv_freq = inv_freq / torch.exp(a * index**power)
-    return inv_freq
+    return inv_freq, 1.0
+
+
+def rope_inverse_frequencies(config: BlueLMConfig) -> torch.Tensor:
+    """The inverse frequencies of :func:`rope_frequencies` (at the configured length, for "dynamic")."""
+    return rope_frequencies(config)[0]
 
 
 class BlueLMRMSNorm(nn.Module):
@@ -59,17 +72,34 @@ class BlueLMRMSNorm(nn.Module):
 
 
 class BlueLMRotaryEmbedding(nn.Module):
-    inv_freq: torch.Tensor
+    """cos/sin per position, as transformers' LlamaRotaryEmbedding computes them (the same buffers and the same
+    `dynamic_rope_update`, which re-derives the frequencies for "dynamic" and "longrope" from the sequence length)."""
 
-    def __init__(self, config: BlueLMConfig) -> None:
+    inv_freq: torch.Tensor
+    original_inv_freq: torch.Tensor
+
+    def __init__(self, config: BlueLMConfig, device: torch.device | None = None) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        inv_freq, self.attention_scaling = rope_frequencies(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    def reset_frequencies(self, device: torch.device | None = None) -> None:
+        """Recompute the buffers from the config (after a model was built on the meta device)."""
+        inv_freq, self.attention_scaling = rope_frequencies(self.config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+        self.max_seq_len_cached = self.original_max_seq_len
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -210,11 +240,15 @@ class BlueLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, BlueLMRotaryEmbedding):
+            # Not transformers' generic rotary init: it knows neither "ntkmixed" nor where "default" is computed here.
+            inv_freq, _ = rope_frequencies(module.config, module.inv_freq.device)
+            module.inv_freq.copy_(inv_freq)
+            module.original_inv_freq.copy_(inv_freq)
+            return
         super()._init_weights(module)
         if isinstance(module, BlueLMRMSNorm):
             module.weight.fill_(1.0)
-        elif isinstance(module, BlueLMRotaryEmbedding):
-            module.inv_freq.copy_(rope_inverse_frequencies(self.config))
 
 
 class BlueLMModel(BlueLMPreTrainedModel):

@@ -141,8 +141,14 @@ _CORPUS: tuple[str, ...] = (
 
 
 @functools.lru_cache(maxsize=8)
-def tokenizer_model_bytes(vocab_size: int = 600) -> bytes:
-    """The serialized SentencePiece BPE model (deterministic; trained once per process)."""
+def tokenizer_model_bytes(
+    vocab_size: int = 600, *, normalization_rule_name: str = "identity", remove_extra_whitespaces: bool = False
+) -> bytes:
+    """The serialized SentencePiece BPE model (deterministic; trained once per process).
+
+    The default normalizer spec is the identity with spaces kept. `normalization_rule_name="nmt_nfkc"` (with
+    `remove_extra_whitespaces=True`: SentencePiece's own defaults) gives a tokenizer that normalizes, for the
+    tests of what a normalizing `tokenizer.model` means for the exports."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
@@ -166,8 +172,8 @@ def tokenizer_model_bytes(vocab_size: int = 600) -> bytes:
         add_dummy_prefix=True,
         split_digits=True,
         allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
+        remove_extra_whitespaces=remove_extra_whitespaces,
+        normalization_rule_name=normalization_rule_name,
         max_sentence_length=4096,
         shuffle_input_sentence=False,
         num_threads=1,
