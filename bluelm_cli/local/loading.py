@@ -388,7 +388,7 @@ def _load_dequantized(
 
     from safetensors import SafetensorError
 
-    from bluelm_cli.modeling.modeling_bluelm import BlueLMRotaryEmbedding, rope_inverse_frequencies
+    from bluelm_cli.modeling.modeling_bluelm import BlueLMRotaryEmbedding
     from bluelm_cli.modeling.quantized import QuantizedTensors, UnsupportedQuantization
     from bluelm_cli.modeling.weights import SourceTensors
 
@@ -436,7 +436,7 @@ def _load_dequantized(
     network.load_state_dict(state, strict=not packed, assign=True)
     for module in network.modules():  # non-persistent buffers were made on the meta device: compute them here
         if isinstance(module, BlueLMRotaryEmbedding):
-            module.inv_freq = rope_inverse_frequencies(config).to(target)
+            module.reset_frequencies(target)  # inv_freq, original_inv_freq, attention scaling: any RoPE type
     still_meta = [name for name, tensor in [*network.named_parameters(), *network.named_buffers()] if tensor.is_meta]
     if still_meta:  # never run a model with a weight nothing was loaded into
         raise BlueLMError(f"the weights in {folder} are incomplete: {still_meta[0]} was not loaded; download the checkpoint again")
