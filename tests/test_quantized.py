@@ -307,6 +307,7 @@ def test_load_says_what_it_loaded(releases: dict[str, Path], layout: str, contex
     assert ("quantization", f"{description}, dequantised to bfloat16") in info_rows(info)  # /show info
 
 
+@pytest.mark.slow
 def test_ask_prints_the_format_it_loaded(releases: dict[str, Path]) -> None:
     result = CliRunner().invoke(app, ["ask", "--model", str(releases["chat-32k-awq"]), "--device", "cpu", "-t", "0",
                                       "-n", "3", "-v", "你好"])
@@ -315,6 +316,7 @@ def test_ask_prints_the_format_it_loaded(releases: dict[str, Path]) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_ask_load_in_4bit_keeps_a_release_4bit_on_the_cpu(releases: dict[str, Path]) -> None:
     args = ["ask", "--model", str(releases["chat-32k-gptq"]), "--device", "cpu", "-t", "0", "-n", "4", "你好"]
     kept = CliRunner().invoke(app, [*args, "--load-in-4bit"])
@@ -330,6 +332,7 @@ def test_load_in_8bit_of_a_quantized_release_is_one_line(releases: dict[str, Pat
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_load_in_4bit_keeps_a_release_4bit_and_computes_the_same(releases: dict[str, Path], layout: str) -> None:
     """--load-in-4bit on a 4-bit release: its own tensors stay packed (no bitsandbytes, CPU too), same answers."""
     from bluelm_cli.modeling.quantized import PackedInt4Linear
@@ -392,6 +395,7 @@ def _ours_and_ids(folder: Path) -> tuple[torch.nn.Module, torch.Tensor, int]:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.slow
 def test_dequantised_export_is_plain_llama_with_the_release_logits(releases: dict[str, Path], tmp_path: Path, layout: str) -> None:
     from transformers import LlamaForCausalLM
 
