@@ -288,8 +288,7 @@ def test_undo_drops_the_last_exchange(paths: UserPaths) -> None:
                               "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system"),
         ("/set device cpu", "Error: device can't be changed in a running chat; restart with --device (settings /set"
                             " can change: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system)"),
-        ("/set temperature", "Error: usage: /set KEY VALUE; keys: max_new_tokens, temperature, top_p, top_k,"
-                             " repetition_penalty, seed, system"),
+        ("/set temperature", "Error: usage: /set temperature T; temperature must be a number from 0 to 2 (0 = greedy)"),
     ],
 )
 def test_invalid_set_values_name_the_valid_range(paths: UserPaths, command: str, message: str) -> None:

@@ -449,8 +449,8 @@ def chat(
     except KeyboardInterrupt:
         status = ExitStatus.INTERRUPTED
     except LoadFailed:
-        if resumed is None and not session.turns:  # nothing was said: leave no empty session behind
-            _discard(session)
+        if resumed is None and not chat_service.session.turns:  # nothing was said: leave no empty session behind
+            _discard(chat_service.session)
         raise
     if background is not None:
         background.exit_now_if_loading(status)

@@ -33,7 +33,7 @@ from bluelm_cli.chat.attachments import Attachment, with_attachments
 from bluelm_cli.chat.background import BackgroundBackend, LoadFailed
 from bluelm_cli.core.backend import AnswerResult, ModelLoading
 from bluelm_cli.chat.service import Chat, TurnStream
-from bluelm_cli.ui.commands import ChatCompleter, ExitChat, ShowAnswer, run_command
+from bluelm_cli.ui.commands import EXIT_WORDS, ChatCompleter, ExitChat, ShowAnswer, find_command, run_command
 from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.ui.habits import foreign_line_hint
@@ -189,6 +189,9 @@ class ChatRepl:
         stripped = text.strip()
         if not stripped:
             return
+        if text.rstrip() in EXIT_WORDS:  # as in `llm chat` and Python; " exit" (a leading space) sends the word
+            self.exit_requested = True
+            return
         try:
             try:
                 self._dispatch(stripped)
@@ -221,6 +224,8 @@ class ChatRepl:
         if unwrap_block(stripped) != stripped:
             if unwrap_block(stripped).strip():  # an empty """ """ block sends nothing
                 self._send(unwrap_block(stripped))
+        elif "\n" in stripped and stripped.startswith("/") and not _names_a_command(stripped):
+            self._send(stripped)  # a paste that starts with a path or `// code` is a message, sent as it is
         elif stripped.startswith("//"):
             self._send(stripped.removeprefix("/"))
         elif stripped.startswith("/"):
@@ -285,6 +290,12 @@ class ChatRepl:
             raise KeyboardInterrupt
 
         return on_ending_signals(stop_and_exit)
+
+
+def _names_a_command(text: str) -> bool:
+    """Whether `text` starts with the name of one of our slash commands ("/set system\nline 2" does)."""
+    name = text[1:].split(maxsplit=1)[0] if text[1:].strip() else ""
+    return find_command(name) is not None
 
 
 # ------------------------------------------------------------------------------------------ loops
