@@ -48,7 +48,8 @@ def users(chat: Chat) -> list[str]:
 def stats(backend: FakeBackend, index: int, new: int, finish: str = "") -> str:
     """The stats line of the fake's `index`-th answer (fixed timings: 50 ms to the first token, 100 tokens/s)."""
     prompt = len(backend.plans[index].ids)
-    return (f"{prompt} prompt tokens (0 reused) · {new} new · first token 50 ms · 100.0 tokens/s"
+    return (f"{prompt} prompt tokens (0 reused) · {new} new · first token 50 ms · prefill {prompt * 20} tokens/s"
+            f" · decode 100.0 tokens/s"
             f" · context {prompt + new + 1}/2048{finish}")
 
 
@@ -315,7 +316,7 @@ def test_set_system_and_show(paths: UserPaths) -> None:
         "Hi.\n\n"
         "model               fake/BlueLM (cpu, float32)\n"
         "session             t · 1 turn, 1 in the context\n"
-        "context             23 / 2048 tokens in use\n"
+        "context             23 / 2048 tokens in use (1%)\n"
         "system              'You are terse.'\n"
         "max_new_tokens      8\n"
         "temperature         0.0\n"
@@ -612,6 +613,7 @@ def test_stats_line_of_a_real_answer(engine: ChatEngine, paths: UserPaths) -> No
     lines = [line for line in screen.getvalue().splitlines() if "tokens/s" in line]
     assert len(lines) == 1
     assert re.fullmatch(
-        r"\d+ prompt tokens \(\d+ reused\) · 8 new · first token \d+ ms · [\d.]+ tokens/s · context \d+/2048 · finish: length",
+        r"\d+ prompt tokens \(\d+ reused\) · 8 new · first token \d+ ms · prefill \d+ tokens/s · decode [\d.]+ tokens/s"
+        r" · context \d+/2048 · finish: length",
         lines[0],
     ), lines[0]

@@ -235,3 +235,43 @@ def test_load_goes_into_a_new_session_and_the_current_turns_stay(paths: UserPath
     assert status == 0 and "current question" in out
     status, out, _ = _sessions("show", new_name)
     assert status == 0 and "saved question" in out
+
+
+# ---------------------------------------------------------------------------- 12 and 7. what a long chat shows
+def test_the_stats_line_shows_prefill_beside_decode_speed(paths: UserPaths) -> None:
+    backend = FakeBackend().queue("Short answer.")
+    chat = Chat(backend, new_session(paths))
+    repl, screen = repl_for(chat, paths, width=300, verbose=True)
+    repl.handle("hi")
+    prompt = len(backend.plans[0].ids)  # the fake: 50 ms to the first token, 100 tokens/s after it
+    assert screen.getvalue() == (
+        "Short answer.\n"
+        f"{prompt} prompt tokens (0 reused) · 13 new · first token 50 ms · prefill {prompt * 20} tokens/s"
+        f" · decode 100.0 tokens/s · context {prompt + 14}/2048\n\n"
+    )
+
+
+def test_after_an_early_ctrl_c_the_stats_line_shows_no_speed_it_cannot_know(paths: UserPaths) -> None:
+    from bluelm_cli.testing.fakes import Scripted
+
+    backend = FakeBackend().queue(Scripted("Long answer", chunk=1, stop_after=1))
+    chat = Chat(backend, new_session(paths))
+    repl, screen = repl_for(chat, paths, width=300, verbose=True)
+    repl.handle("hi")
+    prompt = len(backend.plans[0].ids)
+    assert screen.getvalue() == (
+        "L\n[interrupted]\n"
+        f"{prompt} prompt tokens (0 reused) · 1 new · first token 50 ms · prefill {prompt * 20} tokens/s"
+        f" · context {prompt + 2}/2048 · finish: interrupted\n\n"
+    )
+
+
+def test_the_context_meter_is_in_the_toolbar_and_in_show(paths: UserPaths) -> None:
+    backend = FakeBackend(context_limit=100).queue("Ok.")
+    chat = Chat(backend, new_session(paths, name="meter", max_new_tokens="20"))
+    repl, screen = repl_for(chat, paths, width=200)
+    assert repl.context_toolbar() == [("class:bottom-toolbar.text", " context 1 / 100 tokens in use (1%) · session meter ")]
+    repl.handle("hello")  # <s> [|Human|]: hello [|AI|]: Ok. </s> = 12 positions
+    assert repl.context_toolbar() == [("class:bottom-toolbar.text", " context 12 / 100 tokens in use (12%) · session meter ")]
+    repl.handle("/show")
+    assert "context             12 / 100 tokens in use (12%)\n" in screen.getvalue()

@@ -33,7 +33,7 @@ from bluelm_cli.ui.show import info_rows, parameter_rows, session_values
 
 __all__ = [
     "COMMANDS", "EXIT_WORDS", "ChatCompleter", "Command", "CommandContext", "ExitChat", "Outcome", "ShowAnswer",
-    "code_blocks", "find_command", "run_command", "unknown_command_message",
+    "code_blocks", "context_meter", "find_command", "run_command", "unknown_command_message",
 ]
 
 # What /help says about the keys of the prompt (bound in repl.py).
@@ -219,7 +219,7 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
     try:
         info = chat.backend.info()
         model = f"{info.model_id} ({info.device}, {info.dtype})"
-        context = f"{chat.context_used()} / {chat.context_limit} tokens in use"
+        context = context_meter(chat.context_used(), chat.context_limit)
     except ModelLoading:  # what needs the tokenizer says so rather than making /show wait
         model, context = f"{session.model_id} (model loading)", "(model loading)"
     rows: list[tuple[str, str]] = [
@@ -424,6 +424,11 @@ class ChatCompleter(Completer):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def context_meter(used: int, limit: int) -> str:
+    """``1234 / 2048 tokens in use (60%)``: the context meter of /show and the prompt's toolbar."""
+    return f"{used} / {limit} tokens in use ({100 * used // max(limit, 1)}%)"
+
+
 def code_blocks(markdown: str) -> list[str]:
     """The contents of the fenced and indented code blocks in ``markdown``, in order."""
     from markdown_it import MarkdownIt  # rich's own Markdown parser

@@ -33,7 +33,7 @@ from bluelm_cli.chat.attachments import Attachment, with_attachments
 from bluelm_cli.chat.background import BackgroundBackend, LoadFailed
 from bluelm_cli.core.backend import AnswerResult, ModelLoading
 from bluelm_cli.chat.service import Chat, TurnStream
-from bluelm_cli.ui.commands import EXIT_WORDS, ChatCompleter, ExitChat, ShowAnswer, find_command, run_command
+from bluelm_cli.ui.commands import EXIT_WORDS, ChatCompleter, ExitChat, ShowAnswer, context_meter, find_command, run_command
 from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.ui.habits import foreign_line_hint
@@ -133,6 +133,20 @@ class ChatRepl:
         self.failures = 0  # inputs that ended in an error (script mode exits non-zero if any did)
         self._exit_warned = False
         self.loading: LoadView | None = None  # while the model loads in the background
+        self._meter: str | None = None  # the toolbar's context meter, measured after each input
+
+    def context_toolbar(self) -> FormattedText | None:
+        """The line under the prompt: how much of the context window the conversation fills."""
+        if self._meter is None:
+            self.measure_context()
+        return FormattedText([("class:bottom-toolbar.text", f" context {self._meter} · session {self.chat.session.name} ")]) if self._meter else None
+
+    def measure_context(self) -> None:
+        """Count the conversation's tokens once (after each input), not on every redraw of the toolbar."""
+        try:
+            self._meter = context_meter(self.chat.context_used(), self.chat.context_limit)
+        except ModelLoading:
+            self._meter = None
 
     # ------------------------------------------------------------------------------------- output
     def show_banner(self) -> None:
@@ -217,6 +231,8 @@ class ChatRepl:
             self.out.error(f"unexpected {type(exc).__name__}: {exc}")
             if self.verbose:
                 self.out.err_console.print(Text(traceback.format_exc(), style="dim"))
+        finally:
+            self._meter = None  # measured again when the toolbar is next drawn
 
     def _dispatch(self, stripped: str) -> None:
         if block_is_open(stripped):  # a block left open at the end of the input: it ends there
@@ -437,6 +453,7 @@ def _prompt_session(
         enable_suspend=True,
         tempfile_suffix=".md",
         style=_PROMPT_STYLE,
+        bottom_toolbar=repl.context_toolbar if repl.interactive else None,
         input=pt_input,
         output=pt_output,
     )
