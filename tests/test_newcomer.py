@@ -275,3 +275,217 @@ def test_the_context_meter_is_in_the_toolbar_and_in_show(paths: UserPaths) -> No
     assert repl.context_toolbar() == [("class:bottom-toolbar.text", " context 12 / 100 tokens in use (12%) · session meter ")]
     repl.handle("/show")
     assert "context             12 / 100 tokens in use (12%)\n" in screen.getvalue()
+
+
+# ---------------------------------------------------------------------------- the CLI, on tiny checkpoints
+from pathlib import Path  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from bluelm_cli.cli.app import app  # noqa: E402
+from bluelm_cli.session import Session  # noqa: E402
+from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint  # noqa: E402
+
+DEFAULT_MODEL = "vivo-ai/BlueLM-7B-Chat"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("newcomer-checkpoints")
+    specs = {"tiny": TinySpec(), "ctx128": TinySpec(max_position_embeddings=128)}
+    return {name: build_checkpoint(root / f"BlueLM-tiny-{name}", spec) for name, spec in specs.items()}
+
+
+@pytest.fixture(autouse=True)
+def _plain_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FORCE_COLOR", "CLICOLOR_FORCE", "COLUMNS", "BLUELM_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def invoke(args: list[str], input: str | None = None, env: dict[str, str] | None = None):  # noqa: ANN201
+    result = CliRunner().invoke(app, args, input=input, env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def recorded_session(paths: UserPaths, model: Path, name: str = "old") -> Session:
+    session = Session.new(paths.sessions_dir, name=name, model_id=str(model))
+    session.close()
+    return session
+
+
+# 1. A resumed session uses its own model.
+def test_chat_resume_loads_the_sessions_model_and_says_so(paths: UserPaths, models: dict[str, Path]) -> None:
+    recorded_session(paths, models["tiny"])
+    result = invoke(["chat", "--resume", "old", "--device", "cpu"], input="/exit\n")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"Continuing session old with its model {models['tiny']} (the configured model is {DEFAULT_MODEL};"
+        " --model chooses another)"
+    )
+    assert result.stderr.splitlines()[1].startswith(f"Loaded {models['tiny']} on cpu")
+
+
+def test_ask_continue_loads_the_sessions_model(paths: UserPaths, models: dict[str, Path]) -> None:
+    recorded_session(paths, models["tiny"])
+    result = invoke(["ask", "-c", "--device", "cpu", "-t", "0", "-n", "3", "hi"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == (
+        f"Continuing session old with its model {models['tiny']} (the configured model is {DEFAULT_MODEL};"
+        " --model chooses another)\n"
+    )
+    assert [t.user for t in Session.resume(paths.sessions_dir, "old").turns] == ["hi"]
+
+
+def test_a_model_given_with_model_wins_over_the_sessions(paths: UserPaths, models: dict[str, Path]) -> None:
+    recorded_session(paths, Path("/nonexistent/model"))
+    result = invoke(["ask", "-c", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "-n", "3", "hi"])
+    assert result.exit_code == 0 and result.stderr == ""
+
+
+# 6. Flags mean one thing everywhere.
+def test_chat_c_continues_the_latest_session(paths: UserPaths, models: dict[str, Path]) -> None:
+    recorded_session(paths, models["tiny"], name="latest")
+    result = invoke(["chat", "-c", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "-n", "3"],
+                    input="hello\n")
+    assert result.exit_code == 0, result.stderr
+    assert [t.user for t in Session.resume(paths.sessions_dir, "latest").turns] == ["hello"]
+
+
+def test_chat_with_a_message_starts_with_it(paths: UserPaths, models: dict[str, Path]) -> None:
+    result = invoke(["chat", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "-n", "3",
+                     "--session", "greeting", "hi"], input="")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("\n") == 1  # the answer to "hi", and nothing else
+    assert [t.user for t in Session.resume(paths.sessions_dir, "greeting").turns] == ["hi"]
+
+
+def test_export_f_is_no_longer_format_and_says_what_to_use() -> None:
+    result = invoke(["export", "x.gguf", "-f", "gguf"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        "Error: No such option: -f; the format is --format hf|gguf, or the name of OUT (model.gguf is GGUF);"
+        " -f is --file in bluelm ask (see 'bluelm export --help')\n"
+    )
+
+
+# 9. Guessable defaults.
+def test_export_infers_gguf_from_the_suffix(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "model.gguf"
+    result = invoke(["export", str(out), "--model", str(models["tiny"]), "--dtype", "float32"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"Exported {models['tiny']} to {out} (gguf)\n"
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_bench_on_the_cpu_refuses_7b_shapes_that_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bluelm_cli.cli.app as app_module
+
+    monkeypatch.setattr(app_module, "_free_memory", lambda: 8_000_000_000)  # a machine with 8 GB free
+    result = invoke(["bench", "--random-weights", "--shape", "7b", "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr == (
+        "Error: --shape 7b has 7.3B parameters: about 29.2 GB of float32 weights, and this machine has 8.0 GB"
+        " free; use --shape cpu25m on the CPU, or a GPU (--device cuda)\n"
+    )
+
+
+def test_bench_on_the_cpu_defaults_to_cpu_sized_shapes_and_takes_max_new_tokens() -> None:
+    result = invoke(["bench", "--random-weights", "--device", "cpu", "--turns", "1", "--prompt-tokens", "8",
+                     "--new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    report = json.loads(result.stdout)
+    assert "cpu25m" in report["model"] and len(report["turns"]) == 1
+
+
+# 7. Noise.
+def test_ask_prints_no_loaded_line_without_v(models: dict[str, Path]) -> None:
+    quiet = invoke(["ask", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "-n", "3", "hi"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""  # nor a CPU warning: a tiny model is not slow there
+    verbose = invoke(["ask", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "-n", "3", "-v", "hi"])
+    assert verbose.stderr.startswith(f"Loaded {models['tiny']} on cpu")
+
+
+def test_the_cpu_warning_comes_from_the_models_size() -> None:
+    from bluelm_cli.bench.local import CPU_25M
+    from bluelm_cli.core.sizes import SLOW_ON_CPU_PARAMETERS, parameter_count
+    from bluelm_cli.testing.tiny_checkpoint import PUBLISHED_7B
+
+    assert parameter_count(PUBLISHED_7B) == 7_296_266_240 >= SLOW_ON_CPU_PARAMETERS
+    assert parameter_count(dict(CPU_25M, vocab_size=100096)) < SLOW_ON_CPU_PARAMETERS
+
+
+# 10. Small contexts.
+def test_ask_on_a_small_context_clamps_the_budget_and_says_so_with_v(models: dict[str, Path]) -> None:
+    quiet = invoke(["ask", "--model", str(models["ctx128"]), "--device", "cpu", "-t", "0", "hi"])
+    assert quiet.exit_code == 0, quiet.stderr
+    assert quiet.stderr == ""
+    verbose = invoke(["ask", "--model", str(models["ctx128"]), "--device", "cpu", "-t", "0", "-v", "--json", "hi"])
+    lines = verbose.stderr.splitlines()
+    prompt = 128 - int(lines[1].split(" to ")[1].split(":")[0])
+    assert lines[1] == (
+        f"Note: max_new_tokens lowered from 512 to {128 - prompt}: the model's context is 128 tokens and the"
+        f" prompt takes {prompt}"
+    )
+    import json
+
+    assert json.loads(verbose.stdout)["prompt_tokens"] == prompt
+    given = invoke(["ask", "--model", str(models["ctx128"]), "--device", "cpu", "-n", "512", "hi"])
+    assert given.exit_code == 2
+    assert given.stderr == "Error: max_new_tokens must be less than the model's context window (128 tokens), got 512\n"
+
+
+# 12. Prefill speed in ask --json.
+def test_ask_json_has_prefill_and_decode_speed(models: dict[str, Path]) -> None:
+    import json
+
+    result = invoke(["ask", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "-n", "4", "--json", "hi"])
+    payload = json.loads(result.stdout)
+    assert payload["prefill_tok_s"] > 0 and payload["reused_tokens"] == 0
+    assert payload["context_limit"] == 2048 and payload["context_tokens"] > payload["prompt_tokens"]
+
+
+# 8. Narrow and colourless terminals.
+@pytest.mark.parametrize("command", [[], ["chat"], ["ask"], ["export"], ["bench"], ["config"], ["sessions", "show"],
+                                     ["sessions", "rm"], ["sessions", "search"]])
+def test_help_fits_60_columns_and_names_values_not_types(command: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # A real process: the help's width comes from the terminal (here COLUMNS), which CliRunner pins at 80.
+    env = {**os.environ, "COLUMNS": "60", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-m", "bluelm_cli", *command, "--help"], capture_output=True,
+                            text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "<" not in text and "[[" not in text and "{" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= 60, text
+
+
+def test_no_color_code_blocks_are_still_fenced() -> None:
+    import io
+
+    from bluelm_cli.ui.render import render_markdown
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=60, no_color=True)
+    render_markdown(console, "Run:\n\n```python\ndef f(x):\n    return x\n```\n")
+    assert [line.rstrip() for line in console.file.getvalue().splitlines()] == [
+        "Run:", "", "```python", "def f(x):", "    return x", "```",
+    ]
+
+
+def test_warnings_wrap_at_word_boundaries_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    monkeypatch.setenv("TERM", "xterm-256color")  # a real terminal, not the dumb one the tests pin
+
+    from bluelm_cli.ui.output import ChatOutput
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=40, no_color=True)
+    ChatOutput(console).warn("the prompt history is not kept: cannot write the history file here")
+    assert [line.rstrip() for line in console.file.getvalue().splitlines()] == [
+        "Warning: the prompt history is not kept:", "cannot write the history file here",
+    ]

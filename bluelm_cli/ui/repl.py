@@ -41,6 +41,7 @@ from bluelm_cli.ui.ending_signals import on_ending_signals
 from bluelm_cli.ui.job_control import answer_terminal
 from bluelm_cli.ui.load_view import LoadView
 from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
+from bluelm_cli.core.sanitize import safe_for_terminal
 from bluelm_cli.ui.output import PROMPT, ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir
 from bluelm_cli.ui.render import StreamRenderer
@@ -65,6 +66,7 @@ def run_chat(
     settings: ResolvedSettings | None = None,
     keep_history: bool = True,
     on_model_ready: Callable[[], None] | None = None,
+    first_message: str | None = None,
 ) -> int:
     """Chat until /exit, Ctrl-D or end of input; returns the exit status.
 
@@ -94,6 +96,8 @@ def run_chat(
                 repl.loading.wait_until_loaded()
             except KeyboardInterrupt:
                 return ExitStatus.INTERRUPTED
+        if first_message:
+            repl.handle(first_message)
         return _script_loop(repl, stdin if stdin is not None else sys.stdin)
     repl.show_banner()
     if resumed:
@@ -101,6 +105,14 @@ def run_chat(
     prompt_session = _prompt_session(repl, pt_input, pt_output, keep_history=keep_history)
     if repl.loading is not None:
         repl.loading.attach(prompt_session)
+    if first_message:  # `bluelm chat "hi"`: the first message, as if typed at the first prompt
+        repl.out.console.print(Text.assemble((PROMPT, "bold cyan"), safe_for_terminal(first_message)))
+        try:
+            repl.handle(first_message)
+        except KeyboardInterrupt:
+            repl.out.blank()
+        if repl.exit_requested:
+            return repl.exit_status
     return _interactive_loop(repl, prompt_session)
 
 
