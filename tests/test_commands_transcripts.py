@@ -196,24 +196,25 @@ def test_help_lists_every_command_from_the_table(paths: UserPaths) -> None:
     repl, screen = repl_for(Chat(FakeBackend(), new_session(paths)), paths, width=200)
     repl.handle("/help")
     assert screen.getvalue() == (
-        "/help, /?                       List the commands and keys.\n"
-        "/reset, /clear                  Start a new conversation (settings are kept).\n"
-        "/save [PATH]                    Save the conversation: JSON, or a Markdown transcript for .md.\n"
-        "/load PATH                      Load a conversation saved with /save (replaces the current one).\n"
-        "/retry                          Answer the last message again.\n"
-        "/continue                       Go on with an answer that was cut off or interrupted.\n"
-        "/file PATH                      Put a text file into your next message (/file clear drops it).\n"
-        "/undo                           Remove the last exchange.\n"
-        "/set KEY VALUE                  Change a sampling setting or the system prompt; /set verbose|quiet.\n"
-        "/show [info|parameters|system]  Settings and context used; info: the model; parameters: with sources;"
-        " system: the prompt.\n"
-        "/copy [N]                       Copy the last answer, or its N-th code block, to the clipboard.\n"
-        "/stats on|off                   Show tokens, time to first token and speed after each answer.\n"
-        "/exit, /quit, /bye              Quit (Ctrl-D too).\n"
+        "/help, /?                                List the commands and keys.\n"
+        "/reset, /clear                           Start a new conversation in a new session; settings are kept.\n"
+        "/save [PATH]                             Save the conversation: JSON, or a Markdown transcript for .md.\n"
+        "/load PATH                               Load a conversation saved with /save into a new session.\n"
+        "/retry                                   Answer the last message again.\n"
+        "/continue                                Go on with an answer that was cut off or interrupted.\n"
+        "/file PATH                               Put a text file into your next message (/file clear drops it).\n"
+        "/undo                                    Remove the last exchange.\n"
+        "/set [KEY VALUE]                         Change a sampling setting or the system prompt; alone: list them.\n"
+        "/show [info|parameters|system|template]  Settings and context used; info: the model; parameters: with"
+        " sources; system: the prompt; template: the chat format.\n"
+        "/copy [N]                                Copy the last answer, or its N-th code block, to the clipboard.\n"
+        "/stats on|off                            Show tokens, time to first token and speed after each answer.\n"
+        "/exit, /quit, /bye                       Quit (Ctrl-D, or exit or quit alone, too).\n"
         'Enter sends · Alt-Enter (or Esc Enter) adds a line · a multi-line paste is one message · """ starts and'
         " ends a block\n"
         "Ctrl-R searches earlier messages · Ctrl-X Ctrl-E edits the message in $EDITOR · Tab completes\n"
-        "Ctrl-C stops an answer or clears the line · Ctrl-D or /exit quits · //text sends a message starting with /\n"
+        "Ctrl-C stops an answer or clears the line · Ctrl-D, /exit, or exit or quit alone quits\n"
+        '//text sends a message starting with / · " exit" (a leading space) or """exit""" sends the word exit\n'
     )
     for command in COMMANDS:  # the table, not the literal above, is what /help reads
         assert command.usage in screen.getvalue() and command.help in screen.getvalue()

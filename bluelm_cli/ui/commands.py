@@ -355,8 +355,7 @@ _PATHS = PathCompleter(expanduser=True)
 
 COMMANDS: tuple[Command, ...] = (
     Command("help", "/help", "List the commands and keys.", _help, aliases=("?",)),
-    Command("reset", "/reset", "Start a new conversation in a new session (settings kept; the old one stays in bluelm sessions).",
-            _reset, aliases=("clear",)),
+    Command("reset", "/reset", "Start a new conversation in a new session; settings are kept.", _reset, aliases=("clear",)),
     Command("save", "/save [PATH]", "Save the conversation: JSON, or a Markdown transcript for .md.", _save, _PATHS),
     Command("load", "/load PATH", "Load a conversation saved with /save into a new session.", _load, _PATHS),
     Command("retry", "/retry", "Answer the last message again.", _retry),
@@ -372,7 +371,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("copy", "/copy [N]", "Copy the last answer, or its N-th code block, to the clipboard.", _copy),
     Command("stats", "/stats on|off", "Show tokens, time to first token and speed after each answer.", _stats,
             WordCompleter(["on", "off"])),
-    Command("exit", "/exit", "Quit (Ctrl-D too).", _exit, aliases=("quit", "bye")),
+    Command("exit", "/exit", "Quit (Ctrl-D, or exit or quit alone, too).", _exit, aliases=("quit", "bye")),
 )
 
 _BY_NAME: dict[str, Command] = {name: c for c in COMMANDS for name in (c.name, *c.aliases)}
