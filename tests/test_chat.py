@@ -190,5 +190,5 @@ def test_repl_transcript_with_stats_and_notes(paths: UserPaths) -> None:
         f" · prefill {len(backend.plans[1].ids) * 20} tokens/s · decode 100.0 tokens/s"
         f" · context {len(backend.plans[1].ids) + 5}/2048 · finish: interrupted\n"
         "\n"
-        "Error: unknown command /bogus (/help lists them)\n"
+        "Error: unknown command /bogus (/help lists them; //bogus sends it as a message)\n"
     )

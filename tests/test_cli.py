@@ -311,7 +311,7 @@ def test_ask_uses_the_configured_model_and_temperature(
 ) -> None:
     write_config(f"temperature = 0\nmodel = {json.dumps(str(tiny))}\ndevice = \"cpu\"\n")
     expected, _, _ = greedy_answer(tiny_engine, GREEDY_PROMPT, 6)
-    result = invoke(["ask", "-n", "6", "--json", GREEDY_PROMPT])
+    result = invoke(["ask", "-n", "6", "--json", "-v", GREEDY_PROMPT])  # -v: the "Loaded …" line says which model
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["answer"] == expected  # greedy: the config's temperature 0 was used
     assert f"Loaded {tiny} on cpu" in result.stderr

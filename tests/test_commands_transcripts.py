@@ -227,8 +227,8 @@ def test_unknown_command_gets_a_hint_and_is_not_sent(paths: UserPaths) -> None:
     repl.handle("/rset")
     repl.handle("/zzzz")
     assert screen.getvalue() == (
-        "Error: unknown command /rset; did you mean /reset? (/help lists them)\n"
-        "Error: unknown command /zzzz (/help lists them)\n"
+        "Error: unknown command /rset; did you mean /reset? (/help lists them; //rset sends it as a message)\n"
+        "Error: unknown command /zzzz (/help lists them; //zzzz sends it as a message)\n"
     )
     assert users(chat) == [] and backend.plans == [] and repl.failures == 2
 
@@ -249,7 +249,10 @@ def test_reset_keeps_settings(paths: UserPaths) -> None:
     repl, screen = repl_for(chat, paths)
     for line in ("/set temperature 0.5", "hi", "/reset", "again"):
         repl.handle(line)
-    assert screen.getvalue() == "temperature = 0.5\nHi.\n\nNew conversation; settings kept.\nFresh.\n\n"
+    assert screen.getvalue() == (  # /reset: a new session; the first one keeps "hi"
+        f"temperature = 0.5\nHi.\n\nNew session {chat.session.name}; settings kept. The earlier turns stay in session t"
+        " (bluelm chat --resume t).\nFresh.\n\n"
+    )
     assert users(chat) == ["again"] and chat.session.sampling["temperature"] == 0.5
     assert backend.prompt_text() == "<s>[|Human|]:again[|AI|]:" and backend.settings[-1].temperature == 0.5
     repl.handle("/reset")
@@ -346,7 +349,11 @@ def test_stats_line(paths: UserPaths) -> None:
     backend = FakeBackend().queue("x")
     repl, screen = repl_for(Chat(backend, new_session(paths, "v")), paths, verbose=True)
     repl.handle("x")
-    assert screen.getvalue() == f"x\n{stats(backend, 0, 1)}\n\n"
+    prompt = len(backend.plans[0].ids)  # one token: no decode speed, which needs an interval between two
+    assert screen.getvalue() == (
+        f"x\n{prompt} prompt tokens (0 reused) · 1 new · first token 50 ms · prefill {prompt * 20} tokens/s"
+        f" · context {prompt + 2}/2048\n\n"
+    )
 
 
 def test_save_json_and_markdown(paths: UserPaths, tmp_path: Path) -> None:
@@ -411,7 +418,8 @@ def test_load_replaces_the_conversation_and_warns_about_another_model(paths: Use
     assert screen.getvalue() == (
         "Current.\n\n"
         f"Warning: {saved} was saved with vivo-ai/BlueLM-7B-Base; continuing with fake/BlueLM\n"
-        f"Loaded 1 turn from {saved}\n"
+        f"Loaded 1 turn from {saved} into new session {chat.session.name}. The earlier turns stay in session t"
+        " (bluelm chat --resume t).\n"
         "> old question\n"
         "old answer\n\n"  # replayed on screen
         "Follow-up.\n\n"
@@ -533,7 +541,7 @@ def test_script_mode_reads_one_line_at_a_time(paths: UserPaths) -> None:
     assert out == "Hello, s\nA slash \n"
     assert err == (
         f"{CUT}\n"
-        "Error: unknown command /rset; did you mean /reset? (/help lists them)\n"
+        "Error: unknown command /rset; did you mean /reset? (/help lists them; //rset sends it as a message)\n"
         "Error: temperature must be a number from 0 to 2 (0 = greedy), got '9'\n"
         f"{CUT}\n"
     )
