@@ -489,3 +489,14 @@ def test_warnings_wrap_at_word_boundaries_on_a_narrow_terminal(monkeypatch: pyte
     assert [line.rstrip() for line in console.file.getvalue().splitlines()] == [
         "Warning: the prompt history is not kept:", "cannot write the history file here",
     ]
+
+
+def test_gguf_export_without_the_gguf_package_says_what_to_install(models: dict[str, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    result = invoke(["export", str(tmp_path / "m.gguf"), "--model", str(models["tiny"])])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == "Error: GGUF export needs the gguf package: pip install 'bluelm-cli[export]' (or pip install gguf)\n"

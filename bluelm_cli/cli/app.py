@@ -763,6 +763,11 @@ def export(
     settings, _ = _resolve(flags)
     if export_format is None:  # the file name says it: `bluelm export model.gguf`
         export_format = "gguf" if out.suffix.lower() == ".gguf" else "hf"
+    if export_format == "gguf":
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:  # an extra, not installed by `pip install .`
+            raise BlueLMError("GGUF export needs the gguf package: pip install 'bluelm-cli[export]' (or pip install gguf)")
     console = _stderr_console()
     with console.status(f"Exporting {escape(settings['model'])}…", spinner="dots") as status:
         written = export_checkpoint(
