@@ -500,3 +500,11 @@ def test_gguf_export_without_the_gguf_package_says_what_to_install(models: dict[
     result = invoke(["export", str(tmp_path / "m.gguf"), "--model", str(models["tiny"])])
     assert result.exit_code == 1 and result.stdout == ""
     assert result.stderr == "Error: GGUF export needs the gguf package: pip install 'bluelm-cli[export]' (or pip install gguf)\n"
+
+
+def test_new_tokens_is_an_alias_of_max_new_tokens_in_ask(models: dict[str, Path]) -> None:
+    import json
+
+    result = invoke(["ask", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "--new-tokens", "3", "--json", "hi"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["new_tokens"] <= 3

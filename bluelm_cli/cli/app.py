@@ -55,7 +55,7 @@ class _BlueLMGroup(TyperGroup):
     """Runs commands without click's standalone error printing: every error is one `Error: …` line."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
-        argv = _bare_resume_means_last(list(sys.argv[1:] if args is None else args))
+        argv = _one_name_for_new_tokens(_bare_resume_means_last(list(sys.argv[1:] if args is None else args)))
         debug = "--debug" in argv
         extra.pop("standalone_mode", None)
         try:
@@ -131,6 +131,19 @@ def _usage_message(error: Exception) -> str:
 _MOVED_OPTIONS = {
     ("export", "-f"): "the format is --format hf|gguf, or the name of OUT (model.gguf is GGUF); -f is --file in bluelm ask",
 }
+
+
+def _one_name_for_new_tokens(argv: list[str]) -> list[str]:
+    """`--new-tokens` is another name for `--max-new-tokens` in every command (bench had the one, chat and ask
+    the other); translated here so that --help lists the option once."""
+    out: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[index:]
+        if arg == "--new-tokens" or arg.startswith("--new-tokens="):
+            arg = "--max-new-tokens" + arg[len("--new-tokens"):]
+        out.append(arg)
+    return out
 
 
 def _bare_resume_means_last(argv: list[str]) -> list[str]:
@@ -647,7 +660,7 @@ def bench(
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
     shape: Annotated[Optional[str], typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context), cpu25m (26M parameters) or cpu25m-32k; default: 7b on a GPU, cpu25m on the CPU.", metavar="SHAPE", show_default=False)] = None,
     prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.", metavar="N")] = 256,
-    new_tokens: Annotated[int, typer.Option("--max-new-tokens", "--new-tokens", "-n", min=2, help="Tokens decoded every turn.", metavar="N")] = 64,
+    new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=2, help="Tokens decoded every turn (also --new-tokens).", metavar="N")] = 64,
     turns: Annotated[int, typer.Option(min=1, help="Turns in the conversation.", metavar="N")] = 16,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure plain model.generate() re-encoding the history each turn, and print ratios.")] = False,
     repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Run the conversation N times; keep each turn's best figures.")] = 1,

@@ -26,10 +26,14 @@ MODEL_SETTINGS = (
 )
 
 
+# Other spellings the command line takes (bluelm.cli.app translates them before parsing).
+_OTHER_NAMES = {"max_new_tokens": "--new-tokens"}
+
+
 def _help(spec: SettingSpec) -> str:
     if spec.type is bool:
         return f"{spec.help.rstrip('.')} ({'on' if spec.default else 'off'})."
-    extra = []
+    extra = [f"also {_OTHER_NAMES[spec.name]}"] if spec.name in _OTHER_NAMES else []
     if spec.env:
         extra.append(f"env {spec.env}")
     if spec.default is not None:
