@@ -135,7 +135,8 @@ def test_ask_json_is_one_object_and_nothing_else(tiny: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert result.stdout.endswith("}\n") and result.stdout.count("\n") == 1
     payload = json.loads(result.stdout)
-    assert list(payload) == ["answer", "finish_reason", "prompt_tokens", "new_tokens", "ttft_s", "decode_tok_s"]
+    assert list(payload) == ["answer", "finish_reason", "prompt_tokens", "reused_tokens", "new_tokens", "ttft_s",
+                            "prefill_tok_s", "decode_tok_s", "context_tokens", "context_limit"]
     assert isinstance(payload["answer"], str)
     assert payload["finish_reason"] in ("stop", "length")
     assert isinstance(payload["prompt_tokens"], int) and payload["prompt_tokens"] > 0
@@ -310,7 +311,7 @@ def test_ask_uses_the_configured_model_and_temperature(
 ) -> None:
     write_config(f"temperature = 0\nmodel = {json.dumps(str(tiny))}\ndevice = \"cpu\"\n")
     expected, _, _ = greedy_answer(tiny_engine, GREEDY_PROMPT, 6)
-    result = invoke(["ask", "-n", "6", "--json", GREEDY_PROMPT])
+    result = invoke(["ask", "-n", "6", "--json", "-v", GREEDY_PROMPT])  # -v: the "Loaded …" line says which model
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["answer"] == expected  # greedy: the config's temperature 0 was used
     assert f"Loaded {tiny} on cpu" in result.stderr

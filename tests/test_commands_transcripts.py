@@ -48,7 +48,8 @@ def users(chat: Chat) -> list[str]:
 def stats(backend: FakeBackend, index: int, new: int, finish: str = "") -> str:
     """The stats line of the fake's `index`-th answer (fixed timings: 50 ms to the first token, 100 tokens/s)."""
     prompt = len(backend.plans[index].ids)
-    return (f"{prompt} prompt tokens (0 reused) · {new} new · first token 50 ms · 100.0 tokens/s"
+    return (f"{prompt} prompt tokens (0 reused) · {new} new · first token 50 ms · prefill {prompt * 20} tokens/s"
+            f" · decode 100.0 tokens/s"
             f" · context {prompt + new + 1}/2048{finish}")
 
 
@@ -195,24 +196,25 @@ def test_help_lists_every_command_from_the_table(paths: UserPaths) -> None:
     repl, screen = repl_for(Chat(FakeBackend(), new_session(paths)), paths, width=200)
     repl.handle("/help")
     assert screen.getvalue() == (
-        "/help, /?                       List the commands and keys.\n"
-        "/reset, /clear                  Start a new conversation (settings are kept).\n"
-        "/save [PATH]                    Save the conversation: JSON, or a Markdown transcript for .md.\n"
-        "/load PATH                      Load a conversation saved with /save (replaces the current one).\n"
-        "/retry                          Answer the last message again.\n"
-        "/continue                       Go on with an answer that was cut off or interrupted.\n"
-        "/file PATH                      Put a text file into your next message (/file clear drops it).\n"
-        "/undo                           Remove the last exchange.\n"
-        "/set KEY VALUE                  Change a sampling setting or the system prompt; /set verbose|quiet.\n"
-        "/show [info|parameters|system]  Settings and context used; info: the model; parameters: with sources;"
-        " system: the prompt.\n"
-        "/copy [N]                       Copy the last answer, or its N-th code block, to the clipboard.\n"
-        "/stats on|off                   Show tokens, time to first token and speed after each answer.\n"
-        "/exit, /quit, /bye              Quit (Ctrl-D too).\n"
+        "/help, /?                                List the commands and keys.\n"
+        "/reset, /clear                           Start a new conversation in a new session; settings are kept.\n"
+        "/save [PATH]                             Save the conversation: JSON, or a Markdown transcript for .md.\n"
+        "/load PATH                               Load a conversation saved with /save into a new session.\n"
+        "/retry                                   Answer the last message again.\n"
+        "/continue                                Go on with an answer that was cut off or interrupted.\n"
+        "/file PATH                               Put a text file into your next message (/file clear drops it).\n"
+        "/undo                                    Remove the last exchange.\n"
+        "/set [KEY VALUE]                         Change a sampling setting or the system prompt; alone: list them.\n"
+        "/show [info|parameters|system|template]  Settings and context used; info: the model; parameters: with"
+        " sources; system: the prompt; template: the chat format.\n"
+        "/copy [N]                                Copy the last answer, or its N-th code block, to the clipboard.\n"
+        "/stats on|off                            Show tokens, time to first token and speed after each answer.\n"
+        "/exit, /quit, /bye                       Quit (Ctrl-D, or exit or quit alone, too).\n"
         'Enter sends · Alt-Enter (or Esc Enter) adds a line · a multi-line paste is one message · """ starts and'
         " ends a block\n"
         "Ctrl-R searches earlier messages · Ctrl-X Ctrl-E edits the message in $EDITOR · Tab completes\n"
-        "Ctrl-C stops an answer or clears the line · Ctrl-D or /exit quits · //text sends a message starting with /\n"
+        "Ctrl-C stops an answer or clears the line · Ctrl-D, /exit, or exit or quit alone quits\n"
+        '//text sends a message starting with / · " exit" (a leading space) or """exit""" sends the word exit\n'
     )
     for command in COMMANDS:  # the table, not the literal above, is what /help reads
         assert command.usage in screen.getvalue() and command.help in screen.getvalue()
@@ -225,8 +227,8 @@ def test_unknown_command_gets_a_hint_and_is_not_sent(paths: UserPaths) -> None:
     repl.handle("/rset")
     repl.handle("/zzzz")
     assert screen.getvalue() == (
-        "Error: unknown command /rset; did you mean /reset? (/help lists them)\n"
-        "Error: unknown command /zzzz (/help lists them)\n"
+        "Error: unknown command /rset; did you mean /reset? (/help lists them; //rset sends it as a message)\n"
+        "Error: unknown command /zzzz (/help lists them; //zzzz sends it as a message)\n"
     )
     assert users(chat) == [] and backend.plans == [] and repl.failures == 2
 
@@ -247,7 +249,10 @@ def test_reset_keeps_settings(paths: UserPaths) -> None:
     repl, screen = repl_for(chat, paths)
     for line in ("/set temperature 0.5", "hi", "/reset", "again"):
         repl.handle(line)
-    assert screen.getvalue() == "temperature = 0.5\nHi.\n\nNew conversation; settings kept.\nFresh.\n\n"
+    assert screen.getvalue() == (  # /reset: a new session; the first one keeps "hi"
+        f"temperature = 0.5\nHi.\n\nNew session {chat.session.name}; settings kept. The earlier turns stay in session t"
+        " (bluelm chat --resume t).\nFresh.\n\n"
+    )
     assert users(chat) == ["again"] and chat.session.sampling["temperature"] == 0.5
     assert backend.prompt_text() == "<s>[|Human|]:again[|AI|]:" and backend.settings[-1].temperature == 0.5
     repl.handle("/reset")
@@ -288,8 +293,7 @@ def test_undo_drops_the_last_exchange(paths: UserPaths) -> None:
                               "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system"),
         ("/set device cpu", "Error: device can't be changed in a running chat; restart with --device (settings /set"
                             " can change: max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system)"),
-        ("/set temperature", "Error: usage: /set KEY VALUE; keys: max_new_tokens, temperature, top_p, top_k,"
-                             " repetition_penalty, seed, system"),
+        ("/set temperature", "Error: usage: /set temperature T; temperature must be a number from 0 to 2 (0 = greedy)"),
     ],
 )
 def test_invalid_set_values_name_the_valid_range(paths: UserPaths, command: str, message: str) -> None:
@@ -316,7 +320,7 @@ def test_set_system_and_show(paths: UserPaths) -> None:
         "Hi.\n\n"
         "model               fake/BlueLM (cpu, float32)\n"
         "session             t · 1 turn, 1 in the context\n"
-        "context             23 / 2048 tokens in use\n"
+        "context             23 / 2048 tokens in use (1%)\n"
         "system              'You are terse.'\n"
         "max_new_tokens      8\n"
         "temperature         0.0\n"
@@ -345,7 +349,11 @@ def test_stats_line(paths: UserPaths) -> None:
     backend = FakeBackend().queue("x")
     repl, screen = repl_for(Chat(backend, new_session(paths, "v")), paths, verbose=True)
     repl.handle("x")
-    assert screen.getvalue() == f"x\n{stats(backend, 0, 1)}\n\n"
+    prompt = len(backend.plans[0].ids)  # one token: no decode speed, which needs an interval between two
+    assert screen.getvalue() == (
+        f"x\n{prompt} prompt tokens (0 reused) · 1 new · first token 50 ms · prefill {prompt * 20} tokens/s"
+        f" · context {prompt + 2}/2048\n\n"
+    )
 
 
 def test_save_json_and_markdown(paths: UserPaths, tmp_path: Path) -> None:
@@ -410,7 +418,8 @@ def test_load_replaces_the_conversation_and_warns_about_another_model(paths: Use
     assert screen.getvalue() == (
         "Current.\n\n"
         f"Warning: {saved} was saved with vivo-ai/BlueLM-7B-Base; continuing with fake/BlueLM\n"
-        f"Loaded 1 turn from {saved}\n"
+        f"Loaded 1 turn from {saved} into new session {chat.session.name}. The earlier turns stay in session t"
+        " (bluelm chat --resume t).\n"
         "> old question\n"
         "old answer\n\n"  # replayed on screen
         "Follow-up.\n\n"
@@ -552,7 +561,7 @@ def test_script_mode_reads_one_line_at_a_time(paths: UserPaths) -> None:
     assert out == "Hello, s\nA slash \n"
     assert err == (
         f"{CUT}\n"
-        "Error: unknown command /rset; did you mean /reset? (/help lists them)\n"
+        "Error: unknown command /rset; did you mean /reset? (/help lists them; //rset sends it as a message)\n"
         "Error: temperature must be a number from 0 to 2 (0 = greedy), got '9'\n"
         f"{CUT}\n"
     )
@@ -633,6 +642,7 @@ def test_stats_line_of_a_real_answer(engine: ChatEngine, paths: UserPaths) -> No
     lines = [line for line in screen.getvalue().splitlines() if "tokens/s" in line]
     assert len(lines) == 1
     assert re.fullmatch(
-        r"\d+ prompt tokens \(\d+ reused\) · 8 new · first token \d+ ms · [\d.]+ tokens/s · context \d+/2048 · finish: length",
+        r"\d+ prompt tokens \(\d+ reused\) · 8 new · first token \d+ ms · prefill \d+ tokens/s · decode [\d.]+ tokens/s"
+        r" · context \d+/2048 · finish: length",
         lines[0],
     ), lines[0]

@@ -193,7 +193,7 @@ def test_gguf_reads_back_with_expected_tensors_and_metadata(exported, tmp_path: 
     import gguf
 
     source, hf_out = exported[name]
-    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.gguf"), "-m", str(source), "-f", "gguf", "--dtype", "float32"])
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.gguf"), "-m", str(source), "--format", "gguf", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     fields = {name: reader.fields[name].contents() for name in reader.fields if not name.startswith("GGUF.")}
@@ -261,7 +261,7 @@ def test_llama_cpp_gives_bluelm_logits_and_chat_prompt_ids(exported, tmp_path: P
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     source, _ = exported[name]
-    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.gguf"), "-m", str(source), "-f", "gguf", "--dtype", "float32"])
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m.gguf"), "-m", str(source), "--format", "gguf", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     sp = _sentencepiece(source)
     pieces = sp.get_piece_size()

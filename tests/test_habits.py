@@ -173,19 +173,20 @@ def test_ollama_words(paths: UserPaths) -> None:
         "temperature = 0.2\n"
         "Stats on\n"
         "One.\n"
-        f"{plan} prompt tokens (0 reused) · 4 new · first token 50 ms · 100.0 tokens/s · context {plan + 5}/2048\n"
+        f"{plan} prompt tokens (0 reused) · 4 new · first token 50 ms · prefill {plan * 20} tokens/s · decode 100.0 tokens/s"
+        f" · context {plan + 5}/2048\n"
         "\n"
         "Stats off\n"
-        "New conversation; settings kept.\n"
+        f"New session {chat.session.name}; settings kept. The earlier turns stay in session t (bluelm chat --resume t).\n"
         "Two.\n"
         "\n"
         "Error: /set wordwrap is ollama's; answers always wrap at the terminal's width\n"
-        "Error: unknown command /system; use /set system TEXT (/help lists them)\n"
+        "Error: unknown command /system; use /set system TEXT (/help lists them; //system sends it as a message)\n"
         "Error: !multi is llm chat's; here, start a multi-line message with \"\"\" and end it with \"\"\" (Alt-Enter also adds a line)\n"
         "Error: .continue is aichat's; here, use /continue\n"
     )
     listing = screen.getvalue()[help_start:]
-    for usage in ("/help, /?", "/reset, /clear", "/exit, /quit, /bye", "/continue", "/file PATH", "/show [info|parameters|system]"):
+    for usage in ("/help, /?", "/reset, /clear", "/exit, /quit, /bye", "/continue", "/file PATH", "/show [info|parameters|system|template]"):
         assert usage in listing
     assert backend.prompt_text(1) == "<s>[|Human|]:again[|AI|]:"  # /clear started a new conversation
 
@@ -237,7 +238,7 @@ def test_show_info_parameters_and_system(paths: UserPaths, monkeypatch: pytest.M
         "compile             true                          default\n"
         'kv_cache            "model"                       default\n'
         f"history             false                         {config}\n"
-        "Error: usage: /show [info|parameters|system]; 'nonsense' is not one of them\n"
+        "Error: usage: /show [info|parameters|system|template]; 'nonsense' is not one of them\n"
     )
 
 

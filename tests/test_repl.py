@@ -304,9 +304,9 @@ def test_completion_of_commands_settings_and_paths(tmp_path: Path) -> None:
     assert complete("/") == [f"/{name}" for c in COMMANDS for name in (c.name, *c.aliases) if name != "?"]
     assert complete("/b") == ["/bye"] and complete("/q") == ["/quit"] and complete("/cl") == ["/clear"]
     assert complete("/co") == ["/continue", "/copy"] and complete("/fi") == ["/file"]
-    assert complete("/set parameter te") == ["temperature "] and complete("/set ver") == ["verbose"]
+    assert complete("/set parameter te") == ["temperature ", "temp "] and complete("/set ver") == ["verbose"]
     assert complete("/show p") == ["parameters"]
-    assert complete("/set te") == ["temperature "]
+    assert complete("/set te") == ["temperature ", "temp "]  # ollama's short form too
     assert "system " in complete("/set ")
     assert "compile " not in complete("/set ")  # only what /set can change
     assert complete("/set seed n") == ["none"]

@@ -273,6 +273,27 @@ class Chat:
     def reset(self) -> None:
         self.session.reset()
 
+    def start_over(self) -> Session:
+        """A new conversation in a new session with the same model, system prompt and settings (/clear, /load).
+
+        The old session keeps its turns, so `bluelm sessions show`, `sessions search` and `--resume` still
+        find them; nothing typed becomes unreachable. A session with nothing in it is simply reused, and
+        one that is not journaled (`bluelm ask`) is reset. Returns the session the conversation is now in."""
+        old = self.session
+        if old.journal is None or (not old.turns and old.pending is None):
+            if old.turns or old.pending is not None:
+                old.reset()
+            return old
+        if not old.flush_journal():
+            raise BlueLMError(
+                f"the session journal {old.journal} can't be written ({old.journal_problem}); /save PATH keeps"
+                " this conversation before a new one starts"
+            )
+        new = Session.new(old.journal.parent, model_id=old.model_id, system=old.system, sampling=old.sampling)
+        old.close()
+        self.session = new
+        return new
+
     def set_setting(self, key: str, value: object) -> object:
         if key == "max_new_tokens":
             try:
@@ -294,14 +315,22 @@ class Chat:
             self.session.adopt(other)
             self._ids_checked = False
             return
+        self.check_adoptable(other)
+        self.session.adopt(other)
+
+    def check_adoptable(self, other: Conversation, *, what: str = "") -> None:
+        """Raise BlueLMError if `other` holds token ids this model lacks (nothing to check while it loads)."""
+        try:
+            encoder = self.backend.encoder
+        except ModelLoading:
+            return
         for number, turn in enumerate(other.turns, start=1):
             bad = self._foreign_id(turn)
             if bad is not None:
                 raise BlueLMError(
-                    f"turn {number} holds token id {bad}, which this model does not have (its vocabulary has"
-                    f" {self.backend.encoder.vocab_size}); the file is damaged or from another model"
+                    f"{f'cannot load {what}: ' if what else ''}turn {number} holds token id {bad}, which this model"
+                    f" does not have (its vocabulary has {encoder.vocab_size}); the file is damaged or from another model"
                 )
-        self.session.adopt(other)
 
     def _foreign_id(self, turn: Turn) -> int | None:
         limit = self.backend.encoder.vocab_size

@@ -24,7 +24,7 @@ from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.config.paths import UserPaths, user_paths
 from bluelm_cli.cli.click_compat import ClickAbort as _ClickAbort
 from bluelm_cli.cli.click_compat import ClickUsageError as _ClickUsageError
-from bluelm_cli.cli.options import MODEL_SETTINGS, setting_options
+from bluelm_cli.cli.options import MODEL_SETTINGS, HelpCommand, setting_options
 from bluelm_cli.cli.sessions import sessions_app
 from bluelm_cli.config.settings import ResolvedSettings, describe, read_generation_config, resolve_settings
 from bluelm_cli.ui.show import format_value
@@ -53,7 +53,7 @@ class _BlueLMGroup(TyperGroup):
     """Runs commands without click's standalone error printing: every error is one `Error: …` line."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
-        argv = _bare_resume_means_last(list(sys.argv[1:] if args is None else args))
+        argv = _one_name_for_new_tokens(_bare_resume_means_last(list(sys.argv[1:] if args is None else args)))
         debug = "--debug" in argv
         extra.pop("standalone_mode", None)
         try:
@@ -113,12 +113,35 @@ def _usage_message(error: Exception) -> str:
     `--truncate` for `--frobnicate`)."""
     name = getattr(error, "option_name", None)
     possibilities = getattr(error, "possibilities", None)
+    command = getattr(getattr(error, "ctx", None), "command", None)
+    moved = _MOVED_OPTIONS.get((getattr(command, "name", None), name))
+    if moved:
+        return f"No such option: {name}; {moved}"
     if name and possibilities is not None:
         import difflib
 
         close = difflib.get_close_matches(name, list(possibilities), n=1, cutoff=0.75)
         return f"No such option: {name}" + (f"; did you mean {close[0]}?" if close else "")
     return error.format_message()  # type: ignore[attr-defined]
+
+
+# Short options that mean one thing everywhere now: (command, option) → what to use instead.
+_MOVED_OPTIONS = {
+    ("export", "-f"): "the format is --format hf|gguf, or the name of OUT (model.gguf is GGUF); -f is --file in bluelm ask",
+}
+
+
+def _one_name_for_new_tokens(argv: list[str]) -> list[str]:
+    """`--new-tokens` is another name for `--max-new-tokens` in every command (bench had the one, chat and ask
+    the other); translated here so that --help lists the option once."""
+    out: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[index:]
+        if arg == "--new-tokens" or arg.startswith("--new-tokens="):
+            arg = "--max-new-tokens" + arg[len("--new-tokens"):]
+        out.append(arg)
+    return out
 
 
 def _bare_resume_means_last(argv: list[str]) -> list[str]:
@@ -183,7 +206,14 @@ def _stderr_console() -> Console:
 def _print_error(message: str) -> None:
     from bluelm_cli.core.sanitize import safe_for_terminal
 
-    sys.stderr.write(f"Error: {safe_for_terminal(message)}\n")
+    line = f"Error: {safe_for_terminal(message)}"
+    if sys.stderr.isatty():  # wrapped at word boundaries to the terminal's width; one line into a file or pipe
+        import shutil
+        import textwrap
+
+        width = shutil.get_terminal_size().columns
+        line = textwrap.fill(line, width=max(width - 1, 20), break_long_words=False, break_on_hyphens=False)
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
@@ -215,7 +245,7 @@ def _read_prompt(argument: str | None, *, required: bool = True) -> str:
     return "\n\n".join(parts)
 
 
-@app.command(short_help="Answer one question and exit; plain text when piped.")
+@app.command(cls=HelpCommand, short_help="Answer one question and exit; plain text when piped.")
 @setting_options(*MODEL_SETTINGS)
 def ask(
     prompt: Annotated[Optional[str], typer.Argument(help="The question. Piped standard input comes first, then a blank line, then this.", metavar="PROMPT", show_default=False)] = None,
@@ -245,8 +275,11 @@ def ask(
     question = _read_prompt(prompt, required=not attachments)
     resumed = _resume_for_ask(paths, continue_last, session_name)
     errors = _stderr_console()
-    backend, model_id = open_backend(settings, quantization, api_key, errors, api_key_file)
+    _use_session_model(settings, resumed, errors)
+    backend, model_id = open_backend(settings, quantization, api_key, errors, api_key_file, announce=verbose,
+                                     budget_may_shrink=True)
     chat = _ask_chat(backend, settings, model_id, paths, resumed, session_name)
+    _fit_answer_budget(chat, settings, question, errors, verbose=verbose)
     if attachments:
         check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
                    max_new_tokens=chat.sampling.max_new_tokens)
@@ -313,8 +346,8 @@ def _ask_chat(
         return Chat(engine, resumed)
     if session_name is not None:
         ensure_dir(paths.sessions_dir)
-        session = Session.new(paths.sessions_dir, name=session_name, model_id=model_id, system=settings["system"],
-                              sampling=settings.sampling())
+        session = Session.new(paths.sessions_dir, name=session_name, model_id=_recorded_model_id(model_id),
+                              system=settings["system"], sampling=settings.sampling())
         return Chat(engine, session)
     return _one_shot_chat(engine, settings, model_id)
 
@@ -384,15 +417,17 @@ class _NullRenderer:
 
 
 # --------------------------------------------------------------------------------------------- chat
-@app.command(short_help="Chat in the terminal: multi-turn, streaming, /help for commands.")
+@app.command(cls=HelpCommand, short_help="Chat in the terminal: multi-turn, streaming, /help for commands.")
 @setting_options(*MODEL_SETTINGS, "history")
 def chat(
+    message: Annotated[Optional[str], typer.Argument(help="A first message to send as the chat starts (optional).", metavar="MESSAGE", show_default=False)] = None,
     *,
     flags: dict[str, Any],
     load_in_8bit: Load8Opt = False,
     load_in_4bit: Load4Opt = False,
+    continue_last: Annotated[bool, typer.Option("--continue", "-c", help="Continue the most recent session (as --resume alone does).")] = False,
     resume: Annotated[Optional[str], typer.Option("--resume", metavar="[NAME]", help="Continue the most recent session, or the one named NAME.", show_default=False)] = None,
-    session_name: Annotated[Optional[str], typer.Option("--session", help="Start a new session with this name.", show_default=False)] = None,
+    session_name: Annotated[Optional[str], typer.Option("--session", metavar="NAME", help="Start a new session with this name.", show_default=False)] = None,
     api_key: ApiKeyOpt = None,
     api_key_file: ApiKeyFileOpt = None,
     verbose: VerboseOpt = False,
@@ -405,14 +440,19 @@ def chat(
 
     settings, paths = _resolve(flags)
     quantization = quantization_choice(load_in_8bit, load_in_4bit)
+    if continue_last:
+        if resume is not None:
+            raise UsageError("use either --continue (-c) or --resume, not both")
+        resume = "last"
     if resume is not None and session_name is not None:
-        raise UsageError("use either --resume or --session, not both")
+        raise UsageError(f"use either {'--continue' if continue_last else '--resume'} or --session, not both")
     if session_name is not None:
         validate_session_name(session_name)
     errors = _stderr_console()
     resumed: Session | None = None
     if resume is not None:
         resumed = Session.resume(paths.sessions_dir, None if resume in ("", "last") else resume)
+        _use_session_model(settings, resumed, errors)
     # On a terminal the prompt comes at once and a local model loads behind it; a script (or --api) waits for it.
     background: BackgroundBackend | None = None
     if not settings["api"] and sys.stdin.isatty() and sys.stdout.isatty():
@@ -434,7 +474,7 @@ def chat(
         session = Session.new(
             paths.sessions_dir,
             name=session_name,
-            model_id=model_id,
+            model_id=_recorded_model_id(model_id),
             system=settings["system"],
             sampling=settings.sampling(),
         )
@@ -450,12 +490,12 @@ def chat(
     try:
         status = run_chat(chat_service, console=Console(highlight=False), paths=paths, verbose=verbose,
                           resumed=resumed is not None, on_model_ready=on_model_ready, settings=settings,
-                          keep_history=bool(settings["history"]))
+                          keep_history=bool(settings["history"]), first_message=message)
     except KeyboardInterrupt:
         status = ExitStatus.INTERRUPTED
     except LoadFailed:
-        if resumed is None and not session.turns:  # nothing was said: leave no empty session behind
-            _discard(session)
+        if resumed is None and not chat_service.session.turns:  # nothing was said: leave no empty session behind
+            _discard(chat_service.session)
         raise
     if background is not None:
         background.exit_now_if_loading(status)
@@ -499,8 +539,60 @@ def _explicit_sampling(settings: ResolvedSettings) -> dict[str, Any]:
     return {key: settings[key] for key in SAMPLING_KEYS if settings.source_of(key) == "flag"}
 
 
+def _recorded_model_id(model_id: str) -> str:
+    """The model as a session records it: a local folder as an absolute path, so that `--resume` finds it
+    from any directory; a hub id or a served model's name as it is."""
+    folder = Path(model_id).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else model_id
+
+
+def _use_session_model(settings: ResolvedSettings, resumed: Session | None, errors: Console) -> None:
+    """A resumed session continues with the model it was recorded with, unless --model is given (or --api:
+    a served model is whatever the server runs). Says so when that is not the configured model."""
+    if resumed is None or settings["api"] or settings.source_of("model") == "flag":
+        return
+    recorded, configured = resumed.model_id, settings["model"]
+    if not recorded or recorded == configured:
+        return
+    if not (Path(recorded).expanduser().is_dir() or _is_hub_id(recorded)):
+        errors.print(
+            f"Warning: session {resumed.name} was recorded with {recorded}, which is not on this machine;"
+            f" continuing it with {configured} (--model chooses another)", style="yellow", markup=False,
+        )
+        return
+    settings.use_model(recorded, f"session {resumed.name}")
+    errors.print(
+        f"Continuing session {resumed.name} with its model {recorded} (the configured model is {configured};"
+        " --model chooses another)", style="dim", markup=False, highlight=False,
+    )
+
+
+def _is_hub_id(model: str) -> bool:
+    return model.count("/") == 1 and not model.startswith((".", "/", "~")) and " " not in model
+
+
+def _fit_answer_budget(chat: Chat, settings: ResolvedSettings, question: str, errors: Console, *, verbose: bool) -> None:
+    """`ask` on a model whose context can't hold the default answer budget: lower max_new_tokens to what the
+    context leaves after the prompt (a budget given with -n is the user's and is refused as before)."""
+    from bluelm_cli.core.prompt import user_segment
+
+    budget = chat.sampling.max_new_tokens
+    if settings.source_of("max_new_tokens") == "flag" or budget < chat.context_limit:
+        return  # it leaves room for a prompt: older turns are dropped to fit, as in a chat
+    prompt = chat.context_used() + len(chat.backend.encoder.encode_plain(user_segment(question)))
+    room = chat.context_limit - prompt
+    if room >= budget or room < 1:
+        return  # it fits; or the prompt alone does not, which the send reports
+    chat.set_setting("max_new_tokens", room)
+    if verbose:
+        errors.print(
+            f"Note: max_new_tokens lowered from {budget} to {room}: the model's context is {chat.context_limit}"
+            f" tokens and the prompt takes {prompt}", style="dim", markup=False, highlight=False,
+        )
+
+
 # ---------------------------------------------------------------------------------- config, sessions
-@app.command("config", short_help="Show the effective settings, their sources, and the paths.")
+@app.command("config", cls=HelpCommand, short_help="Show the effective settings, their sources, and the paths.")
 @setting_options("model")
 def show_config(
     *,
@@ -565,7 +657,7 @@ def _local_checkpoint(model: str) -> Path | None:
 app.add_typer(sessions_app, name="sessions", short_help="List, show, remove or search saved chat sessions.")
 
 
-@app.command(short_help="Measure load, time to first token per turn, and decode speed.")
+@app.command(cls=HelpCommand, short_help="Measure load, time to first token per turn, and decode speed.")
 @setting_options("model", "source", "device", "dtype", "compile", "kv_cache", "api")
 def bench(
     *,
@@ -573,14 +665,14 @@ def bench(
     api_key: ApiKeyOpt = None,
     api_key_file: ApiKeyFileOpt = None,
     random_weights: Annotated[bool, typer.Option("--random-weights", help="Random weights built on the device, shaped like --shape (or --model's config.json when it is a folder): no download.")] = False,
-    shape: Annotated[str, typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context), cpu25m (26M parameters) or cpu25m-32k.")] = "7b",
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.")] = 256,
-    new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens decoded every turn.")] = 64,
-    turns: Annotated[int, typer.Option(min=1, help="Turns in the conversation.")] = 16,
+    shape: Annotated[Optional[str], typer.Option(help="Shapes for --random-weights: 7b (published BlueLM-7B), 7b-32k (the same with a 32K context), cpu25m (26M parameters) or cpu25m-32k; default: 7b on a GPU, cpu25m on the CPU.", metavar="SHAPE", show_default=False)] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, help="Tokens in the first message.", metavar="N")] = 256,
+    new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=2, help="Tokens decoded every turn (also --new-tokens).", metavar="N")] = 64,
+    turns: Annotated[int, typer.Option(min=1, help="Turns in the conversation.", metavar="N")] = 16,
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure plain model.generate() re-encoding the history each turn, and print ratios.")] = False,
-    repeats: Annotated[int, typer.Option(min=1, help="Run the conversation N times; keep each turn's best figures.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Run the conversation N times; keep each turn's best figures.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `turns` list.")] = False,
-    runner: Annotated[str, typer.Option(help="The CUDA fast path to measure: graphs (CUDA graphs per attention window, the chat's) or compiled (torch.compile).")] = "graphs",
+    runner: Annotated[str, typer.Option(metavar="NAME", help="The CUDA fast path to measure: graphs (CUDA graphs per attention window, the chat's) or compiled (torch.compile).")] = "graphs",
     debug: DebugOpt = False,
 ) -> int:
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""
@@ -598,13 +690,16 @@ def bench(
     errors = _stderr_console()
     if random_weights:
         folder = Path(settings["model"]).expanduser()
+        target = pick_device(settings["device"])
+        if shape is None:  # a 7B on a CPU takes tens of GB and minutes a turn: CPU-sized shapes there
+            shape = "cpu25m" if target.type == "cpu" else "7b"
         if settings.source_of("model") != "default" and folder.exists():
             shapes: Any = folder
         elif shape in SHAPES:
             shapes = SHAPES[shape]
+            _check_bench_memory(shape, shapes, target, pick_dtype(settings["dtype"], target))
         else:
             raise UsageError(f"unknown shape '{shape}'; use one of {', '.join(SHAPES)}")
-        target = pick_device(settings["device"])
         with errors.status(f"Building a random-weights model ({shape if shapes is not folder else folder}) on {target}…"):
             loaded = random_weights_model(shapes, target, pick_dtype(settings["dtype"], target))
         label = f"random weights, {shape if shapes is not folder else folder} shapes"
@@ -624,6 +719,37 @@ def bench(
     return ExitStatus.OK
 
 
+def _check_bench_memory(shape: str, config: dict[str, Any], target: Any, dtype: Any) -> None:
+    """Refuse shapes whose random weights don't fit the CPU's free memory, saying how much they need."""
+    if target.type != "cpu":
+        return  # a GPU that runs out says so itself (CUDA out of memory), before minutes are spent
+    import torch
+
+    from bluelm_cli.core.sizes import describe_parameters, parameter_count
+
+    parameters = parameter_count(config)
+    needed = parameters * torch.tensor([], dtype=dtype).element_size()
+    free = _free_memory()
+    if free is not None and needed > free:
+        raise UsageError(
+            f"--shape {shape} has {describe_parameters(parameters)} parameters: about {needed / 1e9:.1f} GB of"
+            f" {str(dtype).removeprefix('torch.')} weights, and this machine has {free / 1e9:.1f} GB free; use"
+            " --shape cpu25m on the CPU, or a GPU (--device cuda)"
+        )
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _bench_served(flags: dict[str, Any], api_key: str | None, api_key_file: str | None, *, prompt_tokens: int, new_tokens: int, turns: int,
                   repeats: int, as_json: bool, other_options: bool) -> int:
     from bluelm_cli.bench.remote import format_served_report, run_served_bench
@@ -639,13 +765,13 @@ def _bench_served(flags: dict[str, Any], api_key: str | None, api_key_file: str 
     return ExitStatus.OK
 
 
-@app.command("export", short_help="Write the model as plain Llama for vLLM, SGLang, TGI (hf) or llama.cpp, ollama (gguf).")
+@app.command("export", cls=HelpCommand, short_help="Write the model as plain Llama for vLLM, SGLang, TGI (hf) or llama.cpp, ollama (gguf).")
 @setting_options("model", "source")
 def export(
     out: Annotated[Path, typer.Argument(help="New folder (hf) or file (gguf) to write.", metavar="OUT", show_default=False)],
     *,
     flags: dict[str, Any],
-    export_format: Annotated[str, typer.Option("--format", "-f", help="hf (a folder) or gguf (one file).", metavar="FORMAT")] = "hf",
+    export_format: Annotated[Optional[str], typer.Option("--format", help="hf (a folder) or gguf (one file); default: gguf when OUT ends in .gguf, else hf.", metavar="FORMAT", show_default=False)] = None,
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), bfloat16, float16 or float32.", metavar="DTYPE")] = "auto",
     dequantize: Annotated[bool, typer.Option(
         "--dequantize", help="Write an AWQ/GPTQ release's 4-bit layers as plain DTYPE weights instead of keeping them.")] = False,
@@ -658,6 +784,13 @@ def export(
     from bluelm_cli.export import export_checkpoint
 
     settings, _ = _resolve(flags)
+    if export_format is None:  # the file name says it: `bluelm export model.gguf`
+        export_format = "gguf" if out.suffix.lower() == ".gguf" else "hf"
+    if export_format == "gguf":
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:  # an extra, not installed by `pip install .`
+            raise BlueLMError("GGUF export needs the gguf package: pip install 'bluelm-cli[export]' (or pip install gguf)")
     console = _stderr_console()
     with console.status(f"Exporting {escape(settings['model'])}…", spinner="dots") as status:
         written = export_checkpoint(

@@ -26,10 +26,14 @@ MODEL_SETTINGS = (
 )
 
 
+# Other spellings the command line takes (bluelm.cli.app translates them before parsing).
+_OTHER_NAMES = {"max_new_tokens": "--new-tokens"}
+
+
 def _help(spec: SettingSpec) -> str:
     if spec.type is bool:
         return f"{spec.help.rstrip('.')} ({'on' if spec.default else 'off'})."
-    extra = []
+    extra = [f"also {_OTHER_NAMES[spec.name]}"] if spec.name in _OTHER_NAMES else []
     if spec.env:
         extra.append(f"env {spec.env}")
     if spec.default is not None:
@@ -77,3 +81,42 @@ def setting_options(*names: str) -> Callable[[F], F]:
 def _is_argument(parameter: inspect.Parameter) -> bool:
     metadata = getattr(parameter.annotation, "__metadata__", ())
     return any(isinstance(item, typer.models.ArgumentInfo) for item in metadata)
+
+
+class HelpCommand(typer.core.TyperCommand):
+    """A command whose --help says what each value is and nothing of the framework's types: arguments as
+    ``NAME`` (``[NAME]`` when optional), never ``NAME <str>``, ``{NAME}`` or ``[[NAME]]`` (typer's own)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_usage(param))
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                if not getattr(param, "hidden", False):
+                    arguments.append((_argument_name(param), getattr(param, "help", None) or ""))
+            else:
+                record = param.get_help_record(ctx)
+                if record is not None:
+                    options.append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        if options:
+            with formatter.section("Options"):
+                formatter.write_dl(options)
+
+
+def _argument_name(param: Any) -> str:
+    name = (param.metavar or param.name or "").strip("[]").upper()
+    return name if param.nargs == 1 or name.endswith("...") else f"{name}..."
+
+
+def _argument_usage(param: Any) -> str:
+    name = _argument_name(param)
+    return name if param.required else f"[{name}]"

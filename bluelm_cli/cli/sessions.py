@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bluelm_cli.cli.options import HelpCommand
 from bluelm_cli.chat.conversation import Conversation
 from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.chat.journal import SessionInfo, find_journal, list_sessions, replay
@@ -80,9 +81,9 @@ def _for_stdout(text: str) -> str:
     return safe_for_terminal(text) if sys.stdout.isatty() else text
 
 
-@sessions_app.command("show")
+@sessions_app.command(cls=HelpCommand, name="show")
 def show_command(
-    name: Annotated[Optional[str], typer.Argument(help="The session (default: the most recent).", metavar="[NAME]", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Argument(help="The session (default: the most recent).", metavar="NAME", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The session as JSON (the /save format).")] = False,
     as_markdown: Annotated[bool, typer.Option("--markdown", help="A Markdown transcript (what /save x.md writes).")] = False,
     debug: DebugOpt = False,
@@ -103,7 +104,7 @@ def show_command(
     return ExitStatus.OK
 
 
-@sessions_app.command("rm")
+@sessions_app.command(cls=HelpCommand, name="rm")
 def rm_command(
     names: Annotated[list[str], typer.Argument(help="The sessions to delete.", metavar="NAME...", show_default=False)],
     debug: DebugOpt = False,
@@ -155,7 +156,7 @@ def _remove(names: list[str], paths: list[Path]) -> None:
         typer.echo(f"Removed session {name}")
 
 
-@sessions_app.command("search")
+@sessions_app.command(cls=HelpCommand, name="search")
 def search_command(
     text: Annotated[str, typer.Argument(help="Text to find (case-insensitive) in messages and answers.", metavar="TEXT", show_default=False)],
     debug: DebugOpt = False,

@@ -30,8 +30,9 @@ def quantization_choice(load_in_8bit: bool, load_in_4bit: bool) -> str | None:
     return "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
 
 
-def load_local(settings: ResolvedSettings, quantization: str | None, console: Console, *, chatting: bool = True) -> LoadedModel:
-    """Load the model with a status line on stderr, then say how long it took."""
+def load_local(settings: ResolvedSettings, quantization: str | None, console: Console, *, chatting: bool = True,
+               announce: bool = True, budget_may_shrink: bool = False) -> LoadedModel:
+    """Load the model with a status line on stderr, then say how long it took (unless `announce` is off)."""
     from rich.markup import escape
 
     from bluelm_cli.local.loading import load_model
@@ -40,18 +41,23 @@ def load_local(settings: ResolvedSettings, quantization: str | None, console: Co
     # Paths and ids may hold "[…]", which rich would take for markup: every interpolation is escaped.
     with console.status(f"Loading {escape(settings['model'])}…", spinner="dots") as status:
         loaded = load_model(
-            **model_source(settings, quantization, chatting=chatting),
+            **model_source(settings, quantization, chatting=chatting, budget_may_shrink=budget_may_shrink),
             on_status=lambda text: status.update(escape(text) + "…"),
             on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(text)}"),
         )
     settings.apply_checkpoint_defaults(loaded.generation_defaults)
-    console.print(f"[dim]{escape(loaded_line(loaded, time.perf_counter() - started))}[/]")
+    if announce:
+        console.print(f"[dim]{escape(loaded_line(loaded, time.perf_counter() - started))}[/]")
     return loaded
 
 
-def model_source(settings: ResolvedSettings, quantization: str | None, *, chatting: bool = True) -> dict[str, Any]:
+def model_source(settings: ResolvedSettings, quantization: str | None, *, chatting: bool = True,
+                 budget_may_shrink: bool = False) -> dict[str, Any]:
     """What `load_model` is told about the model, whichever way it loads (with a status line or behind the
-    prompt); a chat also has max_new_tokens checked against the model's context before the weights load."""
+    prompt); a chat also has max_new_tokens checked against the model's context before the weights load,
+    unless the budget may shrink to fit (`ask` without -n lowers it to what the context leaves)."""
+    if budget_may_shrink and settings.source_of("max_new_tokens") != SOURCE_FLAG:
+        chatting = False
     return {
         "model": settings["model"],
         "source": settings["source"],
@@ -161,10 +167,12 @@ def api_key_source(flag: str | None) -> str | None:
 
 
 def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: str | None, console: Console,
-                 api_key_file: str | None = None) -> tuple[Backend, str]:
-    """The served model (`--api`) or the local one, and its id for the session."""
+                 api_key_file: str | None = None, *, announce: bool = True,
+                 budget_may_shrink: bool = False) -> tuple[Backend, str]:
+    """The served model (`--api`) or the local one, and its id for the session. `announce` off: no
+    "Loaded …"/"Connected to …" line (`ask` without -v)."""
     if not settings["api"]:
-        loaded = load_local(settings, quantization, console)
+        loaded = load_local(settings, quantization, console, announce=announce, budget_may_shrink=budget_may_shrink)
         return local_engine(loaded, settings, console), loaded.model_id
     from rich.markup import escape
 
@@ -181,8 +189,9 @@ def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: 
         console.print(f"[yellow]Warning:[/] {escape(f'other users can read the API key file {api_key_file}; chmod 600 {api_key_file}')}")
     with console.status(f"Connecting to {escape(redact_url(settings['api']))}…", spinner="dots"):
         backend = connect(settings["api"], api_key=key, model=model, local_tokenizer=model)
-    console.print(
-        f"[dim]Connected to {escape(backend.client.url.api)}: {escape(backend.model.name)}, context "
-        f"{backend.context_limit} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"
-    )
+    if announce:
+        console.print(
+            f"[dim]Connected to {escape(backend.client.url.api)}: {escape(backend.model.name)}, context "
+            f"{backend.context_limit} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"
+        )
     return backend, backend.model.name

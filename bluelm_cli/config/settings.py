@@ -162,6 +162,10 @@ class ResolvedSettings:
     def sampling(self) -> SamplingSettings:
         return SamplingSettings.from_resolved(self)
 
+    def use_model(self, model: str, source: str) -> None:
+        """Take `model` from `source` (a resumed session's own model) in place of the resolved one."""
+        self._entries["model"] = ResolvedValue(parse_setting("model", model), source)
+
     def apply_checkpoint_defaults(self, gen_config: Mapping[str, Any] | None) -> list[str]:
         """Take the checkpoint's generation_config.json values for settings still at their built-in
         default. ``do_sample: false`` there means greedy (temperature 0). Values outside our ranges

@@ -40,6 +40,22 @@ class AnswerResult:
         """Prompt tokens that had to be computed (not reused from the cache)."""
         return self.prompt_tokens - self.reused_tokens
 
+    @property
+    def prefill_tok_s(self) -> float | None:
+        """Prompt tokens computed per second until the first token (the prefill, and the first token's own
+        step); None when there is no such figure (nothing computed, no first token, no time measured)."""
+        if self.prefill_tokens < 1 or self.new_tokens < 1 or self.ttft_s <= 0:
+            return None
+        return self.prefill_tokens / self.ttft_s
+
+    @property
+    def decode_speed(self) -> float | None:
+        """Decode tokens/s, or None where it means nothing: fewer than 2 tokens (a rate needs an interval
+        between tokens; an early Ctrl-C leaves one) or no measured time."""
+        if self.new_tokens < 2 or self.decode_tok_s <= 0:
+            return None
+        return self.decode_tok_s
+
 
 class AnswerStream(Protocol):
     """Text deltas of one answer; `stop()` from any thread ends it within a step; `result` once ended."""

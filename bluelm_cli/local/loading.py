@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from bluelm_cli.core.sizes import SLOW_ON_CPU_PARAMETERS, describe_parameters, parameter_count
 from bluelm_cli.core.errors import BlueLMError, UsageError
 from bluelm_cli.modeling import BlueLMConfig, BlueLMForCausalLM, BlueLMTokenizer
 from bluelm_cli.modeling.weights import WEIGHT_FILES, WEIGHT_INDEXES
@@ -251,8 +252,6 @@ def load_model(
     check_checkpoint_folder(folder)
     target = pick_device(device)
     torch_dtype = pick_dtype(dtype, target)
-    if target.type == "cpu" and on_warning:
-        on_warning("no CUDA GPU found; running on the CPU, which is slow for a 7B model")
     layout = _quantized_layout(folder)
     if layout is not None and quantization == "8bit":
         raise BlueLMError(f"{folder} is already quantized ({layout.describe()}); drop --load-in-8bit")
@@ -265,6 +264,15 @@ def load_model(
     config = _read_config(folder)
     if on_config:
         on_config(config.context_length)
+    if target.type == "cpu" and on_warning:
+        # From the model's size, not the device alone: a small model runs well on a CPU.
+        parameters = parameter_count(config.to_dict())
+        if parameters >= SLOW_ON_CPU_PARAMETERS:
+            weights_gb = parameters * torch.tensor([], dtype=torch_dtype).element_size() / 1e9
+            on_warning(
+                f"no CUDA GPU found; running a {describe_parameters(parameters)}-parameter model on the CPU is slow"
+                f" (about {weights_gb:.0f} GB of weights are read for every token)"
+            )
     generation_defaults, problems = read_generation_config(folder)
     for problem in problems:
         if on_warning:

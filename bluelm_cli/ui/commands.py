@@ -22,25 +22,30 @@ from bluelm_cli.core.backend import ModelLoading
 from bluelm_cli.chat.service import Chat, TurnStream
 from bluelm_cli.ui.clipboard import copy_to_clipboard
 from bluelm_cli.core.errors import BlueLMError, UsageError
-from bluelm_cli.ui.habits import foreign_command_hint, foreign_set_hint
+from bluelm_cli.ui.habits import SETTING_ALIASES, foreign_command_hint, foreign_set_hint, setting_alias
 from bluelm_cli.ui.output import ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir, expand_user
 from bluelm_cli.session import Session
 from bluelm_cli.config.settings import ResolvedSettings
+from bluelm_cli.core.prompt import AI_TAG, BOS_TEXT, EOS_TEXT, HUMAN_TAG, prompt_text
 from bluelm_cli.core.settings import GENERATION_KEYS, SAMPLING_KEYS, SPECS
 from bluelm_cli.ui.show import info_rows, parameter_rows, session_values
 
 __all__ = [
-    "COMMANDS", "ChatCompleter", "Command", "CommandContext", "ExitChat", "Outcome", "ShowAnswer",
-    "code_blocks", "find_command", "run_command", "unknown_command_message",
+    "COMMANDS", "EXIT_WORDS", "ChatCompleter", "Command", "CommandContext", "ExitChat", "Outcome", "ShowAnswer",
+    "code_blocks", "context_meter", "find_command", "run_command", "unknown_command_message",
 ]
 
 # What /help says about the keys of the prompt (bound in repl.py).
 KEYS_HELP = (
     'Enter sends · Alt-Enter (or Esc Enter) adds a line · a multi-line paste is one message · """ starts and ends a block',
     "Ctrl-R searches earlier messages · Ctrl-X Ctrl-E edits the message in $EDITOR · Tab completes",
-    "Ctrl-C stops an answer or clears the line · Ctrl-D or /exit quits · //text sends a message starting with /",
+    "Ctrl-C stops an answer or clears the line · Ctrl-D, /exit, or exit or quit alone quits",
+    '//text sends a message starting with / · " exit" (a leading space) or """exit""" sends the word exit',
 )
+
+# Typed alone at the prompt, these end the chat as /exit does (as in `llm chat` and Python).
+EXIT_WORDS = ("exit", "quit")
 
 
 class CommandContext(Protocol):
@@ -92,9 +97,17 @@ def _help(ctx: CommandContext, args: str) -> Outcome:
 
 
 def _reset(ctx: CommandContext, args: str) -> Outcome:
-    ctx.chat.reset()
-    ctx.out.note("New conversation; settings kept.")
+    old = ctx.chat.session
+    new = ctx.chat.start_over()
+    if new is old:
+        ctx.out.note("New conversation; settings kept.")
+    else:
+        ctx.out.note(f"New session {new.name}; settings kept. {_kept_in(old.name)}")
     return None
+
+
+def _kept_in(name: str) -> str:
+    return f"The earlier turns stay in session {name} (bluelm chat --resume {name})."
 
 
 def _save(ctx: CommandContext, args: str) -> Outcome:
@@ -116,12 +129,13 @@ def _load(ctx: CommandContext, args: str) -> Outcome:
     running = ctx.chat.session.model_id
     if loaded.model_id != running:
         ctx.out.warn(f"{path} was saved with {loaded.model_id}; continuing with {running}")
-    try:
-        ctx.chat.adopt(loaded)
-    except BlueLMError as exc:
-        raise BlueLMError(f"cannot load {path}: {exc}") from None
+    ctx.chat.check_adoptable(loaded, what=str(path))  # before a new session starts: a refusal changes nothing
+    old = ctx.chat.session
+    new = ctx.chat.start_over()  # the current turns stay in their own session
+    ctx.chat.adopt(loaded)
     count = len(loaded.turns)
-    ctx.out.note(f"Loaded {count} turn{'s' if count != 1 else ''} from {path}")
+    ctx.out.note(f"Loaded {count} turn{'s' if count != 1 else ''} from {path}"
+                 + ("" if new is old else f" into new session {new.name}. {_kept_in(old.name)}"))
     if ctx.interactive:
         ctx.out.show_turns(ctx.chat.session.turns)
     return None
@@ -143,19 +157,37 @@ def _set(ctx: CommandContext, args: str) -> Outcome:
     if key == "parameter":  # ollama's /set parameter KEY VALUE
         key, _, value = value.partition(" ")
         value = value.strip()
+    if not key:  # a bare /set (or /set parameter): what can be set, and how
+        _list_settings(ctx)
+        return None
     if key in ("verbose", "quiet") and not value:  # ollama's switches for the stats line
         return _stats(ctx, "on" if key == "verbose" else "off")
+    key = setting_alias(key) or key
     hint = foreign_set_hint(key)
     if hint and key not in SPECS:
         raise UsageError(f"/set {key} is ollama's; {hint}")
-    if not key or not value:
-        raise UsageError(f"usage: /set KEY VALUE; keys: {', '.join(SAMPLING_KEYS)}")
     if key not in SPECS:
-        hint = _did_you_mean(key, SAMPLING_KEYS)
+        hint = _did_you_mean(key, [*SAMPLING_KEYS, *SETTING_ALIASES])
         raise UsageError(f"unknown setting '{key}'{hint}; /set can change: {', '.join(SAMPLING_KEYS)}")
+    if not value:
+        raise UsageError(f"usage: /set {key} {SPECS[key].metavar}; {key} must be {SPECS[key].expected}")
     parsed = ctx.chat.set_setting(key, value)
     ctx.out.note(f"{key} = {_show_value(parsed)}")
     return None
+
+
+def _list_settings(ctx: CommandContext) -> None:
+    """What a bare /set prints: each setting /set can change, its value now, and its other names."""
+    values = {"system": ctx.chat.system, **ctx.chat.sampling.as_dict()}
+    names = {key: [alias for alias, target in SETTING_ALIASES.items() if target == key] for key in SAMPLING_KEYS}
+    ctx.out.note("Usage: /set KEY VALUE (also ollama's /set parameter KEY VALUE)")
+    rows = []
+    for key in SAMPLING_KEYS:
+        spec = SPECS[key]
+        also = f" (also {', '.join(names[key])})" if names[key] else ""
+        rows.append((f"{key} {spec.metavar}", f"{_show_value(values[key])} · {spec.help.rstrip('.')}{also}"))
+    rows.append(("verbose | quiet", f"{'verbose' if ctx.show_stats else 'quiet'} · show or hide the stats line after each answer"))
+    ctx.out.rows(rows)
 
 
 def _show(ctx: CommandContext, args: str) -> Outcome:
@@ -175,8 +207,11 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
         else:
             ctx.out.note("No system prompt; /set system TEXT sets one.")
         return None
+    if what == "template":
+        _show_template(ctx)
+        return None
     if what:
-        raise UsageError(f"usage: /show [info|parameters|system]; '{args}' is not one of them")
+        raise UsageError(f"usage: /show [info|parameters|system|template]; '{args}' is not one of them")
     chat = ctx.chat
     session = chat.session
     settings = chat.sampling.as_dict()
@@ -184,7 +219,7 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
     try:
         info = chat.backend.info()
         model = f"{info.model_id} ({info.device}, {info.dtype})"
-        context = f"{chat.context_used()} / {chat.context_limit} tokens in use"
+        context = context_meter(chat.context_used(), chat.context_limit)
     except ModelLoading:  # what needs the tokenizer says so rather than making /show wait
         model, context = f"{session.model_id} (model loading)", "(model loading)"
     rows: list[tuple[str, str]] = [
@@ -197,6 +232,17 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
     rows.append(("stats", "on" if ctx.show_stats else "off"))
     ctx.out.rows(rows)
     return None
+
+
+def _show_template(ctx: CommandContext) -> None:
+    """BlueLM's chat format as the prompt builder writes it, special tokens included (ollama's /show template)."""
+    example = prompt_text("{system}", [("{message 1}", "{answer 1}")], "{message 2}")
+    ctx.out.print_text(example)
+    ctx.out.note(
+        f"{BOS_TEXT} opens the conversation and {EOS_TEXT} closes each answer; {HUMAN_TAG} and {AI_TAG} are"
+        " single tokens. BlueLM has no system role: the system prompt is plain text before the first"
+        f" {HUMAN_TAG} (now: {'unset' if not ctx.chat.system else _show_value(ctx.chat.system)})."
+    )
 
 
 def _continue(ctx: CommandContext, args: str) -> Outcome:
@@ -291,6 +337,9 @@ class _SettingCompleter(Completer):
             for key in SAMPLING_KEYS:
                 if key.startswith(text):
                     yield Completion(key + " ", start_position=-len(text), display=key, display_meta=SPECS[key].help)
+            for alias, key in SETTING_ALIASES.items():
+                if alias.startswith(text) and text:
+                    yield Completion(alias + " ", start_position=-len(text), display=alias, display_meta=f"= {key}")
             if document.text_before_cursor == text:
                 for switch, meta in self._SWITCHES.items():
                     if switch.startswith(text):
@@ -306,21 +355,23 @@ _PATHS = PathCompleter(expanduser=True)
 
 COMMANDS: tuple[Command, ...] = (
     Command("help", "/help", "List the commands and keys.", _help, aliases=("?",)),
-    Command("reset", "/reset", "Start a new conversation (settings are kept).", _reset, aliases=("clear",)),
+    Command("reset", "/reset", "Start a new conversation in a new session; settings are kept.", _reset, aliases=("clear",)),
     Command("save", "/save [PATH]", "Save the conversation: JSON, or a Markdown transcript for .md.", _save, _PATHS),
-    Command("load", "/load PATH", "Load a conversation saved with /save (replaces the current one).", _load, _PATHS),
+    Command("load", "/load PATH", "Load a conversation saved with /save into a new session.", _load, _PATHS),
     Command("retry", "/retry", "Answer the last message again.", _retry),
     Command("continue", "/continue", "Go on with an answer that was cut off or interrupted.", _continue),
     Command("file", "/file PATH", "Put a text file into your next message (/file clear drops it).", _file, _PATHS),
     Command("undo", "/undo", "Remove the last exchange.", _undo),
-    Command("set", "/set KEY VALUE", "Change a sampling setting or the system prompt; /set verbose|quiet.", _set,
+    Command("set", "/set [KEY VALUE]", "Change a sampling setting or the system prompt; alone: list them.", _set,
             _SettingCompleter()),
-    Command("show", "/show [info|parameters|system]", "Settings and context used; info: the model; parameters: with sources; system: the prompt.",
-            _show, WordCompleter(["info", "parameters", "system"])),
+    Command("show", "/show [info|parameters|system|template]",
+            "Settings and context used; info: the model; parameters: with sources; system: the prompt;"
+            " template: the chat format.",
+            _show, WordCompleter(["info", "parameters", "system", "template"])),
     Command("copy", "/copy [N]", "Copy the last answer, or its N-th code block, to the clipboard.", _copy),
     Command("stats", "/stats on|off", "Show tokens, time to first token and speed after each answer.", _stats,
             WordCompleter(["on", "off"])),
-    Command("exit", "/exit", "Quit (Ctrl-D too).", _exit, aliases=("quit", "bye")),
+    Command("exit", "/exit", "Quit (Ctrl-D, or exit or quit alone, too).", _exit, aliases=("quit", "bye")),
 )
 
 _BY_NAME: dict[str, Command] = {name: c for c in COMMANDS for name in (c.name, *c.aliases)}
@@ -346,8 +397,9 @@ def unknown_command_message(name: str) -> str:
     """``unknown command /rset; did you mean /reset? (/help lists them)``; another tool's word says what to use."""
     hint = foreign_command_hint(name)
     if hint:
-        return f"unknown command /{name}; {hint} (/help lists them)"
-    return f"unknown command /{name}{_did_you_mean(name, list(_BY_NAME), prefix='/')} (/help lists them)"
+        return f"unknown command /{name}; {hint} (/help lists them; //{name} sends it as a message)"
+    return (f"unknown command /{name}{_did_you_mean(name, list(_BY_NAME), prefix='/')} (/help lists them;"
+            f" //{name} sends it as a message)")
 
 
 class ChatCompleter(Completer):
@@ -371,6 +423,11 @@ class ChatCompleter(Completer):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def context_meter(used: int, limit: int) -> str:
+    """``1234 / 2048 tokens in use (60%)``: the context meter of /show and the prompt's toolbar."""
+    return f"{used} / {limit} tokens in use ({100 * used // max(limit, 1)}%)"
+
+
 def code_blocks(markdown: str) -> list[str]:
     """The contents of the fenced and indented code blocks in ``markdown``, in order."""
     from markdown_it import MarkdownIt  # rich's own Markdown parser

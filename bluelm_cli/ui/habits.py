@@ -6,7 +6,7 @@ answered with the command to use, rather than "unknown command" or being sent to
 
 from __future__ import annotations
 
-__all__ = ["foreign_command_hint", "foreign_line_hint", "foreign_set_hint"]
+__all__ = ["SETTING_ALIASES", "foreign_command_hint", "foreign_line_hint", "foreign_set_hint", "setting_alias"]
 
 _MULTILINE = 'start a multi-line message with """ and end it with """ (Alt-Enter also adds a line)'
 
@@ -30,7 +30,7 @@ _SLASH_WORDS: dict[str, str] = {
     "models": "the model is chosen at start (bluelm chat --model M); /show info describes this one",
     "list": "the model is chosen at start (bluelm chat --model M); bluelm sessions lists saved chats",
     "sessions": "in the shell, bluelm sessions lists saved chats and bluelm chat --resume NAME continues one",
-    "template": "BlueLM's chat format is fixed; /show info describes the model",
+    "template": "use /show template (BlueLM's chat format is fixed)",
     "attach": "use /file PATH",
     "fragment": "use /file PATH",
 }
@@ -60,7 +60,19 @@ _SET_WORDS: dict[str, str] = {
     "nowordwrap": "answers always wrap at the terminal's width",
     "format": "there is no JSON mode; ask for JSON in the message",
     "noformat": "there is no JSON mode; ask for JSON in the message",
-    "template": "BlueLM's chat format is fixed",
+    "template": "BlueLM's chat format is fixed; /show template shows it",
+    "num_ctx": "the context window is the model's own; /show says how much of it is in use",
+    "stop": "answers end at the model's </s>; /set num_predict N limits their length",
+    "min_p": "use top_p or top_k",
+    "repeat_last_n": "repeat_penalty looks at the whole answer",
+}
+
+# Other names for settings /set takes: ollama's parameter names and short forms.
+SETTING_ALIASES: dict[str, str] = {
+    "num_predict": "max_new_tokens",
+    "max_tokens": "max_new_tokens",
+    "temp": "temperature",
+    "repeat_penalty": "repetition_penalty",
 }
 
 
@@ -83,3 +95,8 @@ def foreign_line_hint(line: str) -> str | None:
 
 def foreign_set_hint(key: str) -> str | None:
     return _SET_WORDS.get(key.lower())
+
+
+def setting_alias(key: str) -> str | None:
+    """The setting an ollama name or a short form (num_predict, temp, repeat_penalty) stands for."""
+    return SETTING_ALIASES.get(key.lower())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 from collections.abc import Callable
 
 from prompt_toolkit import PromptSession
@@ -37,12 +38,14 @@ class LoadView:
         self._prompt: PromptSession[str] | None = None
         self.loaded_shown = False
         self.stop_requested = False  # Ctrl-C on an empty prompt during the load: end the chat
+        self._toolbar_after: Any = None  # what the prompt's toolbar shows once the model has loaded
 
     # -------------------------------------------------------------------------------- at the prompt
     def attach(self, prompt_session: PromptSession[str]) -> None:
         """Show the status line under this prompt and print the load's events above it as they come."""
         self._prompt = prompt_session
         if not self.loaded_shown:
+            self._toolbar_after = prompt_session.bottom_toolbar  # the context meter, once the model is there
             prompt_session.bottom_toolbar = self._toolbar
             prompt_session.refresh_interval = TOOLBAR_REFRESH_S  # the elapsed time and spinner move
         self.backend.set_waker(self._wake)
@@ -110,7 +113,7 @@ class LoadView:
             elif event.kind == "loaded":
                 self.loaded_shown = True
                 if self._prompt is not None:
-                    self._prompt.bottom_toolbar = None
+                    self._prompt.bottom_toolbar = self._toolbar_after
                 self._on_loaded()
             else:
                 assert self.backend.error is not None

@@ -45,11 +45,14 @@ class ChatOutput:
         console = self.console if self.interactive else self.err_console
         console.print(Text(self._safe(text, console), style="dim"), soft_wrap=not console.is_terminal)
 
+    # Warnings and errors wrap at word boundaries on a terminal too (a narrow one would cut words).
     def warn(self, message: str) -> None:
-        self.err_console.print(Text(f"Warning: {self._safe(message, self.err_console)}", style="yellow"), soft_wrap=True)
+        console = self.err_console
+        console.print(Text(f"Warning: {self._safe(message, console)}", style="yellow"), soft_wrap=not console.is_terminal)
 
     def error(self, message: str) -> None:
-        self.err_console.print(Text(f"Error: {self._safe(message, self.err_console)}", style="bold red"), soft_wrap=True)
+        console = self.err_console
+        console.print(Text(f"Error: {self._safe(message, console)}", style="bold red"), soft_wrap=not console.is_terminal)
 
     def rows(self, rows: Sequence[tuple[str, str]]) -> None:
         """Aligned ``name  value`` lines, names in bold."""

@@ -34,7 +34,7 @@ from markdown_it import MarkdownIt
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.control import Control
 from rich.live import Live
-from rich.markdown import Markdown, UnknownElement
+from rich.markdown import CodeBlock, Markdown, UnknownElement
 from rich.segment import ControlType, Segment
 from rich.spinner import Spinner
 from rich.text import Text
@@ -61,11 +61,29 @@ def wants_plain_output(console: Console) -> bool:
     return not console.is_terminal or console.is_dumb_terminal
 
 
+class _CodeBlock(CodeBlock):
+    """A code block that still looks like code without colours (NO_COLOR): fenced, as it was written,
+    rather than a block of text told apart from the prose only by its background colour."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if not console.no_color:
+            yield from super().__rich_console__(console, options)
+            return
+        language = "" if self.lexer_name in ("text", "default") else self.lexer_name
+        yield Text(f"```{language}\n{str(self.text).rstrip(chr(10))}\n```", overflow="fold")
+
+
+class BlueLMMarkdown(Markdown):
+    """rich's Markdown with code blocks that stay code without colour."""
+
+    elements = {**Markdown.elements, "fence": _CodeBlock, "code_block": _CodeBlock}
+
+
 def render_markdown(console: Console, text: str, code_theme: str = "monokai") -> None:
     """Print ``text`` as Markdown in one go (what a finished stream leaves in the scrollback)."""
     if console.is_terminal:
         text = safe_for_terminal(text)
-    console.print(Markdown(text, code_theme=code_theme))
+    console.print(BlueLMMarkdown(text, code_theme=code_theme))
 
 
 def _markdown(template: Markdown, markup: str, references: dict[str, Any]) -> Markdown:
@@ -138,7 +156,7 @@ class StreamRenderer:
     ) -> None:
         self._console = console
         self._plain = not markdown or wants_plain_output(console)
-        self._template = Markdown("", code_theme=code_theme)
+        self._template = BlueLMMarkdown("", code_theme=code_theme)
         self._interval = 0.0 if max_refresh_per_second <= 0 or math.isinf(max_refresh_per_second) else 1.0 / max_refresh_per_second
         self._committed: list[str] = []
         self._tail = ""

@@ -33,13 +33,14 @@ from bluelm_cli.chat.attachments import Attachment, with_attachments
 from bluelm_cli.chat.background import BackgroundBackend, LoadFailed
 from bluelm_cli.core.backend import AnswerResult, ModelLoading
 from bluelm_cli.chat.service import Chat, TurnStream
-from bluelm_cli.ui.commands import ChatCompleter, ExitChat, ShowAnswer, run_command
+from bluelm_cli.ui.commands import EXIT_WORDS, ChatCompleter, ExitChat, ShowAnswer, context_meter, find_command, run_command
 from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.ui.habits import foreign_line_hint
 from bluelm_cli.ui.ending_signals import on_ending_signals
 from bluelm_cli.ui.load_view import LoadView
 from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
+from bluelm_cli.core.sanitize import safe_for_terminal
 from bluelm_cli.ui.output import PROMPT, ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir
 from bluelm_cli.ui.render import StreamRenderer
@@ -64,6 +65,7 @@ def run_chat(
     settings: ResolvedSettings | None = None,
     keep_history: bool = True,
     on_model_ready: Callable[[], None] | None = None,
+    first_message: str | None = None,
 ) -> int:
     """Chat until /exit, Ctrl-D or end of input; returns the exit status.
 
@@ -93,6 +95,8 @@ def run_chat(
                 repl.loading.wait_until_loaded()
             except KeyboardInterrupt:
                 return ExitStatus.INTERRUPTED
+        if first_message:
+            repl.handle(first_message)
         return _script_loop(repl, stdin if stdin is not None else sys.stdin)
     repl.show_banner()
     if resumed:
@@ -100,6 +104,14 @@ def run_chat(
     prompt_session = _prompt_session(repl, pt_input, pt_output, keep_history=keep_history)
     if repl.loading is not None:
         repl.loading.attach(prompt_session)
+    if first_message:  # `bluelm chat "hi"`: the first message, as if typed at the first prompt
+        repl.out.console.print(Text.assemble((PROMPT, "bold cyan"), safe_for_terminal(first_message)))
+        try:
+            repl.handle(first_message)
+        except KeyboardInterrupt:
+            repl.out.blank()
+        if repl.exit_requested:
+            return repl.exit_status
     return _interactive_loop(repl, prompt_session)
 
 
@@ -132,6 +144,20 @@ class ChatRepl:
         self.failures = 0  # inputs that ended in an error (script mode exits non-zero if any did)
         self._exit_warned = False
         self.loading: LoadView | None = None  # while the model loads in the background
+        self._meter: str | None = None  # the toolbar's context meter, measured after each input
+
+    def context_toolbar(self) -> FormattedText | None:
+        """The line under the prompt: how much of the context window the conversation fills."""
+        if self._meter is None:
+            self.measure_context()
+        return FormattedText([("class:bottom-toolbar.text", f" context {self._meter} · session {self.chat.session.name} ")]) if self._meter else None
+
+    def measure_context(self) -> None:
+        """Count the conversation's tokens once (after each input), not on every redraw of the toolbar."""
+        try:
+            self._meter = context_meter(self.chat.context_used(), self.chat.context_limit)
+        except ModelLoading:
+            self._meter = None
 
     # ------------------------------------------------------------------------------------- output
     def show_banner(self) -> None:
@@ -190,6 +216,9 @@ class ChatRepl:
         stripped = text.strip()
         if not stripped:
             return
+        if text.rstrip() in EXIT_WORDS:  # as in `llm chat` and Python; " exit" (a leading space) sends the word
+            self.exit_requested = True
+            return
         try:
             try:
                 self._dispatch(stripped)
@@ -215,6 +244,8 @@ class ChatRepl:
             self.out.error(f"unexpected {type(exc).__name__}: {exc}")
             if self.verbose:
                 self.out.err_console.print(Text(traceback.format_exc(), style="dim"))
+        finally:
+            self._meter = None  # measured again when the toolbar is next drawn
 
     def _dispatch(self, stripped: str) -> None:
         if block_is_open(stripped):  # a block left open at the end of the input: it ends there
@@ -222,6 +253,8 @@ class ChatRepl:
         if unwrap_block(stripped) != stripped:
             if unwrap_block(stripped).strip():  # an empty """ """ block sends nothing
                 self._send(unwrap_block(stripped))
+        elif "\n" in stripped and stripped.startswith("/") and not _names_a_command(stripped):
+            self._send(stripped)  # a paste that starts with a path or `// code` is a message, sent as it is
         elif stripped.startswith("//"):
             self._send(stripped.removeprefix("/"))
         elif stripped.startswith("/"):
@@ -267,6 +300,12 @@ class ChatRepl:
             raise KeyboardInterrupt
 
         return on_ending_signals(stop_and_exit)
+
+
+def _names_a_command(text: str) -> bool:
+    """Whether `text` starts with the name of one of our slash commands ("/set system\nline 2" does)."""
+    name = text[1:].split(maxsplit=1)[0] if text[1:].strip() else ""
+    return find_command(name) is not None
 
 
 # ------------------------------------------------------------------------------------------ loops
@@ -408,6 +447,7 @@ def _prompt_session(
         enable_suspend=True,
         tempfile_suffix=".md",
         style=_PROMPT_STYLE,
+        bottom_toolbar=repl.context_toolbar if repl.interactive else None,
         input=pt_input,
         output=pt_output,
     )
