@@ -237,7 +237,7 @@ def test_load_model_returns_everything(tiny_folder: Path) -> None:
     assert loaded.generation_defaults == expected_defaults
     assert loaded.generation_defaults["eos_token_id"] == 2
     assert loaded.quantization is None and loaded.load_seconds >= 0
-    assert statuses and warnings
+    assert statuses and warnings == []  # a small model on the CPU is not warned about (issue 21)
     assert not remote_code_was_executed(tiny_folder)
 
 

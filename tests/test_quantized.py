@@ -458,7 +458,7 @@ def test_gguf_of_a_quantized_release_holds_the_dequantised_weights(releases: dic
     import gguf
 
     source = releases["chat-4bits"]
-    result = CliRunner().invoke(app, ["export", str(tmp_path / "q.gguf"), "-m", str(source), "-f", "gguf", "--dtype", "float32"])
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "q.gguf"), "-m", str(source), "--format", "gguf", "--dtype", "float32"])
     assert result.exit_code == 0, result.stderr
     assert "Note: GGUF holds plain tensors: the GPTQ-for-LLaMa v1 (BlueLM-7B-Chat-4bits), 4-bit, group 128 weights are dequantised" in result.stderr
     tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}

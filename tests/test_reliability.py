@@ -676,7 +676,7 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(
     out = tmp_path / ("out" if export_format == "hf" else "out.gguf")
     env = {**os.environ, "BLUELM_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "bluelm_cli", "export", "--model", str(checkpoint), "-f", export_format, str(out)],
+        [sys.executable, "-m", "bluelm_cli", "export", "--model", str(checkpoint), "--format", export_format, str(out)],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, preexec_fn=small_files, timeout=300,
     )
     assert result.returncode == 1
@@ -738,7 +738,7 @@ def test_an_export_refuses_weights_whose_sizes_its_config_does_not_describe(
     config[field] = value
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     out = tmp_path / ("out" if export_format == "hf" else "out.gguf")
-    result = runner.invoke(app, ["export", "--model", str(folder), "-f", export_format, str(out)])
+    result = runner.invoke(app, ["export", "--model", str(folder), "--format", export_format, str(out)])
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith(f"Error: the weights in {folder} do not have the sizes its config.json describes (")

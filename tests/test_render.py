@@ -433,7 +433,9 @@ def test_no_color_keeps_the_markdown_layout_and_drops_the_colours(monkeypatch: p
     screen = Terminal(40)
     screen.write(out.getvalue())
     text = screen.text()
-    assert "```" not in text and "|---" not in text  # rendered as Markdown, not raw
+    assert "|---" not in text  # rendered as Markdown, not raw
+    # Without colour a code block keeps its fences, so it still looks like code (issue 21).
+    assert "```python\ndef greet(name: str) -> str:" in text
     # The code, and the table laid out in columns (the spacing and rule style are rich's: one CI run drew
     # this table in another box style, cause not found, so the test asks for columns, not rich's exact box).
     assert "def greet(name: str) -> str:" in text
