@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (
 
 from bluelm_cli.core.backend import AnswerResult, BackendInfo
 from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.local.context_shift import find_shift, rotary_inverse_frequencies, shift_cache, shiftable
 from bluelm_cli.local.loading import LoadedModel, dtype_name
 from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
@@ -124,8 +125,11 @@ class StepRunner:
 
 
 class ChatEngine:
-    def __init__(self, loaded: LoadedModel, runner: StepRunner | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, runner: StepRunner | None = None, *, context_shift: bool = False) -> None:
         self.loaded = loaded
+        # Opt-in: when old turns leave the prompt, move the kept turns' cache instead of prefilling them again
+        # (local.context_shift). Answers then differ from a fresh prefill of the kept text.
+        self.context_shift = context_shift
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         # Where the logits come out: with layers spread over several GPUs (accelerate's device map) that is
@@ -216,11 +220,17 @@ class ChatEngine:
         ids = plan.ids
         reused = _common_prefix_length(self._cached_ids, ids)
         reused = min(reused, len(ids) - 1)  # at least one token must run to get the next-token logits
+        shifted = 0
         if self._cache is None:
             self._cache = self.runner.new_cache()
             reused = 0
-        elif len(self._cached_ids) > reused:
-            self._cache.crop(-(len(self._cached_ids) - reused))
+        else:
+            cache_length = len(self._cached_ids)
+            if self.context_shift:
+                shifted = self._shift_kept_turns(ids, reused)
+                reused += shifted
+            if cache_length > reused:
+                self._cache.crop(-(cache_length - reused))
         self._cached_ids = self._cached_ids[:reused]
 
         processors = _logits_processors(settings)
@@ -234,6 +244,7 @@ class ChatEngine:
 
         suffix = history_ids[:, reused:length]
         logits = self.runner.prefill(self._cache, suffix, reused)
+        forwards = 1
         self._cached_ids = list(ids)
 
         detokenizer = StreamDetokenizer(self.tokenizer)
@@ -257,6 +268,7 @@ class ChatEngine:
             queued = more and not stop_event.is_set()
             if queued:
                 logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
+                forwards += 1
             token = reader.value()
             if queued:
                 self._cached_ids.append(token)
@@ -295,7 +307,25 @@ class ChatEngine:
             decode_tok_s=(len(answer_ids) - 1) / decode_seconds if len(answer_ids) > 1 and decode_seconds > 0 else 0.0,
             context_tokens=len(ids) + len(answer_ids) + 1,
             context_limit=self.context_limit,
+            forwards=forwards,
+            shifted_tokens=shifted,
         )
+
+    def _shift_kept_turns(self, ids: list[int], start: int) -> int:
+        """Context shift: if the cache holds the prompt's next tokens later on (old turns were dropped before
+        them), move them to `start` onwards, keys re-rotated; the count moved (0: nothing to move, or a
+        cache that cannot be moved). `_cached_ids` is updated to match; the caller crops the cache."""
+        found = find_shift(self._cached_ids, ids, start)
+        inv_freq = rotary_inverse_frequencies(self.model)
+        if found is None or inv_freq is None or self._cache is None or not shiftable(self._cache):
+            return 0
+        source, length = found
+        length = min(length, len(ids) - 1 - start)  # one token must still run for the next-token logits
+        if length <= 0:
+            return 0
+        shift_cache(self._cache, inv_freq, start, source, length)
+        self._cached_ids = self._cached_ids[:start] + self._cached_ids[source : source + length] + self._cached_ids[start + length :]
+        return length
 
 
 class GenerationStream(WorkerStream[AnswerResult]):
