@@ -30,6 +30,7 @@ from bluelm_cli.core.backend import AnswerResult, BackendInfo
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.local.context_shift import find_shift, rotary_inverse_frequencies, shift_cache, shiftable
 from bluelm_cli.local.loading import LoadedModel, dtype_name
+from bluelm_cli.local.prompt_lookup import MAX_DRAFT_TOKENS, NgramLookup
 from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.modeling.tokenizer import StreamDetokenizer
@@ -123,10 +124,22 @@ class StepRunner:
     def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
         return self.prefill(cache, token, position)
 
+    def verify(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """One forward over `ids` (a token and its speculative draft) from `start`: logits at every position, [n, vocab]."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=ids.shape[1])
+        return out.logits[0]
+
 
 class ChatEngine:
-    def __init__(self, loaded: LoadedModel, runner: StepRunner | None = None, *, context_shift: bool = False) -> None:
+    def __init__(
+        self, loaded: LoadedModel, runner: StepRunner | None = None, *, context_shift: bool = False,
+        prompt_lookup: bool = False,
+    ) -> None:
         self.loaded = loaded
+        # Greedy answers decode with prompt-lookup drafts checked in one forward (local.prompt_lookup); the
+        # tokens are the ones plain greedy decoding picks. Sampled answers decode plainly.
+        self.prompt_lookup = prompt_lookup
         # Opt-in: when old turns leave the prompt, move the kept turns' cache instead of prefilling them again
         # (local.context_shift). Answers then differ from a fresh prefill of the kept text.
         self.context_shift = context_shift
@@ -253,45 +266,51 @@ class ChatEngine:
         first_token_at = last_token_at = 0.0
         stop_ids = torch.tensor([self._eos_id, self._human_id], dtype=torch.long, device=self.device)
         reader = _TokenReader(self.device)
-        while True:
-            if len(answer_ids) < min_new_tokens:
-                logits = logits.index_fill(-1, stop_ids, float("-inf"))
-            sampled = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
-            reader.copy(sampled)
-            # The sampled token goes into the history on the device, and the next forward is queued before the
-            # host reads the token: the host's work for this token (stop checks, detokenizing, streaming) then
-            # overlaps the GPU's next forward. If the token turns out to end the answer, that one forward was
-            # spare; the cache then holds the stop token too, and `_cached_ids` says so.
-            history_ids[:, length] = sampled
-            length += 1
-            more = len(answer_ids) + 1 < settings.max_new_tokens and length < self.context_limit
-            queued = more and not stop_event.is_set()
-            if queued:
-                logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
-                forwards += 1
-            token = reader.value()
-            if queued:
-                self._cached_ids.append(token)
-            now = time.perf_counter()
-            if not answer_ids and not first_token_at:
-                first_token_at = now
-            last_token_at = now
-            if token in (self._eos_id, self._human_id):
-                finish = FinishReason.STOP
-                break
-            answer_ids.append(token)
-            delta = detokenizer.add(token)
-            if delta:
-                emit(delta)
-            if stop_event.is_set():
-                finish = FinishReason.INTERRUPTED
-                break
-            if len(answer_ids) >= settings.max_new_tokens:
-                finish = FinishReason.LENGTH
-                break
-            if length >= self.context_limit:
-                finish = FinishReason.CONTEXT
-                break
+        if self.prompt_lookup and settings.greedy:
+            finish, first_token_at, last_token_at, forwards = self._decode_with_lookup(
+                ids, logits, history_ids, settings, min_new_tokens, processors, stop_ids, stop_event,
+                detokenizer, answer_ids, emit, forwards,
+            )
+        else:
+            while True:
+                if len(answer_ids) < min_new_tokens:
+                    logits = logits.index_fill(-1, stop_ids, float("-inf"))
+                sampled = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
+                reader.copy(sampled)
+                # The sampled token goes into the history on the device, and the next forward is queued before the
+                # host reads the token: the host's work for this token (stop checks, detokenizing, streaming) then
+                # overlaps the GPU's next forward. If the token turns out to end the answer, that one forward was
+                # spare; the cache then holds the stop token too, and `_cached_ids` says so.
+                history_ids[:, length] = sampled
+                length += 1
+                more = len(answer_ids) + 1 < settings.max_new_tokens and length < self.context_limit
+                queued = more and not stop_event.is_set()
+                if queued:
+                    logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
+                    forwards += 1
+                token = reader.value()
+                if queued:
+                    self._cached_ids.append(token)
+                now = time.perf_counter()
+                if not answer_ids and not first_token_at:
+                    first_token_at = now
+                last_token_at = now
+                if token in (self._eos_id, self._human_id):
+                    finish = FinishReason.STOP
+                    break
+                answer_ids.append(token)
+                delta = detokenizer.add(token)
+                if delta:
+                    emit(delta)
+                if stop_event.is_set():
+                    finish = FinishReason.INTERRUPTED
+                    break
+                if len(answer_ids) >= settings.max_new_tokens:
+                    finish = FinishReason.LENGTH
+                    break
+                if length >= self.context_limit:
+                    finish = FinishReason.CONTEXT
+                    break
         tail = detokenizer.flush()
         if tail:
             emit(tail)
@@ -310,6 +329,71 @@ class ChatEngine:
             forwards=forwards,
             shifted_tokens=shifted,
         )
+
+    def _decode_with_lookup(
+        self, ids: list[int], logits: torch.Tensor, history_ids: torch.Tensor, settings: SamplingSettings,
+        min_new_tokens: int, processors: LogitsProcessorList, stop_ids: torch.Tensor, stop_event: threading.Event,
+        detokenizer: StreamDetokenizer, answer_ids: list[int], emit: Callable[[str], None], forwards: int,
+    ) -> tuple[FinishReason, float, float, int]:
+        """Greedy decoding with prompt-lookup drafts: (finish, first and last token times, forwards)."""
+        lookup = NgramLookup(ids)
+        length = len(ids)
+        first_token_at = last_token_at = 0.0
+        # The answer's next tokens, chosen from logits already computed; all but the last are in the cache.
+        queue = [_choose(logits, history_ids[:, :length], processors, stop_ids, len(answer_ids) < min_new_tokens)]
+        while True:
+            for token in queue:
+                history_ids[0, length] = token
+                length += 1
+                lookup.append(token)
+                last_token_at = time.perf_counter()
+                first_token_at = first_token_at or last_token_at
+                if token in (self._eos_id, self._human_id):
+                    return FinishReason.STOP, first_token_at, last_token_at, forwards
+                answer_ids.append(token)
+                delta = detokenizer.add(token)
+                if delta:
+                    emit(delta)
+                if stop_event.is_set():
+                    return FinishReason.INTERRUPTED, first_token_at, last_token_at, forwards
+                if len(answer_ids) >= settings.max_new_tokens:
+                    return FinishReason.LENGTH, first_token_at, last_token_at, forwards
+                if length >= self.context_limit:
+                    return FinishReason.CONTEXT, first_token_at, last_token_at, forwards
+            queue = self._verify_step(lookup, history_ids, length, settings, answer_ids, min_new_tokens, processors, stop_ids)
+            forwards += 1
+
+    def _verify_step(
+        self, lookup: NgramLookup, history_ids: torch.Tensor, length: int, settings: SamplingSettings,
+        answer_ids: list[int], min_new_tokens: int, processors: LogitsProcessorList, stop_ids: torch.Tensor,
+    ) -> list[int]:
+        """One forward over the last token and a prompt-lookup draft; the tokens it settles (greedy), in order.
+
+        Row i of the logits gives the token after draft token i; drafted tokens are kept while they equal the
+        greedy choice, and the first row where they differ (or the row after the whole draft) gives one more
+        token. The cache keeps the last token and the accepted drafts; the rejected ones are cropped off.
+        """
+        room = min(settings.max_new_tokens - len(answer_ids) - 1, self.context_limit - length - 1)
+        draft = lookup.draft(min(MAX_DRAFT_TOKENS, room))
+        last = history_ids[:, length - 1 : length]
+        if not draft:
+            logits = self.runner.decode(self._cache, last, length - 1)
+            self._cached_ids.append(int(history_ids[0, length - 1]))
+            return [_choose(logits, history_ids[:, :length], processors, stop_ids, len(answer_ids) < min_new_tokens)]
+        history_ids[0, length : length + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        rows = self.runner.verify(self._cache, history_ids[:, length - 1 : length + len(draft)], length - 1)
+        settled: list[int] = []
+        for index in range(len(draft) + 1):
+            suppress = len(answer_ids) + index < min_new_tokens
+            token = _choose(rows[index : index + 1], history_ids[:, : length + index], processors, stop_ids, suppress)
+            settled.append(token)
+            if index == len(draft) or token != draft[index] or token in (self._eos_id, self._human_id):
+                break
+        accepted = len(settled) - 1
+        if accepted < len(draft):
+            self._cache.crop(-(len(draft) - accepted))  # type: ignore[union-attr]
+        self._cached_ids += [int(history_ids[0, length - 1]), *draft[:accepted]]
+        return settled
 
     def _shift_kept_turns(self, ids: list[int], start: int) -> int:
         """Context shift: if the cache holds the prompt's next tokens later on (old turns were dropped before
@@ -393,6 +477,17 @@ def _sample(
     # its two validity checks, each a device-to-host sync.
     noise = torch.empty_like(probabilities).exponential_(1, generator=generator)
     return (probabilities / noise).argmax(dim=-1)
+
+
+def _choose(
+    logits: torch.Tensor, input_ids: torch.Tensor, processors: LogitsProcessorList, stop_ids: torch.Tensor,
+    suppress_stops: bool,
+) -> int:
+    """The greedy token for one row of logits ([1, vocab]), read on the host (prompt lookup needs it there)."""
+    if suppress_stops:
+        logits = logits.index_fill(-1, stop_ids, float("-inf"))
+    scores = processors(input_ids, logits.float()) if processors else logits
+    return int(scores.argmax(dim=-1).view(-1)[0])
 
 
 class _TokenReader:
