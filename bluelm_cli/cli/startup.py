@@ -76,7 +76,13 @@ def load_engine_in_background(settings: ResolvedSettings, quantization: str | No
 
     loaded = load_model(**model_source(settings, quantization), on_status=progress.status, on_warning=progress.warn)
     progress.note(loaded_line(loaded, progress.elapsed()))
-    return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note))
+    return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note),
+                      **engine_options(settings))
+
+
+def engine_options(settings: ResolvedSettings) -> dict[str, bool]:
+    """The engine's switches from the settings: context shift and prompt lookup."""
+    return {"context_shift": bool(settings["context_shift"]), "prompt_lookup": bool(settings["prompt_lookup"])}
 
 
 def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None) -> ChatEngine:
@@ -87,7 +93,7 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
 
     runner = make_runner(loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER,
                          on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
-    return ChatEngine(loaded, runner=runner)
+    return ChatEngine(loaded, runner=runner, **engine_options(settings))
 
 
 def api_key_from(flag: str | None) -> str | None:

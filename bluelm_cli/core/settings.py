@@ -245,6 +245,19 @@ SPECS: dict[str, SettingSpec] = {
             _parse_bool, "true or false",
         ),
         SettingSpec(
+            "context_shift", bool, False,
+            "When the context window is full, keep the cache of the turns that stay and re-rotate their keys to their"
+            " new positions instead of prefilling them again. Faster, but answers then differ from a fresh prefill"
+            " of the kept text: the kept turns were read while the dropped ones were still there.",
+            _parse_bool, "true or false",
+        ),
+        SettingSpec(
+            "prompt_lookup", bool, False,
+            "Greedy answers (temperature 0) decode with prompt-lookup drafts: runs of the prompt or answer that the"
+            " model repeats are checked in one forward. Same tokens as without it.",
+            _parse_bool, "true or false",
+        ),
+        SettingSpec(
             "history", bool, True, "Keep the chat's input history in a file (Up, Ctrl-R); off for typing secrets.",
             _parse_bool, "true or false",
         ),

@@ -30,4 +30,8 @@ def result_json(result: AnswerResult) -> dict[str, Any]:
         "new_tokens": result.new_tokens,
         "ttft_s": round(result.ttft_s, 4),
         "decode_tok_s": round(result.decode_tok_s, 2),
+        # Model calls for the answer, and per generated token (below 1 when prompt-lookup drafts were accepted);
+        # null from a served model, which does not say.
+        "forwards": result.forwards or None,
+        "forwards_per_token": round(result.forwards_per_token, 4) if result.forwards_per_token else None,
     }
