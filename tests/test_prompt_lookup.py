@@ -98,3 +98,28 @@ def test_a_stop_inside_an_accepted_draft_ends_the_answer_there(loaded: LoadedMod
         expected = _answer(ChatEngine(loaded), plan, settings)
         got = _answer(ChatEngine(loaded, prompt_lookup=True), plan, settings)
         assert (got.answer_ids, got.finish_reason) == (expected.answer_ids, expected.finish_reason)
+
+
+def test_the_draft_budget_grows_on_hits_shrinks_on_misses_and_pauses_after_a_total_miss() -> None:
+    from bluelm_cli.local.prompt_lookup import DraftBudget
+
+    budget = DraftBudget(most=8)
+    assert budget.limit() == 8
+    budget.update(8, 3)
+    assert budget.limit() == 4  # what was accepted, plus one
+    budget.update(4, 4)
+    assert budget.limit() == 6  # a whole draft accepted: two more
+    budget.update(6, 0)  # nothing accepted: pause one step, then two, then four ...
+    assert [budget.limit(), budget.limit()] == [0, 1]
+    budget.update(1, 0)
+    assert [budget.limit() for _ in range(3)] == [0, 0, 1]
+    for _ in range(10):
+        budget.update(1, 0)
+        waited = 0
+        while budget.limit() == 0:
+            waited += 1
+    assert waited == DraftBudget.MAX_PAUSE
+    budget.update(1, 1)  # a hit ends the pauses
+    assert budget.limit() == 3
+    budget.update(0, 0)  # no draft found: nothing changes
+    assert budget.limit() == 3

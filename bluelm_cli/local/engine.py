@@ -30,7 +30,7 @@ from bluelm_cli.core.backend import AnswerResult, BackendInfo
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.local.context_shift import find_shift, rotary_inverse_frequencies, shift_cache, shiftable
 from bluelm_cli.local.loading import LoadedModel, dtype_name
-from bluelm_cli.local.prompt_lookup import MAX_DRAFT_TOKENS, NgramLookup
+from bluelm_cli.local.prompt_lookup import DraftBudget, NgramLookup
 from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.modeling.tokenizer import StreamDetokenizer
@@ -337,6 +337,7 @@ class ChatEngine:
     ) -> tuple[FinishReason, float, float, int]:
         """Greedy decoding with prompt-lookup drafts: (finish, first and last token times, forwards)."""
         lookup = NgramLookup(ids)
+        budget = DraftBudget()
         length = len(ids)
         first_token_at = last_token_at = 0.0
         # The answer's next tokens, chosen from logits already computed; all but the last are in the cache.
@@ -360,11 +361,12 @@ class ChatEngine:
                     return FinishReason.LENGTH, first_token_at, last_token_at, forwards
                 if length >= self.context_limit:
                     return FinishReason.CONTEXT, first_token_at, last_token_at, forwards
-            queue = self._verify_step(lookup, history_ids, length, settings, answer_ids, min_new_tokens, processors, stop_ids)
+            queue = self._verify_step(lookup, budget, history_ids, length, settings, answer_ids, min_new_tokens,
+                                      processors, stop_ids)
             forwards += 1
 
     def _verify_step(
-        self, lookup: NgramLookup, history_ids: torch.Tensor, length: int, settings: SamplingSettings,
+        self, lookup: NgramLookup, budget: DraftBudget, history_ids: torch.Tensor, length: int, settings: SamplingSettings,
         answer_ids: list[int], min_new_tokens: int, processors: LogitsProcessorList, stop_ids: torch.Tensor,
     ) -> list[int]:
         """One forward over the last token and a prompt-lookup draft; the tokens it settles (greedy), in order.
@@ -374,7 +376,8 @@ class ChatEngine:
         token. The cache keeps the last token and the accepted drafts; the rejected ones are cropped off.
         """
         room = min(settings.max_new_tokens - len(answer_ids) - 1, self.context_limit - length - 1)
-        draft = lookup.draft(min(MAX_DRAFT_TOKENS, room))
+        allowed = min(budget.limit(), room)
+        draft = lookup.draft(allowed) if allowed > 0 else []
         last = history_ids[:, length - 1 : length]
         if not draft:
             logits = self.runner.decode(self._cache, last, length - 1)
@@ -390,6 +393,7 @@ class ChatEngine:
             if index == len(draft) or token != draft[index] or token in (self._eos_id, self._human_id):
                 break
         accepted = len(settled) - 1
+        budget.update(len(draft), accepted)
         if accepted < len(draft):
             self._cache.crop(-(len(draft) - accepted))  # type: ignore[union-attr]
         self._cached_ids += [int(history_ids[0, length - 1]), *draft[:accepted]]
