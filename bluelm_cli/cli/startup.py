@@ -76,8 +76,17 @@ def load_engine_in_background(settings: ResolvedSettings, quantization: str | No
 
     loaded = load_model(**model_source(settings, quantization), on_status=progress.status, on_warning=progress.warn)
     progress.note(loaded_line(loaded, progress.elapsed()))
+    fuse_projections(loaded.model)
     return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note),
                       **engine_options(settings))
+
+
+def fuse_projections(model: object) -> None:
+    """Q/K/V and gate/up into one matmul each (modeling.fuse_projections), before a runner captures the model."""
+    from bluelm_cli.modeling.modeling_bluelm import BlueLMForCausalLM, fuse_projections as fuse
+
+    if isinstance(model, BlueLMForCausalLM):
+        fuse(model)
 
 
 def engine_options(settings: ResolvedSettings) -> dict[str, bool]:
@@ -91,6 +100,7 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
 
     from rich.markup import escape
 
+    fuse_projections(loaded.model)
     runner = make_runner(loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER,
                          on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
     return ChatEngine(loaded, runner=runner, **engine_options(settings))
