@@ -69,8 +69,11 @@ def main() -> None:
     answers: dict[str, list[int]] = {}
     original = engine_module.NgramLookup
     try:
-        for _ in range(args.repeats + 1):  # the first round warms up and is not counted
-            for name, (_, lookup_class) in modes.items():
+        names = list(modes)
+        for round_number in range(args.repeats + 1):  # the first round warms up and is not counted
+            # The order rotates every round: on a shared machine, no mode always runs first or last.
+            for name in names[round_number % len(names):] + names[: round_number % len(names)]:
+                lookup_class = modes[name][1]
                 engine_module.NgramLookup = lookup_class  # type: ignore[misc]
                 engine = engines[name]
                 engine.reset()

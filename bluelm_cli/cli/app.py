@@ -561,7 +561,7 @@ app.add_typer(sessions_app, name="sessions", short_help="List, show, remove or s
 
 
 @app.command(short_help="Measure load, time to first token per turn, and decode speed.")
-@setting_options("model", "source", "device", "dtype", "compile", "context_shift", "prompt_lookup", "api")
+@setting_options("model", "source", "device", "dtype", "compile", "quantize", "context_shift", "prompt_lookup", "api")
 def bench(
     *,
     flags: dict[str, Any],

@@ -22,7 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Settings that every model-running command takes (`chat`, `ask`).
 MODEL_SETTINGS = (
     "model", "source", "device", "dtype", "max_new_tokens", "temperature", "top_p", "top_k",
-    "repetition_penalty", "seed", "system", "compile", "context_shift", "prompt_lookup", "api",
+    "repetition_penalty", "seed", "system", "compile", "quantize", "context_shift", "prompt_lookup", "api",
 )
 
 

@@ -15,6 +15,8 @@ from bluelm_cli.config.settings import ResolvedSettings
 from bluelm_cli.core.settings import SOURCE_FLAG, check_max_new_tokens
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console
 
     from bluelm_cli.core.backend import Backend
@@ -76,17 +78,27 @@ def load_engine_in_background(settings: ResolvedSettings, quantization: str | No
 
     loaded = load_model(**model_source(settings, quantization), on_status=progress.status, on_warning=progress.warn)
     progress.note(loaded_line(loaded, progress.elapsed()))
-    fuse_projections(loaded.model)
+    prepare_weights(loaded, settings, progress.note)
     return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note),
                       **engine_options(settings))
 
 
-def fuse_projections(model: object) -> None:
-    """Q/K/V and gate/up into one matmul each (modeling.fuse_projections), before a runner captures the model."""
-    from bluelm_cli.modeling.modeling_bluelm import BlueLMForCausalLM, fuse_projections as fuse
+def prepare_weights(loaded: LoadedModel, settings: ResolvedSettings, note: Callable[[str], None]) -> None:
+    """Before a runner captures the model: q/k/v and gate/up fused into one matmul each (modeling.fuse_projections),
+    then `--quantize` through torchao."""
+    from bluelm_cli.modeling.modeling_bluelm import BlueLMForCausalLM, fuse_projections
 
-    if isinstance(model, BlueLMForCausalLM):
-        fuse(model)
+    if isinstance(loaded.model, BlueLMForCausalLM):
+        fuse_projections(loaded.model)
+    scheme = settings["quantize"]
+    if scheme:
+        from bluelm_cli.local.quantize import quantize_weights
+
+        if loaded.quantization:
+            raise UsageError(f"--quantize {scheme} and --load-in-8bit/--load-in-4bit are two quantizations; choose one")
+        started = time.perf_counter()
+        loaded.quantization = quantize_weights(loaded.model, scheme)
+        note(f"Quantized the weights ({loaded.quantization}) in {time.perf_counter() - started:.1f} s")
 
 
 def engine_options(settings: ResolvedSettings) -> dict[str, bool]:
@@ -100,7 +112,7 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
 
     from rich.markup import escape
 
-    fuse_projections(loaded.model)
+    prepare_weights(loaded, settings, lambda text: console.print(f"[dim]{escape(text)}[/]"))
     runner = make_runner(loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER,
                          on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
     return ChatEngine(loaded, runner=runner, **engine_options(settings))
@@ -129,8 +141,8 @@ def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: 
 
     from bluelm_cli.remote import connect
 
-    if quantization:
-        raise UsageError("--load-in-8bit/--load-in-4bit apply to a local model; the server decides how it runs with --api")
+    if quantization or settings["quantize"]:
+        raise UsageError("--load-in-8bit/--load-in-4bit/--quantize apply to a local model; the server decides how it runs with --api")
     # With --api, --model names the served model; a model from the environment or config file is a local one.
     model = settings["model"] if settings.source_of("model") == SOURCE_FLAG else None
     with console.status(f"Connecting to {escape(settings['api'])}…", spinner="dots"):

@@ -245,6 +245,12 @@ SPECS: dict[str, SettingSpec] = {
             _parse_bool, "true or false",
         ),
         SettingSpec(
+            "quantize", str, None,
+            "Weight-only quantization through torchao after loading: int8 (CPU or GPU) or int4 (CUDA, bfloat16);"
+            " keeps the CUDA fast path. Unset = the checkpoint's weights.",
+            _optional(_choice("int8", "int4")), "'int8', 'int4' or 'none'", optional=True, metavar="SCHEME",
+        ),
+        SettingSpec(
             "context_shift", bool, False,
             "When the context window is full, keep the cache of the turns that stay and re-rotate their keys to their"
             " new positions instead of prefilling them again. Faster, but answers then differ from a fresh prefill"

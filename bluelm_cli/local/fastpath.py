@@ -247,7 +247,9 @@ def make_runner(
     """The fast path on CUDA when enabled (`kind`: "graphs" or "compiled"); eager everywhere else or if it fails."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
-    if not enabled or loaded.device.type != "cuda" or loaded.quantization:
+    # bitsandbytes' layers are not capturable; torchao's quantized weights (--quantize) are.
+    bitsandbytes = bool(loaded.quantization) and not loaded.quantization.startswith("torchao")
+    if not enabled or loaded.device.type != "cuda" or bitsandbytes:
         return StepRunner(loaded.model)
     placed_on = {str(device) for device in (getattr(loaded.model, "hf_device_map", None) or {}).values()}
     if len(placed_on) > 1:
