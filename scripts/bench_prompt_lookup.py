@@ -60,7 +60,14 @@ def main() -> None:
                                 repetition_penalty=1.0, seed=0)
     modes = {"plain": (False, NgramLookup), "lookup": (True, NgramLookup), "no-match": (True, _NeverFinds),
              "all-rejected": (True, _always_wrong(args.draft))}
-    engines = {name: ChatEngine(loaded, prompt_lookup=on) for name, (on, _) in modes.items()}
+    runner = None
+    if loaded.device.type == "cuda":  # the chat's fast path: one static cache and graph runner for every mode
+        from bluelm_cli.local.fastpath import make_runner
+        from bluelm_cli.modeling.modeling_bluelm import fuse_projections
+
+        fuse_projections(loaded.model)
+        runner = make_runner(loaded)
+    engines = {name: ChatEngine(loaded, runner=runner, prompt_lookup=on) for name, (on, _) in modes.items()}
     message = bench_message(engines["plain"], 1, args.prompt_tokens)
     plan = fit_prompt(engines["plain"].encoder, None, [], message, context_limit=engines["plain"].context_limit,
                       max_new_tokens=args.new_tokens)
