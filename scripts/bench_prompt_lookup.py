@@ -9,6 +9,11 @@ Four ways of decoding the same greedy answer (`--new-tokens`, stops suppressed s
 Each mode's answer is checked against plain greedy decoding. Prints one JSON object: decode tok/s per mode
 (best of `--repeats`), forwards per token, and the ratios to plain.
 
+On a shared CPU, wall time swings by several times between runs; the CPU seconds a decode uses swing much less.
+So on the CPU each mode is also timed in process CPU time, with one torch thread (no worker threads spinning
+while they wait): `decode_cpu_ms_per_token` is the best, over the runs, of (CPU time of the turn − CPU time of
+the same turn cut to its first token) / (new tokens − 1), and `cpu_over_plain` compares those.
+
   PYTHONPATH=. python scripts/bench_prompt_lookup.py --shape cpu25m --repeats 5
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -53,7 +59,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draft", type=int, default=8, help="draft length of the all-rejected mode")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (default 1, see above)")
     args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
 
     loaded = random_weights_model(SHAPES[args.shape], args.device, getattr(torch, args.dtype))
     settings = SamplingSettings(max_new_tokens=args.new_tokens, temperature=0.0, top_p=1.0, top_k=0,
@@ -71,7 +80,9 @@ def main() -> None:
     message = bench_message(engines["plain"], 1, args.prompt_tokens)
     plan = fit_prompt(engines["plain"].encoder, None, [], message, context_limit=engines["plain"].context_limit,
                       max_new_tokens=args.new_tokens)
+    first_token = SamplingSettings(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0)
     best: dict[str, float] = {}
+    best_cpu: dict[str, float] = {}
     forwards: dict[str, float] = {}
     answers: dict[str, list[int]] = {}
     original = engine_module.NgramLookup
@@ -84,18 +95,26 @@ def main() -> None:
                 engine_module.NgramLookup = lookup_class  # type: ignore[misc]
                 engine = engines[name]
                 engine.reset()
+                started = time.process_time()
+                engine.stream(plan, first_token, min_new_tokens=1).finish()
+                prefill_cpu = time.process_time() - started
+                engine.reset()
+                started = time.process_time()
                 result = engine.stream(plan, settings, min_new_tokens=args.new_tokens).finish()
+                decode_cpu = (time.process_time() - started - prefill_cpu) / (args.new_tokens - 1)
                 if name in answers:
                     best[name] = max(best[name], result.decode_tok_s)
+                    best_cpu[name] = min(best_cpu[name], decode_cpu)
                 else:
                     answers[name] = list(result.answer_ids)
-                    best[name] = 0.0
+                    best[name], best_cpu[name] = 0.0, float("inf")
                 forwards[name] = result.forwards_per_token
     finally:
         engine_module.NgramLookup = original  # type: ignore[misc]
     report = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": f"{args.device} ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+        "device": f"{args.device} ({torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()},"
+                  f" {os.cpu_count()} cores)",
         "shape": args.shape,
         "prompt_tokens": len(plan.ids),
         "new_tokens": args.new_tokens,
@@ -103,6 +122,9 @@ def main() -> None:
         "decode_tok_s": {name: round(value, 2) for name, value in best.items()},
         "forwards_per_token": {name: round(value, 4) for name, value in forwards.items()},
         "over_plain": {name: round(value / best["plain"], 3) for name, value in best.items() if best["plain"]},
+        "decode_cpu_ms_per_token": {name: round(1000 * value, 3) for name, value in best_cpu.items()},
+        # Speed relative to plain from CPU time: plain's CPU time per token over the mode's (above 1 = faster).
+        "cpu_over_plain": {name: round(best_cpu["plain"] / value, 3) for name, value in best_cpu.items() if value > 0},
         "answers_equal_plain": {name: answers[name] == answers["plain"] for name in answers},
     }
     print(json.dumps(report, indent=2))

@@ -162,3 +162,32 @@ def test_context_shift_moves_the_kept_keys_without_a_re_prefill(fixture: str, st
                                                rtol=1e-4, atol=1e-4)
         before, before_ids = _keys(engine), engine.cached_ids
     assert shifted_turns >= 2
+
+
+# ---------------------------------------------------------------------------------------------- bench
+@pytest.mark.parametrize("context_shift", [False, True], ids=["block-drop", "context-shift"])
+def test_bench_runs_past_the_window_and_reports_every_turn(context_shift: bool) -> None:
+    import json
+
+    from bluelm_cli.bench.local import format_report, random_weights_model, run_bench
+
+    shapes = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    engine = ChatEngine(random_weights_model(shapes, "cpu", torch.float32), context_shift=context_shift)
+    report = run_bench(engine, prompt_tokens=40, new_tokens=8, turns=14, overhead=False)
+    turns = json.loads(report.to_json())["turns"]
+    assert len(turns) == 14
+    for turn in turns:
+        assert {"context_tokens", "reused_tokens", "prefill_tokens", "dropped_turns", "ttft_s", "decode_tok_s",
+                "forwards", "shifted_tokens"} <= set(turn)
+        assert turn["forwards"] == 8  # a prefill and seven decode steps: prompt lookup is off
+    dropped = [turn for turn in turns if turn["dropped_turns"]]
+    assert dropped, "the conversation never filled the 256-token window"
+    assert all((turn["shifted_tokens"] > 0) == context_shift for turn in dropped)
+    if context_shift:
+        assert all(turn["prefill_tokens"] < 40 for turn in dropped)
+    assert report.forwards_per_token == 1.0 and report.context_shift is context_shift
+    table = format_report(report)
+    rows = [line for line in table.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == 14  # every turn's TTFT is shown
+    assert "(drop: the oldest turns left the full context window in one block;" in table
