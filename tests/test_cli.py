@@ -148,8 +148,11 @@ def test_ask_json_is_one_object_and_nothing_else(tiny: Path) -> None:
 
 def test_ask_prompt_lookup_gives_the_same_greedy_answer_in_fewer_forwards(tiny: Path) -> None:
     prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
-    plain = json.loads(ask(tiny, "-t", "0", "-n", "40", "--json", prompt).stdout)
+    plain = json.loads(ask(tiny, "-t", "0", "-n", "40", "--no-prompt-lookup", "--json", prompt).stdout)
     result = ask(tiny, "-t", "0", "-n", "40", "--prompt-lookup", "--json", prompt)
+    # Unset, it is on for the eager path (the CPU): the same figures as --prompt-lookup.
+    default = json.loads(ask(tiny, "-t", "0", "-n", "40", "--json", prompt).stdout)
+    assert (default["answer"], default["forwards"]) == (json.loads(result.stdout)["answer"], json.loads(result.stdout)["forwards"])
     assert result.exit_code == 0, result.stderr
     looked_up = json.loads(result.stdout)
     assert looked_up["answer"] == plain["answer"] and looked_up["new_tokens"] == plain["new_tokens"]
@@ -361,7 +364,7 @@ def test_bad_config_syntax_and_unknown_key() -> None:
     assert result.exit_code == 1
     assert result.stderr == (
         f"Error: config file {path}: unknown setting 'temprature'; known settings: model, source, device, dtype, "
-        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, context_shift, "
+        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, quantize, context_shift, "
             "prompt_lookup, history\n"
     )
 

@@ -16,7 +16,7 @@ from bluelm_cli.config.settings import describe, load_config_file, resolve_setti
 from bluelm_cli.core.settings import SAMPLING_KEYS, SETTING_NAMES, SOURCE_CHECKPOINT, SPECS, SamplingSettings, parse_sampling_setting, parse_setting
 
 KNOWN = ("model, source, device, dtype, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api,"
-         " compile, context_shift, prompt_lookup, history")
+         " compile, quantize, context_shift, prompt_lookup, history")
 
 
 # --------------------------------------------------------------------------- parse_setting

@@ -28,6 +28,8 @@ MODEL_SETTINGS = (
 
 def _help(spec: SettingSpec) -> str:
     if spec.type is bool:
+        if spec.default is None:  # unset means something of its own, which the help says
+            return spec.help
         return f"{spec.help.rstrip('.')} ({'on' if spec.default else 'off'})."
     extra = []
     if spec.env:

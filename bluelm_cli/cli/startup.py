@@ -79,8 +79,8 @@ def load_engine_in_background(settings: ResolvedSettings, quantization: str | No
     loaded = load_model(**model_source(settings, quantization), on_status=progress.status, on_warning=progress.warn)
     progress.note(loaded_line(loaded, progress.elapsed()))
     prepare_weights(loaded, settings, progress.note)
-    return ChatEngine(loaded, runner=make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note),
-                      **engine_options(settings))
+    runner = make_runner(loaded, enabled=bool(settings["compile"]), on_status=progress.note)
+    return ChatEngine(loaded, runner=runner, **engine_options(settings, runner))
 
 
 def prepare_weights(loaded: LoadedModel, settings: ResolvedSettings, note: Callable[[str], None]) -> None:
@@ -101,9 +101,18 @@ def prepare_weights(loaded: LoadedModel, settings: ResolvedSettings, note: Calla
         note(f"Quantized the weights ({loaded.quantization}) in {time.perf_counter() - started:.1f} s")
 
 
-def engine_options(settings: ResolvedSettings) -> dict[str, bool]:
-    """The engine's switches from the settings: context shift and prompt lookup."""
-    return {"context_shift": bool(settings["context_shift"]), "prompt_lookup": bool(settings["prompt_lookup"])}
+def engine_options(settings: ResolvedSettings, runner: object) -> dict[str, bool]:
+    """The engine's switches from the settings: context shift and prompt lookup.
+
+    Prompt lookup, unset, is on for the eager runner only: measured on a CPU (BENCHMARKS.md, 2026-12-06) it
+    decoded 1.37x faster where text repeats and 1.00x where nothing matched. On the CUDA fast path a draft is
+    verified by an eager forward (not a graph replay) and the next step is no longer queued before the host reads
+    the token; the GPU check measures that, and until it has, the fast path decodes plainly unless asked."""
+    from bluelm_cli.local.engine import StepRunner
+
+    lookup = settings["prompt_lookup"]
+    return {"context_shift": bool(settings["context_shift"]),
+            "prompt_lookup": type(runner) is StepRunner if lookup is None else bool(lookup)}
 
 
 def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None) -> ChatEngine:
@@ -115,7 +124,7 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
     prepare_weights(loaded, settings, lambda text: console.print(f"[dim]{escape(text)}[/]"))
     runner = make_runner(loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER,
                          on_status=lambda text: console.print(f"[dim]{escape(text)}[/]"))
-    return ChatEngine(loaded, runner=runner, **engine_options(settings))
+    return ChatEngine(loaded, runner=runner, **engine_options(settings, runner))
 
 
 def api_key_from(flag: str | None) -> str | None:
