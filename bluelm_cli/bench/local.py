@@ -112,6 +112,7 @@ class BenchReport:
     forwards_per_token: float = 0.0  # model calls per generated token over the conversation (engine side)
     prompt_lookup: bool = False
     context_shift: bool = False
+    quantization: str | None = None  # e.g. "torchao int8 weight-only" (--quantize)
 
     def to_json(self) -> str:
         from dataclasses import asdict
@@ -375,6 +376,7 @@ def run_bench(
         forwards_per_token=sum(r.forwards for r in records) / max(1, sum(r.new_tokens for r in records)),
         prompt_lookup=engine.prompt_lookup,
         context_shift=engine.context_shift,
+        quantization=loaded.quantization,
     )
 
 
@@ -500,7 +502,8 @@ def format_report(report: BenchReport) -> str:
     """A human-readable table of the report."""
     lines = [
         f"model        {report.model}" + (f"  ({report.parameters / 1e6:.1f}M parameters)" if report.parameters else ""),
-        f"device       {report.device}   dtype {report.dtype}   load {report.load_s:.2f} s",
+        f"device       {report.device}   dtype {report.dtype}"
+        + (f" ({report.quantization})" if report.quantization else "") + f"   load {report.load_s:.2f} s",
         f"workload     turn 1: {report.prompt_tokens}-token message; later turns: {FOLLOW_UP_TOKENS}-token messages; "
         f"{report.new_tokens} new tokens a turn, greedy"
         + (f"; best of {report.repeats} runs" if report.repeats > 1 else ""),
