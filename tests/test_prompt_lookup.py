@@ -123,3 +123,24 @@ def test_the_draft_budget_grows_on_hits_shrinks_on_misses_and_pauses_after_a_tot
     assert budget.limit() == 3
     budget.update(0, 0)  # no draft found: nothing changes
     assert budget.limit() == 3
+
+
+def test_a_draft_verified_past_the_current_attention_window_widens_it(loaded: LoadedModel) -> None:
+    """A replayed decode graph leaves the static cache's window as captured: a draft's eager forward that runs
+    past it must widen it, or its last positions would not see themselves."""
+    import torch
+
+    from bluelm_cli.local.engine import StepRunner
+
+    runner = GraphRunner(loaded.model, loaded.context_length, use_graphs=False, smallest_window=16)
+    runner.warm_up()
+    ids = torch.tensor([[1, *range(40, 60)]])  # 21 tokens: a 14-token prompt, then a token and a 6-token draft
+    reference = StepRunner(loaded.model)
+    with torch.inference_mode():
+        static, dynamic = runner.new_cache(), reference.new_cache()
+        runner.prefill(static, ids[:, :14], 0)
+        reference.prefill(dynamic, ids[:, :14], 0)
+        runner._window.size = 16  # as a graph replayed for position 14 left it
+        got = runner.verify(static, ids[:, 14:], 14)
+        expected = reference.verify(dynamic, ids[:, 14:], 14)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -180,6 +180,13 @@ class GraphRunner(_StaticCacheRunner):
             self._window.size = self.window_for(start + ids.shape[1])
         return super().prefill(cache, ids, start)
 
+    def verify(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        # Eager, like a prefill: the window must cover the draft's positions (a replayed decode step leaves it as
+        # it was at capture).
+        if cache is self._cache:
+            self._window.size = self.window_for(start + ids.shape[1])
+        return super().verify(cache, ids, start)
+
     def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
         if cache is not self._cache:
             return super().decode(cache, token, position)
