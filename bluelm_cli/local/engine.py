@@ -381,7 +381,7 @@ class ChatEngine:
         last = history_ids[:, length - 1 : length]
         if not draft:
             logits = self.runner.decode(self._cache, last, length - 1)
-            self._cached_ids.append(int(history_ids[0, length - 1]))
+            self._cached_ids.append(lookup.tokens[-1])  # the host copy: reading the device's would sync
             return [_choose(logits, history_ids[:, :length], processors, stop_ids, len(answer_ids) < min_new_tokens)]
         history_ids[0, length : length + len(draft)] = torch.tensor(draft, dtype=torch.long)
         rows = self.runner.verify(self._cache, history_ids[:, length - 1 : length + len(draft)], length - 1)
@@ -396,7 +396,7 @@ class ChatEngine:
         budget.update(len(draft), accepted)
         if accepted < len(draft):
             self._cache.crop(-(len(draft) - accepted))  # type: ignore[union-attr]
-        self._cached_ids += [int(history_ids[0, length - 1]), *draft[:accepted]]
+        self._cached_ids += [lookup.tokens[-1], *draft[:accepted]]
         return settled
 
     def _shift_kept_turns(self, ids: list[int], start: int) -> int:
