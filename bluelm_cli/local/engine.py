@@ -386,9 +386,21 @@ class ChatEngine:
         history_ids[0, length : length + len(draft)] = torch.tensor(draft, dtype=torch.long)
         rows = self.runner.verify(self._cache, history_ids[:, length - 1 : length + len(draft)], length - 1)
         settled: list[int] = []
+        choices: list[int] | None = None
+        if not processors:
+            # Every row's greedy token in one read (one device sync, not one per row); the rows before min_new_tokens
+            # cannot choose a stop.
+            suppressed = max(0, min(len(draft) + 1, min_new_tokens - len(answer_ids)))
+            if suppressed:
+                rows = rows.clone()
+                rows[:suppressed].index_fill_(-1, stop_ids, float("-inf"))
+            choices = rows.argmax(dim=-1).tolist()
         for index in range(len(draft) + 1):
-            suppress = len(answer_ids) + index < min_new_tokens
-            token = _choose(rows[index : index + 1], history_ids[:, : length + index], processors, stop_ids, suppress)
+            if choices is not None:
+                token = choices[index]
+            else:  # the repetition penalty sees each row's own history
+                suppress = len(answer_ids) + index < min_new_tokens
+                token = _choose(rows[index : index + 1], history_ids[:, : length + index], processors, stop_ids, suppress)
             settled.append(token)
             if index == len(draft) or token != draft[index] or token in (self._eos_id, self._human_id):
                 break
