@@ -19,6 +19,16 @@ step, so a hang or a kill still leaves what was measured:
                16K tokens costs more device time than it tells)
   warm_start   the same model started again: load and the fast path's warm-up a second time
   first_prompt `bluelm chat` with a tiny checkpoint to its first prompt, cold and warm compile cache
+The speed steps (issue 22; `--steps speed` runs only these after env and install, `--steps core` only the above):
+  kernels      scripts/gpu_kernels.py: CUDA kernels per decode forward (torch profiler) unfused and fused, and the
+               step's time eager and from the CUDA graph
+  bench_int8   bluelm bench --quantize int8 (torchao weight-only), 7B shapes, with the fast path
+  bench_int4   the same with --quantize int4 (CUDA only)
+  context      bluelm bench --turns 40 past the 2K window: prefill per turn after the window fills, with and
+               without --context-shift
+  lookup       scripts/bench_prompt_lookup.py: plain / prompt lookup / no-match / all-rejected decode, fast path
+  quality      scripts/quant_quality.py: perplexity and greedy agreement of int8 and int4 next to bf16, only with a
+               real checkpoint on the machine (QUALITY_MODEL=path; random weights say nothing about quality)
 Outputs in OUT_DIR (argument, else $OUT, else ./gpu_check_out): gpu_check.json, gpu_check.md,
 gpu_check.log (every step's output), gpu_tests.xml. The headline table is printed last.
 """
@@ -52,7 +62,7 @@ GPU_TRANSFORMERS = os.environ.get("GPU_TRANSFORMERS", "5.17.0")
 # Ours to carry, with their dependencies; the GPU image has torch and the Hugging Face stack.
 CARRIED = ("prompt_toolkit", "rich", "typer", "platformdirs", "sentencepiece", "pytest", "hypothesis", "pexpect")
 # Carried without their dependencies, which the GPU image has (numpy, pyyaml, tqdm).
-CARRIED_NO_DEPS = ("gguf",)
+CARRIED_NO_DEPS = ("gguf", "torchao")  # torchao: --quantize int8|int4 (pure Python wheel plus its kernels)
 # bitsandbytes ships a library per CUDA version (43 MB in all); torch 2.11 there is built for CUDA 13.0.
 BNB_LIBRARIES = ("cpu", "cuda130", "cuda132")
 WHEEL_BUDGET_MB = 40  # the device tool carries 64 MiB in all, the repository included
@@ -61,7 +71,13 @@ GPU_SHAPES = {"2k": ("7b", 1000, 128, 6), "32k": ("7b-32k", 16000, 64, 2)}  # sh
 CPU_SHAPES = {"2k": ("cpu25m", 64, 16, 3), "32k": ("cpu25m-32k", 256, 16, 2)}
 # Worst cases on one H100, in the order they run; the overall budget trims the last ones first.
 STEP_LIMITS_S = {"env": 45, "install": 60, "imports": 60, "gpu_tests": 150, "profile": 120, "bench_2k": 220,
-                 "bench_32k": 150, "warm_start": 90, "first_prompt": 90}
+                 "bench_32k": 150, "warm_start": 90, "first_prompt": 90,
+                 "kernels": 90, "bench_int8": 100, "bench_int4": 100, "context": 150, "lookup": 90, "quality": 120}
+SPEED_STEPS = ("kernels", "bench_int8", "bench_int4", "context", "lookup", "quality")
+CORE_STEPS = ("imports", "gpu_tests", "profile", "bench_2k", "bench_32k", "warm_start", "first_prompt")
+# The context step's workload: `bluelm bench`'s turns (32-token messages, 64 new tokens) for 40 turns, which
+# fills the 2K window at about turn 19 and again at about 29 and 39.
+CONTEXT_WORKLOAD = {"gpu": ("7b", 256, 64, 40), "cpu": ("cpu25m", 256, 64, 40)}
 GPU_BUDGET_S = 500  # the device tool allows 600 s a command; leave room for start-up and copying back
 
 
@@ -116,7 +132,8 @@ def prepare(with_bnb: bool = True) -> int:
 
     project = _project()
     declared = {_name(r): r for r in [*project["dependencies"], *project["optional-dependencies"]["test"],
-                                      *project["optional-dependencies"]["quant"]]}
+                                      *project["optional-dependencies"]["quant"],
+                                      *project["optional-dependencies"]["torchao"]]}
     if WHEELS.exists():
         shutil.rmtree(WHEELS)
     WHEELS.mkdir()
@@ -254,7 +271,7 @@ def step_install(check: Check, limit: float) -> dict[str, Any]:
         lines = wheel.read(meta).decode().splitlines()
     requirements = [Requirement(line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
     wanted = [r for r in requirements if r.name.lower() != "torch"
-              and (r.marker is None or any(r.marker.evaluate({"extra": extra}) for extra in ("", "test", "quant")))]
+              and (r.marker is None or any(r.marker.evaluate({"extra": extra}) for extra in ("", "test", "quant", "torchao")))]
 
     def unsatisfied() -> list[str]:
         missing = []
@@ -366,6 +383,107 @@ def _shown(command: list[str]) -> str:
     return " ".join(["bluelm", *command[3:]] if command[1:3] == ["-m", "bluelm_cli"] else command)
 
 
+def _json_tail(output: str) -> dict[str, Any]:
+    return json.loads(output[output.index("{"):])
+
+
+def _device_flags(check: Check) -> list[str]:
+    return ["--device", "cpu", "--dtype", "float32"] if check.cpu else ["--device", "cuda", "--dtype", "bfloat16"]
+
+
+def step_kernels(check: Check, limit: float) -> dict[str, Any]:
+    shape = CPU_SHAPES["2k"][0] if check.cpu else GPU_SHAPES["2k"][0]
+    command = _python("scripts/gpu_kernels.py", "--shape", shape, *_device_flags(check))
+    rc, output = check.run(command, limit)
+    data = _json_tail(output) if rc == 0 else {"_status": "failed", "tail": output.strip().splitlines()[-5:]}
+    data["command"] = _shown(command)
+    return data
+
+
+def step_bench_quantized(check: Check, limit: float, scheme: str) -> dict[str, Any]:
+    if scheme == "int4" and check.cpu:
+        return {"_status": "skipped", "note": "int4 needs CUDA (torchao's kernels)"}
+    shape, prompt, new, _ = (CPU_SHAPES if check.cpu else GPU_SHAPES)["2k"]
+    command = _python("-m", "bluelm_cli", "bench", "--random-weights", "--shape", shape, *_device_flags(check),
+                      "--quantize", scheme, "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", "2", "--json")
+    rc, output = check.run(command, limit)
+    if rc != 0:
+        return {"_status": "failed", "command": _shown(command), "tail": output.strip().splitlines()[-5:]}
+    report = _json_tail(output)
+    report["command"] = _shown(command)
+    return report
+
+
+def _prefill_after_the_window_fills(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean prefill tokens per turn once the window is full, over the median turn's before it (the issue's ≤ 5×).
+
+    Taken over whole cycles, from the first drop to the turn before the last one: a run that ends a few turns
+    after a drop would charge that drop's re-prefill to those few turns only. With a single drop, over every turn
+    from it (marked `whole_cycles: false`)."""
+    drops = [index for index, turn in enumerate(turns) if turn.get("dropped_turns")]
+    if not drops or drops[0] < 2:
+        return {"note": "the window never filled"}
+    before = sorted(turn["prefill_tokens"] for turn in turns[1:drops[0]])
+    normal = before[len(before) // 2]
+    whole = len(drops) >= 2
+    after = [turn["prefill_tokens"] for turn in turns[drops[0] : drops[-1] if whole else None]]
+    return {"first_drop_turn": drops[0] + 1, "drop_turns": [index + 1 for index in drops], "whole_cycles": whole,
+            "normal_prefill_tokens": normal, "mean_prefill_after_fill": round(sum(after) / len(after), 1),
+            "ratio": round(sum(after) / len(after) / normal, 2),
+            "ttft_ms_after_fill": [round(1000 * turn["ttft_s"], 1) for turn in turns[drops[0]:]]}
+
+
+def step_context(check: Check, limit: float) -> dict[str, Any]:
+    shape, prompt, new, turns = CONTEXT_WORKLOAD["cpu" if check.cpu else "gpu"]
+    data: dict[str, Any] = {}
+    for label, flag in (("block_drop", "--no-context-shift"), ("context_shift", "--context-shift")):
+        command = _python("-m", "bluelm_cli", "bench", "--random-weights", "--shape", shape, *_device_flags(check), flag,
+                          "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", str(turns), "--json")
+        rc, output = check.run(command, limit / 2)
+        if rc != 0:
+            data[label] = {"command": _shown(command), "tail": output.strip().splitlines()[-5:]}
+            data["_status"] = "failed"
+            continue
+        report = _json_tail(output)
+        data[label] = {"command": _shown(command), **_prefill_after_the_window_fills(report["turns"]),
+                       "turns": [{key: turn[key] for key in ("turn", "context_tokens", "reused_tokens", "prefill_tokens",
+                                                             "dropped_turns", "forwards", "shifted_tokens", "ttft_s")}
+                                 for turn in report["turns"]]}
+    return data
+
+
+def step_lookup(check: Check, limit: float) -> dict[str, Any]:
+    shape = CPU_SHAPES["2k"][0] if check.cpu else GPU_SHAPES["2k"][0]
+    command = _python("scripts/bench_prompt_lookup.py", "--shape", shape, *_device_flags(check),
+                      "--repeats", "2" if check.cpu else "3", "--new-tokens", "32" if check.cpu else "96")
+    rc, output = check.run(command, limit)
+    data = _json_tail(output) if rc == 0 else {"_status": "failed", "tail": output.strip().splitlines()[-5:]}
+    data["command"] = _shown(command)
+    return data
+
+
+def step_quality(check: Check, limit: float) -> dict[str, Any]:
+    model = os.environ.get("QUALITY_MODEL")
+    if not model:
+        return {"_status": "skipped", "note": "no real checkpoint on the machine (set QUALITY_MODEL=folder)"}
+    schemes = ["int8"] if check.cpu else ["int8", "int4"]
+    command = _python("scripts/quant_quality.py", "--model", model, *_device_flags(check), "--schemes", *schemes)
+    rc, output = check.run(command, limit)
+    data = _json_tail(output) if rc == 0 else {"_status": "failed", "tail": output.strip().splitlines()[-5:]}
+    data["command"] = _shown(command)
+    return data
+
+
+SPEED_FUNCTIONS: dict[str, Callable[[Check, float], dict[str, Any]]] = {
+    "kernels": step_kernels,
+    "bench_int8": lambda check, limit: step_bench_quantized(check, limit, "int8"),
+    "bench_int4": lambda check, limit: step_bench_quantized(check, limit, "int4"),
+    "context": step_context,
+    "lookup": step_lookup,
+    "quality": step_quality,
+}
+
+
 def step_first_prompt(check: Check, limit: float) -> dict[str, Any]:
     import pexpect
 
@@ -392,26 +510,32 @@ def step_first_prompt(check: Check, limit: float) -> dict[str, Any]:
     return data
 
 
-def run(out: Path, cpu: bool, budget_s: float) -> int:
+def run(out: Path, cpu: bool, budget_s: float, steps: str = "all") -> int:
     out.mkdir(parents=True, exist_ok=True)
     check = Check(out, cpu, budget_s)
-    print(f"[gpu_check] {'CPU dry-run' if cpu else 'GPU run'}: budget {budget_s:.0f} s, report in {out}", flush=True)
+    print(f"[gpu_check] {'CPU dry-run' if cpu else 'GPU run'} ({steps} steps): budget {budget_s:.0f} s, report in {out}",
+          flush=True)
     env = check.step("env", lambda limit: step_env(check, limit))
     if not cpu and not env["data"].get("gpu"):
         print("Error: no CUDA GPU visible; use `dry-run` for the CPU", file=sys.stderr)
         return 1
     check.step("install", lambda limit: step_install(check, limit))
-    check.step("imports", lambda limit: step_imports(check, limit))
-    check.step("gpu_tests", lambda limit: step_gpu_tests(check, limit))
-    check.step("profile", lambda limit: step_profile(check, limit))
-    check.step("bench_2k", lambda limit: _bench(check, limit, "2k"))
-    check.step("bench_32k", lambda limit: _bench(check, limit, "32k", baseline=False))
-    check.step("warm_start", lambda limit: _bench(check, limit, "2k", short=True))
-    check.step("first_prompt", lambda limit: step_first_prompt(check, limit))
+    # The speed steps first: with the whole set, the budget trims the core steps' tail.
+    if steps in ("all", "speed"):
+        for name in SPEED_STEPS:
+            check.step(name, lambda limit, name=name: SPEED_FUNCTIONS[name](check, limit))
+    if steps in ("all", "core"):
+        check.step("imports", lambda limit: step_imports(check, limit))
+        check.step("gpu_tests", lambda limit: step_gpu_tests(check, limit))
+        check.step("profile", lambda limit: step_profile(check, limit))
+        check.step("bench_2k", lambda limit: _bench(check, limit, "2k"))
+        check.step("bench_32k", lambda limit: _bench(check, limit, "32k", baseline=False))
+        check.step("warm_start", lambda limit: _bench(check, limit, "2k", short=True))
+        check.step("first_prompt", lambda limit: step_first_prompt(check, limit))
     check.write()
     print(f"\nReport: {out / 'gpu_check.json'}, {out / 'gpu_check.md'}; logs: {out / 'gpu_check.log'}\n")
     print(headline_text(check.steps, cpu))
-    return 0 if all(step["status"] == "ok" for step in check.steps) else 1
+    return 0 if all(step["status"] in ("ok", "skipped") for step in check.steps) else 1
 
 
 # --------------------------------------------------------------------------------------------- the report
@@ -492,9 +616,48 @@ def headline_rows(steps: list[dict[str, Any]], cpu: bool) -> list[list[str]]:
     for label in ("cold_cache_s", "warm_cache_s"):
         if label in first_prompt:
             add(f"chat to first prompt, tiny model, {label[:4]} cache", first_prompt[label], "s")
+    rows += speed_rows(steps, cpu, add)
     failed = [f"{s['step']} ({s['status']})" for s in steps if s["status"] != "ok"]
     rows.append(["steps not ok", ", ".join(failed) or "none", "", ""])
     return rows
+
+
+def speed_rows(steps: list[dict[str, Any]], cpu: bool, add: Callable[..., None]) -> list[list[str]]:
+    """The speed steps' figures (issue 22's targets are for one H100, 7B, batch 1); `add` appends to the table."""
+    kernels = _data(steps, "kernels")
+    for label in ("eager_unfused", "eager_fused", "graph_fused"):
+        figures = kernels.get(label) or {}
+        count = figures.get("kernels_per_forward", figures.get("top_level_aten_ops_per_forward"))
+        if count is not None:
+            what = "CUDA kernels" if "kernels_per_forward" in figures else "aten ops"
+            add(f"kernels: {what} per decode forward, {label.replace('_', ' ')}", count, "")
+            add(f"kernels: decode step, {label.replace('_', ' ')}", figures.get("step_ms_median"), "ms")
+    for scheme, target in (("int8", 220), ("int4", 280)):
+        bench = _data(steps, f"bench_{scheme}")
+        if bench.get("decode_tok_s") is not None:
+            decode = bench["decode_tok_s"]
+            add(f"{scheme}: decode tok/s", decode, "", f"≥ {target}", decode >= target)
+            first = bench["turns"][0]
+            add(f"{scheme}: TTFT turn 1 ({first['context_tokens']} tokens)", 1000 * first["ttft_s"], "ms")
+    context = _data(steps, "context")
+    for label in ("block_drop", "context_shift"):
+        figures = context.get(label) or {}
+        if "ratio" in figures:
+            add(f"context {label.replace('_', ' ')}: prefill/turn after fill ÷ normal", figures["ratio"], "×",
+                "≤ 5×" if label == "block_drop" else "", figures["ratio"] <= 5 if label == "block_drop" else None)
+    lookup = _data(steps, "lookup")
+    # On a shared CPU, wall time is noise; the script's CPU-time ratios are what the dry run shows.
+    over = (lookup.get("cpu_over_plain") if cpu else None) or lookup.get("over_plain") or {}
+    if over:
+        add("prompt lookup: no-match decode ÷ plain", over.get("no-match"), "×", "≥ 0.95", (over.get("no-match") or 0) >= 0.95)
+        add("prompt lookup: all-rejected decode ÷ plain", over.get("all-rejected"), "×")
+        add("prompt lookup: decode ÷ plain (random-weight answers)", over.get("lookup"), "×")
+        add("prompt lookup: forwards per token", (lookup.get("forwards_per_token") or {}).get("lookup"), "")
+    quality = _data(steps, "quality")
+    for row in quality.get("rows", []):
+        add(f"quality {row['weights']}: perplexity", row["perplexity"], "")
+        add(f"quality {row['weights']}: greedy agreement over {quality.get('greedy_tokens')}", row["teacher_forced_agreement"], "")
+    return []
 
 
 def headline_text(steps: list[dict[str, Any]], cpu: bool) -> str:
@@ -513,8 +676,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "| step | status | seconds | note |", "|---|---|---:|---|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} | {s.get('note', '')} |" for s in report["steps"]]
     for step in report["steps"]:
-        if step["step"].startswith("bench") and step["status"] == "ok":
+        if step["status"] == "ok" and step["data"].get("command"):
             lines += ["", f"`{step['data'].get('command')}`"]
+        for part in ("block_drop", "context_shift"):
+            if step["status"] == "ok" and isinstance(step["data"].get(part), dict):
+                lines += ["", f"`{step['data'][part].get('command')}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -528,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", nargs="?", help="report folder (default $OUT, else ./gpu_check_out)")
     parser.add_argument("--budget", type=float, help=f"seconds for all steps (default {GPU_BUDGET_S} on a GPU, 1800 dry-run)")
     parser.add_argument("--no-bnb", action="store_true", help="prepare: leave bitsandbytes out")
+    parser.add_argument("--steps", choices=("all", "core", "speed"), default="all",
+                        help="run: every step (speed steps first), the core steps only, or the speed steps only")
     args = parser.parse_args(argv)
     if args.mode in ("prepare", "dry-run"):
         status = prepare(with_bnb=not args.no_bnb)
@@ -535,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             return status
     out = Path(args.out or os.environ.get("OUT") or ROOT / "gpu_check_out").resolve()
     cpu = args.mode == "dry-run"
-    return run(out, cpu, args.budget or (1800 if cpu else GPU_BUDGET_S))
+    return run(out, cpu, args.budget or (1800 if cpu else GPU_BUDGET_S), args.steps)
 
 
 if __name__ == "__main__":

@@ -106,14 +106,12 @@ def test_old_turns_are_dropped_to_fit_and_the_drop_is_journaled(paths: UserPaths
     for number in range(4):
         answer(chat, f"question {number}")
     # Budget 80 - 10 = 70; each exchange is [|Human|]: + 10 + [|AI|]: + 10 + </s> = 23 ids, a new message 12:
-    # the fourth prompt would be 1 + 3 * 23 + 12 = 82, so the oldest turn goes (1 + 2 * 23 + 12 = 59).
-    assert [plan.dropped_turns for plan in backend.plans] == [0, 0, 0, 1]
-    assert backend.prompt_text() == (
-        "<s>[|Human|]:question 1[|AI|]:" + "b" * 10 + "</s>[|Human|]:question 2[|AI|]:" + "c" * 10
-        + "</s>[|Human|]:question 3[|AI|]:"
-    )
-    assert chat.session.context_start == 1 and len(chat.session.turns) == 4
-    assert [r["count"] for r in journal(chat.session) if r["type"] == "drop"] == [1]
+    # the fourth prompt would be 1 + 3 * 23 + 12 = 82. Dropping the oldest turn would fit (59), but turns go in
+    # a block holding half the history's tokens (core.prompt.DROP_BLOCK_FRACTION): two of the three (1 + 23 + 12 = 36).
+    assert [plan.dropped_turns for plan in backend.plans] == [0, 0, 0, 2]
+    assert backend.prompt_text() == "<s>[|Human|]:question 2[|AI|]:" + "c" * 10 + "</s>[|Human|]:question 3[|AI|]:"
+    assert chat.session.context_start == 2 and len(chat.session.turns) == 4
+    assert [r["count"] for r in journal(chat.session) if r["type"] == "drop"] == [2]
 
 
 def test_a_journal_failure_keeps_the_turn_in_memory(paths: UserPaths) -> None:

@@ -136,12 +136,29 @@ def test_ask_json_is_one_object_and_nothing_else(tiny: Path) -> None:
     assert result.stdout.endswith("}\n") and result.stdout.count("\n") == 1
     payload = json.loads(result.stdout)
     assert list(payload) == ["answer", "finish_reason", "prompt_tokens", "reused_tokens", "new_tokens", "ttft_s",
-                            "prefill_tok_s", "decode_tok_s", "context_tokens", "context_limit"]
+                             "prefill_tok_s", "decode_tok_s", "context_tokens", "context_limit", "forwards",
+                             "forwards_per_token"]
+    # Plain decoding: the prefill gives the first token and each further one takes a forward.
+    assert payload["forwards"] == max(1, payload["new_tokens"]) + (payload["finish_reason"] == "stop")
     assert isinstance(payload["answer"], str)
     assert payload["finish_reason"] in ("stop", "length")
     assert isinstance(payload["prompt_tokens"], int) and payload["prompt_tokens"] > 0
     assert isinstance(payload["new_tokens"], int) and 0 <= payload["new_tokens"] <= 5
     assert payload["ttft_s"] >= 0 and payload["decode_tok_s"] >= 0
+
+
+def test_ask_prompt_lookup_gives_the_same_greedy_answer_in_fewer_forwards(tiny: Path) -> None:
+    prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
+    plain = json.loads(ask(tiny, "-t", "0", "-n", "40", "--no-prompt-lookup", "--json", prompt).stdout)
+    result = ask(tiny, "-t", "0", "-n", "40", "--prompt-lookup", "--json", prompt)
+    # Unset, it is on for the eager path (the CPU): the same figures as --prompt-lookup.
+    default = json.loads(ask(tiny, "-t", "0", "-n", "40", "--json", prompt).stdout)
+    assert (default["answer"], default["forwards"]) == (json.loads(result.stdout)["answer"], json.loads(result.stdout)["forwards"])
+    assert result.exit_code == 0, result.stderr
+    looked_up = json.loads(result.stdout)
+    assert looked_up["answer"] == plain["answer"] and looked_up["new_tokens"] == plain["new_tokens"]
+    assert looked_up["forwards"] < plain["forwards"]
+    assert looked_up["forwards_per_token"] == round(looked_up["forwards"] / looked_up["new_tokens"], 4) < 1
 
 
 def test_ask_verbose_statistics_go_to_stderr(tiny: Path, tiny_engine: ChatEngine) -> None:
@@ -348,7 +365,8 @@ def test_bad_config_syntax_and_unknown_key() -> None:
     assert result.exit_code == 1
     assert result.stderr == (
         f"Error: config file {path}: unknown setting 'temprature'; known settings: model, source, device, dtype, "
-        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, kv_cache, history\n"
+        "max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, kv_cache, quantize, "
+            "context_shift, prompt_lookup, history\n"
     )
 
 

@@ -319,10 +319,15 @@ def test_drops_oldest_whole_turns_to_fit(loaded_small: LoadedModel, system: str 
     settings = replace(GREEDY, max_new_tokens=16)
     full = encode_prompt(engine, system, history, message).ids
     assert len(full) + 16 > 256
-    expected_dropped = next(
+    fewest = next(
         d for d in range(len(history) + 1) if len(encode_prompt(engine, system, history[d:], message).ids) + 16 <= 256
     )
-    assert 0 < expected_dropped < len(history)
+    # Turns go in one block holding at least half the history's tokens (core.prompt.DROP_BLOCK_FRACTION).
+    full_prompt = encode_prompt(engine, system, history, message)
+    bounds = [*full_prompt.turn_starts, full_prompt.message_start]
+    half = (bounds[-1] - bounds[0]) / 2
+    expected_dropped = next(d for d in range(fewest, len(history) + 1) if bounds[d] - bounds[0] >= half)
+    assert 0 < fewest <= expected_dropped < len(history)
     assert plan(engine, system, history, message, 16).dropped_turns == expected_dropped
     result, _ = run(engine, system, history, message, settings)
     kept = history[expected_dropped:]

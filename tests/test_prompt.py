@@ -184,3 +184,28 @@ def test_continuation_drops_old_turns_to_fit_and_refuses_when_the_exchange_alone
     with pytest.raises(BlueLMError, match=r"^the exchange to continue is already 18 tokens and at most 15 fit in the"
                        r" context window with room for 10 more; lower max_new_tokens \(/set max_new_tokens N\) or /retry$"):
         fit_continuation(encoder, None, history, open_turn, context_limit=25, max_new_tokens=10)
+
+
+# ------------------------------------------------------------------------------------ a full window
+def test_a_full_window_drops_the_oldest_half_of_the_history_in_one_block() -> None:
+    from bluelm_cli.core.prompt import fit_prompt
+    from bluelm_cli.testing.fakes import CharEncoder
+
+    encoder = CharEncoder()
+    # Ten exchanges of 23 ids each ([|Human|]: + 10 + [|AI|]: + 10 + </s>), then a 10-id message: 1 + 230 + 10 = 241.
+    history = [HistoryTurn(f"{n}" * 10, encoder.encode_plain("b" * 10)) for n in range(10)]
+    minimal = fit_prompt(encoder, None, history, "question", context_limit=250, max_new_tokens=10, drop_fraction=0)
+    assert minimal.dropped_turns == 1  # one turn is enough to fit 240 ...
+    block = fit_prompt(encoder, None, history, "question", context_limit=250, max_new_tokens=10)
+    assert block.dropped_turns == 5  # ... but half the history's 230 tokens go at once
+    assert block.history == tuple(history[5:])
+    assert len(block.ids) == 1 + 5 * 23 + 10
+    # The next turns extend the kept prompt (its ids are a prefix of theirs) until the window fills again.
+    grown = [*history[5:], HistoryTurn("question", encoder.encode_plain("b" * 10))]
+    following = fit_prompt(encoder, None, grown, "next one", context_limit=250, max_new_tokens=10)
+    assert following.dropped_turns == 0 and following.ids[: len(block.ids)] == block.ids
+    # A message that leaves room for less than half the history still fits: the fewest turns that make it fit.
+    big = "x" * 150
+    fitted = fit_prompt(encoder, None, history, big, context_limit=250, max_new_tokens=10)
+    assert fitted.dropped_turns == 7 and len(fitted.ids) <= 240 < len(
+        fit_prompt(encoder, None, history[6:], big, context_limit=10_000, max_new_tokens=10).ids)

@@ -15,7 +15,8 @@ from bluelm_cli.config.paths import UserPaths, ensure_dir, user_paths
 from bluelm_cli.config.settings import describe, load_config_file, resolve_settings
 from bluelm_cli.core.settings import SAMPLING_KEYS, SETTING_NAMES, SOURCE_CHECKPOINT, SPECS, SamplingSettings, parse_sampling_setting, parse_setting
 
-KNOWN = "model, source, device, dtype, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api, compile, kv_cache, history"
+KNOWN = ("model, source, device, dtype, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, system, api,"
+         " compile, kv_cache, quantize, context_shift, prompt_lookup, history")
 
 
 # --------------------------------------------------------------------------- parse_setting

@@ -83,6 +83,8 @@ class TurnRecord:
     ttft_s: float
     decode_tok_s: float
     dropped_turns: int = 0
+    forwards: int = 0  # model calls for this turn (prefill + decode steps; fewer than new_tokens with prompt lookup)
+    shifted_tokens: int = 0  # of reused_tokens, those moved by a context shift
 
 
 @dataclass
@@ -107,6 +109,10 @@ class BenchReport:
     overhead: dict[str, Any] | None = None  # overhead.OverheadReport as a dict
     compile_s: float | None = None  # the fast path's warm-up: capture or compile (set by the CLI, which builds the runner)
     runner: str | None = None  # which fast path ("graphs", "compiled"); None = eager
+    forwards_per_token: float = 0.0  # model calls per generated token over the conversation (engine side)
+    prompt_lookup: bool = False
+    context_shift: bool = False
+    quantization: str | None = None  # e.g. "torchao int8 weight-only" (--quantize)
 
     def to_json(self) -> str:
         from dataclasses import asdict
@@ -238,6 +244,8 @@ class _Conversation:
                 plan_s + result.ttft_s,
                 result.decode_tok_s,
                 dropped,
+                result.forwards,
+                result.shifted_tokens,
             )
         self.records.append(record)
         self.answers.append(answer)
@@ -365,6 +373,10 @@ def run_bench(
         answers_match=(answers == baseline_answers) if baseline_answers is not None else None,
         repeats=max(1, repeats),
         overhead=overhead_report,
+        forwards_per_token=sum(r.forwards for r in records) / max(1, sum(r.new_tokens for r in records)),
+        prompt_lookup=engine.prompt_lookup,
+        context_shift=engine.context_shift,
+        quantization=loaded.quantization,
     )
 
 
@@ -490,34 +502,41 @@ def format_report(report: BenchReport) -> str:
     """A human-readable table of the report."""
     lines = [
         f"model        {report.model}" + (f"  ({report.parameters / 1e6:.1f}M parameters)" if report.parameters else ""),
-        f"device       {report.device}   dtype {report.dtype}   load {report.load_s:.2f} s",
+        f"device       {report.device}   dtype {report.dtype}"
+        + (f" ({report.quantization})" if report.quantization else "") + f"   load {report.load_s:.2f} s",
         f"workload     turn 1: {report.prompt_tokens}-token message; later turns: {FOLLOW_UP_TOKENS}-token messages; "
         f"{report.new_tokens} new tokens a turn, greedy"
         + (f"; best of {report.repeats} runs" if report.repeats > 1 else ""),
         f"prefill      {report.prefill_tok_s:,.0f} tok/s (turn 1)",
         f"TTFT         {report.ttft_s * 1000:.1f} ms (turn 1)",
         f"decode       {report.decode_tok_s:,.1f} tok/s (mean over {len(report.turns)} turns)",
+        f"forwards     {report.forwards_per_token:.3f} per generated token"
+        + f"   prompt lookup {'on' if report.prompt_lookup else 'off'}   context shift {'on' if report.context_shift else 'off'}",
         *([f"warm-up      {report.compile_s:.2f} s (the {report.runner} decode step, at start)"] if report.compile_s is not None else []),
         "peak memory  "
         + (f"GPU {report.peak_gpu_mem_gb:.2f} GB, " if report.peak_gpu_mem_gb is not None else "")
         + f"host {report.peak_host_mem_gb:.2f} GB",
         "",
     ]
-    header = f"{'turn':>4} {'context':>7} {'reused':>6} {'prefill':>7} {'new':>4} {'TTFT ms':>8} {'decode tok/s':>12}"
+    header = (f"{'turn':>4} {'context':>7} {'reused':>6} {'prefill':>7} {'new':>4} {'fwd':>4} {'drop':>4}"
+              f" {'TTFT ms':>8} {'decode tok/s':>12}")
     if report.baseline:
         header += f" | {'generate() TTFT ms':>18} {'decode tok/s':>12}"
     lines.append(header)
     for index, record in enumerate(report.turns):
         row = (
             f"{record.turn:>4} {record.context_tokens:>7} {record.reused_tokens:>6} {record.prefill_tokens:>7} "
-            f"{record.new_tokens:>4} {record.ttft_s * 1000:>8.1f} {record.decode_tok_s:>12.1f}"
+            f"{record.new_tokens:>4} {record.forwards:>4} {record.dropped_turns or '':>4}"
+            f" {record.ttft_s * 1000:>8.1f} {record.decode_tok_s:>12.1f}"
         )
         if report.baseline and index < len(report.baseline):
             base = report.baseline[index]
             row += f" | {base.ttft_s * 1000:>18.1f} {base.decode_tok_s:>12.1f}"
         lines.append(row)
     if any(record.dropped_turns for record in report.turns):
-        lines.append("(oldest turns were dropped to fit the context window; their cache could not be reused)")
+        how = ("the kept turns' cache was moved (context shift)" if report.context_shift
+               else "the kept turns were prefilled again once")
+        lines.append(f"(drop: the oldest turns left the full context window in one block; {how})")
     if report.ratios:
         lines.append("")
         names = {

@@ -658,7 +658,7 @@ app.add_typer(sessions_app, name="sessions", short_help="List, show, remove or s
 
 
 @app.command(cls=HelpCommand, short_help="Measure load, time to first token per turn, and decode speed.")
-@setting_options("model", "source", "device", "dtype", "compile", "kv_cache", "api")
+@setting_options("model", "source", "device", "dtype", "compile", "kv_cache", "quantize", "context_shift", "prompt_lookup", "api")
 def bench(
     *,
     flags: dict[str, Any],

@@ -22,7 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Settings that every model-running command takes (`chat`, `ask`).
 MODEL_SETTINGS = (
     "model", "source", "device", "dtype", "max_new_tokens", "temperature", "top_p", "top_k",
-    "repetition_penalty", "seed", "system", "compile", "kv_cache", "api",
+    "repetition_penalty", "seed", "system", "compile", "kv_cache", "quantize", "context_shift", "prompt_lookup", "api",
 )
 
 
@@ -32,6 +32,8 @@ _OTHER_NAMES = {"max_new_tokens": "--new-tokens"}
 
 def _help(spec: SettingSpec) -> str:
     if spec.type is bool:
+        if spec.default is None:  # unset means something of its own, which the help says
+            return spec.help
         return f"{spec.help.rstrip('.')} ({'on' if spec.default else 'off'})."
     extra = [f"also {_OTHER_NAMES[spec.name]}"] if spec.name in _OTHER_NAMES else []
     if spec.env:

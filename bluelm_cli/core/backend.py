@@ -34,6 +34,13 @@ class AnswerResult:
     context_tokens: int  # positions in use once the answer is closed with </s>
     context_limit: int
     error: str | None = None  # why the answer ended early, with finish "error"
+    forwards: int = 0  # model calls this answer took (prefill and decode steps); 0 when unknown (a server)
+    shifted_tokens: int = 0  # of reused_tokens, those moved to new positions by a context shift
+
+    @property
+    def forwards_per_token(self) -> float:
+        """Model calls per generated token (1.0 plain decoding; below 1 when speculative drafts are accepted)."""
+        return self.forwards / self.new_tokens if self.new_tokens and self.forwards else 0.0
 
     @property
     def prefill_tokens(self) -> int:

@@ -98,6 +98,27 @@ class SystemPromptTooLongError(ContextOverflowError):
         )
 
 
+# When the window is full, the oldest turns holding at least this share of the history's tokens go in one block
+# (llama.cpp's context shift discards half of what is past its kept prefix). Dropping only as much as the next
+# answer needs would change the prompt's start on every later turn, and each turn would re-prefill the whole
+# window; after a block drop the following turns extend the kept prompt and reuse its cache again.
+DROP_BLOCK_FRACTION = 0.5
+
+
+def _block_drop(turn_starts: Sequence[int], history_end: int, fewest: int, fraction: float) -> int:
+    """The number of oldest turns to drop: at least `fewest`, and enough that they hold `fraction` of the
+    history's tokens (`turn_starts` and `history_end` bound each turn's tokens in the full prompt)."""
+    if not turn_starts or fraction <= 0:
+        return fewest
+    first = turn_starts[0]
+    wanted = (history_end - first) * fraction
+    for dropped in range(max(fewest, 1), len(turn_starts) + 1):
+        end = turn_starts[dropped] if dropped < len(turn_starts) else history_end
+        if end - first >= wanted:
+            return dropped
+    return len(turn_starts)
+
+
 def prompt_text(system: str | None, history: Sequence[tuple[str, str]], message: str) -> str:
     """The prompt as text, for display and golden tests: the string the publisher's demos build."""
     parts = [BOS_TEXT, system or ""]
@@ -146,8 +167,12 @@ def fit_prompt(
     context_limit: int,
     max_new_tokens: int,
     truncate: bool = False,
+    drop_fraction: float = DROP_BLOCK_FRACTION,
 ) -> PromptPlan:
     """The prompt ids, dropping the oldest whole turns until prompt + max_new_tokens fit the context.
+
+    When turns must go, they go in a block holding at least `drop_fraction` of the history's tokens (see
+    DROP_BLOCK_FRACTION; 0 drops only as many as needed), so that the next turns reuse the cache again.
 
     A message that can't fit even alone raises ContextOverflowError, or with `truncate` keeps only its
     last tokens (cut as ids: re-encoding decoded text could shift a token at the cut).
@@ -183,6 +208,12 @@ def fit_prompt(
             continue
         candidate = build_prompt_ids(encoder, system, history[dropped:], message)
         if len(candidate.ids) <= budget:
+            block = _block_drop(full.turn_starts, full.message_start, dropped, drop_fraction)
+            if block > dropped:
+                # More turns out make a shorter prompt; checked all the same (the system text moves to the new first turn).
+                wider = build_prompt_ids(encoder, system, history[block:], message)
+                if len(wider.ids) <= budget:
+                    dropped, candidate = block, wider
             return PromptPlan(candidate.ids, dropped, system=system, history=tuple(history[dropped:]), message=message)
     return PromptPlan(alone.ids, len(history), system=system, message=message)
 
@@ -205,9 +236,11 @@ def fit_continuation(
     *,
     context_limit: int,
     max_new_tokens: int,
+    drop_fraction: float = DROP_BLOCK_FRACTION,
 ) -> PromptPlan:
-    """Like :func:`fit_prompt` for going on with `open_turn`'s answer: the oldest whole turns are dropped
-    until the prompt and `max_new_tokens` more fit; raises BlueLMError if the open exchange alone can't."""
+    """Like :func:`fit_prompt` for going on with `open_turn`'s answer: the oldest whole turns are dropped (in a
+    block, as there) until the prompt and `max_new_tokens` more fit; raises BlueLMError if the open exchange
+    alone can't."""
     budget = context_limit - max_new_tokens
     full = build_continuation_ids(encoder, system, history, open_turn)
     system_tokens = len(encoder.encode_plain(system)) if system else 0
@@ -217,6 +250,11 @@ def fit_continuation(
             if 1 + len(full.ids) - kept_start + system_tokens > budget:
                 continue  # cannot fit even before the system text is re-encoded with the first kept turn
         ids = full.ids if not dropped else build_continuation_ids(encoder, system, history[dropped:], open_turn).ids
+        if len(ids) <= budget and dropped:
+            block = _block_drop(full.turn_starts, full.message_start, dropped, drop_fraction)
+            wider = build_continuation_ids(encoder, system, history[block:], open_turn).ids if block > dropped else ids
+            if len(wider) <= budget:
+                dropped, ids = block, wider
         if len(ids) <= budget:
             return PromptPlan(ids, dropped, system=system, history=tuple(history[dropped:]),
                               message=open_turn.user, partial_answer=open_turn.answer)

@@ -259,6 +259,26 @@ SPECS: dict[str, SettingSpec] = {
             _choice("model", "int8"), "'model' or 'int8'", metavar="KIND",
         ),
         SettingSpec(
+            "quantize", str, None,
+            "Weight-only quantization through torchao after loading: int8 (CPU or GPU) or int4 (CUDA, bfloat16);"
+            " keeps the CUDA fast path. Unset = the checkpoint's weights.",
+            _optional(_choice("int8", "int4")), "'int8', 'int4' or 'none'", optional=True, metavar="SCHEME",
+        ),
+        SettingSpec(
+            "context_shift", bool, False,
+            "When the context window is full, keep the cache of the turns that stay and re-rotate their keys to their"
+            " new positions instead of prefilling them again. Faster, but answers then differ from a fresh prefill"
+            " of the kept text: the kept turns were read while the dropped ones were still there.",
+            _parse_bool, "true or false",
+        ),
+        SettingSpec(
+            "prompt_lookup", bool, None,
+            "Greedy answers (temperature 0) decode with prompt-lookup drafts: runs of the prompt or answer that the"
+            " model repeats are checked in one forward. Same tokens as without it. Unset: on for the eager path"
+            " (measured faster on a CPU), off with the CUDA fast path (not measured there yet).",
+            _optional(_parse_bool), "true, false or 'none' (on for the eager path only)", optional=True,
+        ),
+        SettingSpec(
             "history", bool, True, "Keep the chat's input history in a file (Up, Ctrl-R); off for typing secrets.",
             _parse_bool, "true or false",
         ),

@@ -29,7 +29,9 @@ from transformers.generation.logits_process import (
 from bluelm_cli.core.backend import AnswerResult, BackendInfo
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.local.kv_cache import KV_CACHE_KINDS, Int8Layer
+from bluelm_cli.local.context_shift import find_shift, rotary_inverse_frequencies, shift_cache, shiftable
 from bluelm_cli.local.loading import LoadedModel, dtype_name
+from bluelm_cli.local.prompt_lookup import DraftBudget, NgramLookup
 from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.modeling.tokenizer import StreamDetokenizer
@@ -152,10 +154,25 @@ class StepRunner:
     def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
         return self.prefill(cache, token, position)
 
+    def verify(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """One forward over `ids` (a token and its speculative draft) from `start`: logits at every position, [n, vocab]."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=ids.shape[1])
+        return out.logits[0]
+
 
 class ChatEngine:
-    def __init__(self, loaded: LoadedModel, runner: StepRunner | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, runner: StepRunner | None = None, *, context_shift: bool = False,
+        prompt_lookup: bool = False,
+    ) -> None:
         self.loaded = loaded
+        # Greedy answers decode with prompt-lookup drafts checked in one forward (local.prompt_lookup); the
+        # tokens are the ones plain greedy decoding picks. Sampled answers decode plainly.
+        self.prompt_lookup = prompt_lookup
+        # Opt-in: when old turns leave the prompt, move the kept turns' cache instead of prefilling them again
+        # (local.context_shift). Answers then differ from a fresh prefill of the kept text.
+        self.context_shift = context_shift
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         # Where the logits come out: with layers spread over several GPUs (accelerate's device map) that is
@@ -246,11 +263,17 @@ class ChatEngine:
         ids = plan.ids
         reused = _common_prefix_length(self._cached_ids, ids)
         reused = min(reused, len(ids) - 1)  # at least one token must run to get the next-token logits
+        shifted = 0
         if self._cache is None:
             self._cache = self.runner.new_cache()
             reused = 0
-        elif len(self._cached_ids) > reused:
-            self._cache.crop(-(len(self._cached_ids) - reused))
+        else:
+            cache_length = len(self._cached_ids)
+            if self.context_shift:
+                shifted = self._shift_kept_turns(ids, reused)
+                reused += shifted
+            if cache_length > reused:
+                self._cache.crop(-(cache_length - reused))
         self._cached_ids = self._cached_ids[:reused]
 
         processors = _logits_processors(settings)
@@ -264,6 +287,7 @@ class ChatEngine:
 
         suffix = history_ids[:, reused:length]
         logits = self.runner.prefill(self._cache, suffix, reused)
+        forwards = 1
         self._cached_ids = list(ids)
 
         detokenizer = StreamDetokenizer(self.tokenizer)
@@ -272,44 +296,51 @@ class ChatEngine:
         first_token_at = last_token_at = 0.0
         stop_ids = torch.tensor([self._eos_id, self._human_id], dtype=torch.long, device=self.device)
         reader = _TokenReader(self.device)
-        while True:
-            if len(answer_ids) < min_new_tokens:
-                logits = logits.index_fill(-1, stop_ids, float("-inf"))
-            sampled = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
-            reader.copy(sampled)
-            # The sampled token goes into the history on the device, and the next forward is queued before the
-            # host reads the token: the host's work for this token (stop checks, detokenizing, streaming) then
-            # overlaps the GPU's next forward. If the token turns out to end the answer, that one forward was
-            # spare; the cache then holds the stop token too, and `_cached_ids` says so.
-            history_ids[:, length] = sampled
-            length += 1
-            more = len(answer_ids) + 1 < settings.max_new_tokens and length < self.context_limit
-            queued = more and not stop_event.is_set()
-            if queued:
-                logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
-            token = reader.value()
-            if queued:
-                self._cached_ids.append(token)
-            now = time.perf_counter()
-            if not answer_ids and not first_token_at:
-                first_token_at = now
-            last_token_at = now
-            if token in (self._eos_id, self._human_id):
-                finish = FinishReason.STOP
-                break
-            answer_ids.append(token)
-            delta = detokenizer.add(token)
-            if delta:
-                emit(delta)
-            if stop_event.is_set():
-                finish = FinishReason.INTERRUPTED
-                break
-            if len(answer_ids) >= settings.max_new_tokens:
-                finish = FinishReason.LENGTH
-                break
-            if length >= self.context_limit:
-                finish = FinishReason.CONTEXT
-                break
+        if self.prompt_lookup and settings.greedy:
+            finish, first_token_at, last_token_at, forwards = self._decode_with_lookup(
+                ids, logits, history_ids, settings, min_new_tokens, processors, stop_ids, stop_event,
+                detokenizer, answer_ids, emit, forwards,
+            )
+        else:
+            while True:
+                if len(answer_ids) < min_new_tokens:
+                    logits = logits.index_fill(-1, stop_ids, float("-inf"))
+                sampled = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
+                reader.copy(sampled)
+                # The sampled token goes into the history on the device, and the next forward is queued before the
+                # host reads the token: the host's work for this token (stop checks, detokenizing, streaming) then
+                # overlaps the GPU's next forward. If the token turns out to end the answer, that one forward was
+                # spare; the cache then holds the stop token too, and `_cached_ids` says so.
+                history_ids[:, length] = sampled
+                length += 1
+                more = len(answer_ids) + 1 < settings.max_new_tokens and length < self.context_limit
+                queued = more and not stop_event.is_set()
+                if queued:
+                    logits = self.runner.decode(self._cache, history_ids[:, length - 1 : length], length - 1)
+                    forwards += 1
+                token = reader.value()
+                if queued:
+                    self._cached_ids.append(token)
+                now = time.perf_counter()
+                if not answer_ids and not first_token_at:
+                    first_token_at = now
+                last_token_at = now
+                if token in (self._eos_id, self._human_id):
+                    finish = FinishReason.STOP
+                    break
+                answer_ids.append(token)
+                delta = detokenizer.add(token)
+                if delta:
+                    emit(delta)
+                if stop_event.is_set():
+                    finish = FinishReason.INTERRUPTED
+                    break
+                if len(answer_ids) >= settings.max_new_tokens:
+                    finish = FinishReason.LENGTH
+                    break
+                if length >= self.context_limit:
+                    finish = FinishReason.CONTEXT
+                    break
         tail = detokenizer.flush()
         if tail:
             emit(tail)
@@ -325,7 +356,106 @@ class ChatEngine:
             decode_tok_s=(len(answer_ids) - 1) / decode_seconds if len(answer_ids) > 1 and decode_seconds > 0 else 0.0,
             context_tokens=len(ids) + len(answer_ids) + 1,
             context_limit=self.context_limit,
+            forwards=forwards,
+            shifted_tokens=shifted,
         )
+
+    def _decode_with_lookup(
+        self, ids: list[int], logits: torch.Tensor, history_ids: torch.Tensor, settings: SamplingSettings,
+        min_new_tokens: int, processors: LogitsProcessorList, stop_ids: torch.Tensor, stop_event: threading.Event,
+        detokenizer: StreamDetokenizer, answer_ids: list[int], emit: Callable[[str], None], forwards: int,
+    ) -> tuple[FinishReason, float, float, int]:
+        """Greedy decoding with prompt-lookup drafts: (finish, first and last token times, forwards)."""
+        lookup = NgramLookup(ids)
+        budget = DraftBudget()
+        length = len(ids)
+        first_token_at = last_token_at = 0.0
+        # The answer's next tokens, chosen from logits already computed; all but the last are in the cache.
+        queue = [_choose(logits, history_ids[:, :length], processors, stop_ids, len(answer_ids) < min_new_tokens)]
+        while True:
+            for token in queue:
+                history_ids[0, length] = token
+                length += 1
+                lookup.append(token)
+                last_token_at = time.perf_counter()
+                first_token_at = first_token_at or last_token_at
+                if token in (self._eos_id, self._human_id):
+                    return FinishReason.STOP, first_token_at, last_token_at, forwards
+                answer_ids.append(token)
+                delta = detokenizer.add(token)
+                if delta:
+                    emit(delta)
+                if stop_event.is_set():
+                    return FinishReason.INTERRUPTED, first_token_at, last_token_at, forwards
+                if len(answer_ids) >= settings.max_new_tokens:
+                    return FinishReason.LENGTH, first_token_at, last_token_at, forwards
+                if length >= self.context_limit:
+                    return FinishReason.CONTEXT, first_token_at, last_token_at, forwards
+            queue = self._verify_step(lookup, budget, history_ids, length, settings, answer_ids, min_new_tokens,
+                                      processors, stop_ids)
+            forwards += 1
+
+    def _verify_step(
+        self, lookup: NgramLookup, budget: DraftBudget, history_ids: torch.Tensor, length: int, settings: SamplingSettings,
+        answer_ids: list[int], min_new_tokens: int, processors: LogitsProcessorList, stop_ids: torch.Tensor,
+    ) -> list[int]:
+        """One forward over the last token and a prompt-lookup draft; the tokens it settles (greedy), in order.
+
+        Row i of the logits gives the token after draft token i; drafted tokens are kept while they equal the
+        greedy choice, and the first row where they differ (or the row after the whole draft) gives one more
+        token. The cache keeps the last token and the accepted drafts; the rejected ones are cropped off.
+        """
+        room = min(settings.max_new_tokens - len(answer_ids) - 1, self.context_limit - length - 1)
+        allowed = min(budget.limit(), room)
+        draft = lookup.draft(allowed) if allowed > 0 else []
+        last = history_ids[:, length - 1 : length]
+        if not draft:
+            logits = self.runner.decode(self._cache, last, length - 1)
+            self._cached_ids.append(lookup.tokens[-1])  # the host copy: reading the device's would sync
+            return [_choose(logits, history_ids[:, :length], processors, stop_ids, len(answer_ids) < min_new_tokens)]
+        history_ids[0, length : length + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        rows = self.runner.verify(self._cache, history_ids[:, length - 1 : length + len(draft)], length - 1)
+        settled: list[int] = []
+        choices: list[int] | None = None
+        if not processors:
+            # Every row's greedy token in one read (one device sync, not one per row); the rows before min_new_tokens
+            # cannot choose a stop.
+            suppressed = max(0, min(len(draft) + 1, min_new_tokens - len(answer_ids)))
+            if suppressed:
+                rows = rows.clone()
+                rows[:suppressed].index_fill_(-1, stop_ids, float("-inf"))
+            choices = rows.argmax(dim=-1).tolist()
+        for index in range(len(draft) + 1):
+            if choices is not None:
+                token = choices[index]
+            else:  # the repetition penalty sees each row's own history
+                suppress = len(answer_ids) + index < min_new_tokens
+                token = _choose(rows[index : index + 1], history_ids[:, : length + index], processors, stop_ids, suppress)
+            settled.append(token)
+            if index == len(draft) or token != draft[index] or token in (self._eos_id, self._human_id):
+                break
+        accepted = len(settled) - 1
+        budget.update(len(draft), accepted)
+        if accepted < len(draft):
+            self._cache.crop(-(len(draft) - accepted))  # type: ignore[union-attr]
+        self._cached_ids += [lookup.tokens[-1], *draft[:accepted]]
+        return settled
+
+    def _shift_kept_turns(self, ids: list[int], start: int) -> int:
+        """Context shift: if the cache holds the prompt's next tokens later on (old turns were dropped before
+        them), move them to `start` onwards, keys re-rotated; the count moved (0: nothing to move, or a
+        cache that cannot be moved). `_cached_ids` is updated to match; the caller crops the cache."""
+        found = find_shift(self._cached_ids, ids, start)
+        inv_freq = rotary_inverse_frequencies(self.model)
+        if found is None or inv_freq is None or self._cache is None or not shiftable(self._cache):
+            return 0
+        source, length = found
+        length = min(length, len(ids) - 1 - start)  # one token must still run for the next-token logits
+        if length <= 0:
+            return 0
+        shift_cache(self._cache, inv_freq, start, source, length)
+        self._cached_ids = self._cached_ids[:start] + self._cached_ids[source : source + length] + self._cached_ids[start + length :]
+        return length
 
 
 class GenerationStream(WorkerStream[AnswerResult]):
@@ -393,6 +523,17 @@ def _sample(
     # its two validity checks, each a device-to-host sync.
     noise = torch.empty_like(probabilities).exponential_(1, generator=generator)
     return (probabilities / noise).argmax(dim=-1)
+
+
+def _choose(
+    logits: torch.Tensor, input_ids: torch.Tensor, processors: LogitsProcessorList, stop_ids: torch.Tensor,
+    suppress_stops: bool,
+) -> int:
+    """The greedy token for one row of logits ([1, vocab]), read on the host (prompt lookup needs it there)."""
+    if suppress_stops:
+        logits = logits.index_fill(-1, stop_ids, float("-inf"))
+    scores = processors(input_ids, logits.float()) if processors else logits
+    return int(scores.argmax(dim=-1).view(-1)[0])
 
 
 class _TokenReader:

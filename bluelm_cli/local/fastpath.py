@@ -180,6 +180,13 @@ class GraphRunner(_StaticCacheRunner):
             self._window.size = self.window_for(start + ids.shape[1])
         return super().prefill(cache, ids, start)
 
+    def verify(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
+        # Eager, like a prefill: the window must cover the draft's positions (a replayed decode step leaves it as
+        # it was at capture).
+        if cache is self._cache:
+            self._window.size = self.window_for(start + ids.shape[1])
+        return super().verify(cache, ids, start)
+
     def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
         if cache is not self._cache:
             return super().decode(cache, token, position)
@@ -247,7 +254,9 @@ def make_runner(
     """The fast path on CUDA when enabled (`kind`: "graphs" or "compiled"); eager everywhere else or if it fails."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
-    if not enabled or loaded.device.type != "cuda" or loaded.quantization:
+    # bitsandbytes' layers are not capturable; torchao's quantized weights (--quantize) are.
+    bitsandbytes = bool(loaded.quantization) and not loaded.quantization.startswith("torchao")
+    if not enabled or loaded.device.type != "cuda" or bitsandbytes:
         return StepRunner(loaded.model)
     placed_on = {str(device) for device in (getattr(loaded.model, "hf_device_map", None) or {}).values()}
     if len(placed_on) > 1:

@@ -39,4 +39,8 @@ def result_json(result: AnswerResult) -> dict[str, Any]:
         "decode_tok_s": None if decode is None else round(decode, 2),
         "context_tokens": result.context_tokens,
         "context_limit": result.context_limit,
+        # Model calls for the answer, and per generated token (below 1 when prompt-lookup drafts were accepted);
+        # null from a served model, which does not say.
+        "forwards": result.forwards or None,
+        "forwards_per_token": round(result.forwards_per_token, 4) if result.forwards_per_token else None,
     }
