@@ -237,6 +237,9 @@ def test_show_info_parameters_and_system(paths: UserPaths, monkeypatch: pytest.M
         "api                 (unset)                       default\n"
         "compile             true                          default\n"
         'kv_cache            "model"                       default\n'
+        "quantize            (unset)                       default\n"
+        "context_shift       false                         default\n"
+        "prompt_lookup       (unset)                       default\n"
         f"history             false                         {config}\n"
         "Error: usage: /show [info|parameters|system|template]; 'nonsense' is not one of them\n"
     )
