@@ -123,7 +123,8 @@ def engine_options(settings: ResolvedSettings, runner: object) -> dict[str, bool
             "prompt_lookup": type(runner) is StepRunner if lookup is None else bool(lookup)}
 
 
-def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None) -> ChatEngine:
+def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None,
+                 *, announce: bool = True) -> ChatEngine:
     from bluelm_cli.local.engine import ChatEngine
     from bluelm_cli.local.fastpath import DEFAULT_RUNNER, make_runner
 
@@ -132,7 +133,7 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
     def note(text: str) -> None:
         console.print(f"[dim]{escape(text)}[/]")
 
-    prepare_weights(loaded, settings, note)
+    prepare_weights(loaded, settings, note if announce else lambda text: None)  # "Quantized …": -v in `ask`
     runner = _int8_cache_runner(loaded, settings, note) or make_runner(
         loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER, on_status=note)
     return ChatEngine(loaded, runner=runner, **engine_options(settings, runner))
@@ -208,7 +209,7 @@ def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: 
     "Loaded …"/"Connected to …" line (`ask` without -v)."""
     if not settings["api"]:
         loaded = load_local(settings, quantization, console, announce=announce, budget_may_shrink=budget_may_shrink)
-        return local_engine(loaded, settings, console), loaded.model_id
+        return local_engine(loaded, settings, console, announce=announce), loaded.model_id
     from rich.markup import escape
 
     from bluelm_cli.remote import connect
