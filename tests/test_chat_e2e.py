@@ -335,7 +335,7 @@ def test_ask_on_a_terminal_does_not_echo_keys_typed_while_it_answers(checkpoint:
     env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1", "TERM": "xterm-256color"}
     env.pop("NO_COLOR", None)
     child = pexpect.spawn(sys.executable, ["-m", "bluelm_cli", "ask", "--model", str(checkpoint), "--temperature", "0",
-                                           "--max-new-tokens", "300", "tell me a long story"],
+                                           "--max-new-tokens", "300", "-v", "tell me a long story"],
                           env=env, dimensions=(40, 120), encoding="utf-8", codec_errors="replace", timeout=TIMEOUT)
     try:
         child.expect(r"Loaded [^\n]* in [\d.]+ s")

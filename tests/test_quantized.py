@@ -318,7 +318,7 @@ def test_ask_prints_the_format_it_loaded(releases: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_ask_load_in_4bit_keeps_a_release_4bit_on_the_cpu(releases: dict[str, Path]) -> None:
-    args = ["ask", "--model", str(releases["chat-32k-gptq"]), "--device", "cpu", "-t", "0", "-n", "4", "你好"]
+    args = ["ask", "--model", str(releases["chat-32k-gptq"]), "--device", "cpu", "-t", "0", "-n", "4", "-v", "你好"]
     kept = CliRunner().invoke(app, [*args, "--load-in-4bit"])
     dense = CliRunner().invoke(app, args)
     assert kept.exit_code == dense.exit_code == 0, kept.stderr
