@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,12 @@ def export_hf(
         _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
         files.append("model.safetensors.index.json")
     files += _write_side_files(folder, out, config, source_config)
+    # safetensors creates its files 0600; servers often read the weights as another user, so they get the mode
+    # every other file got from the umask.
+    mode = stat.S_IMODE((out / "config.json").stat().st_mode)
+    for file_name in files:
+        if file_name.endswith(".safetensors"):
+            (out / file_name).chmod(mode)
     return ExportSummary(out=out, files=sorted(files), tensors=len(plan), total_bytes=total_bytes)
 
 
