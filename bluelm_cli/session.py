@@ -214,6 +214,7 @@ class Session(Conversation):
             lock.release()
             raise
         session = cls.from_conversation(conversation, journal=path)
+        session.name = path.name[: -len(JOURNAL_SUFFIX)]  # the name it is resumed by, not the start record's
         session._lock = lock
         session.warnings = warnings
         try:

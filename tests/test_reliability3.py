@@ -156,3 +156,183 @@ def test_exported_weights_follow_the_umask_like_every_other_file(checkpoint: Pat
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "out").iterdir()}
     assert set(modes.values()) == {"0o644"}, modes
     assert oct((tmp_path / "out").stat().st_mode & 0o777) == "0o755"
+
+
+# ------------------------------------------------------------------------------ nothing raw on the terminal
+RAW = ("\x1b]", "\x1b[2J", "\u202e", "\u2066", "\u2069", "\x9b", "\x07")
+
+
+def _clean(text: str) -> bool:
+    return not any(raw in text for raw in RAW)
+
+
+def test_the_sanitiser_shows_bidi_controls_and_escapes() -> None:
+    from bluelm_cli.core.sanitize import safe_for_terminal
+
+    assert safe_for_terminal("a\u202ab\u202bc\u202cd\u202de\u202ef\u2066g\u2067h\u2068i\u2069j") == (
+        "a\ufffdb\ufffdc\ufffdd\ufffde\ufffdf\ufffdg\ufffdh\ufffdi\ufffdj")
+    assert safe_for_terminal("tab\tnew\nline \u200d\u05d0 中文 😀") == "tab\tnew\nline \u200d\u05d0 中文 😀"
+    assert _clean(safe_for_terminal(HOSTILE))
+
+
+def _hostile_journal(sessions_dir: Path, stem: str = HOSTILE) -> Path:
+    """A journal someone else wrote: a hostile start-record name and model id, under a hostile file name."""
+    import json
+
+    sessions_dir.mkdir(parents=True, exist_ok=True)
+    path = sessions_dir / f"{stem}.jsonl"
+    records = [
+        {"type": "start", "version": 1, "name": HOSTILE, "model_id": HOSTILE, "system": None, "sampling": {},
+         "created_at": "2026-12-06T00:00:00Z"},
+        {"type": "turn", "user": "hi", "answer": "yo", "answer_ids": [], "finish_reason": "stop"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_session_names_file_names_and_model_ids_are_sanitised_in_sessions(isolated_home: Path) -> None:
+    from bluelm_cli.config.paths import user_paths
+
+    _hostile_journal(user_paths().sessions_dir)
+    for args in (["sessions"], ["sessions", "search", "hi"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert _clean(result.stdout) and "evil" in result.stdout, repr(result.stdout)
+
+
+def test_the_banner_sanitises_the_model_id_and_session_name(isolated_home: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from bluelm_cli.chat.service import Chat
+    from bluelm_cli.config.paths import user_paths
+    from bluelm_cli.core.backend import BackendInfo
+    from bluelm_cli.session import Session
+    from bluelm_cli.testing.fakes import FakeBackend
+    from bluelm_cli.ui.output import ChatOutput
+    from bluelm_cli.ui.repl import ChatRepl
+
+    class HostileServer(FakeBackend):
+        def info(self) -> BackendInfo:
+            return BackendInfo(model_id=HOSTILE, device="cpu", dtype="float32", context_limit=2048)
+
+    _hostile_journal(user_paths().sessions_dir, "shared")
+    session = Session.resume(user_paths().sessions_dir, "shared")
+    screen = io.StringIO()
+    console = Console(file=screen, width=300, force_terminal=True, color_system=None)
+    repl = ChatRepl(Chat(HostileServer(), session), ChatOutput(console, interactive=True), paths=user_paths())
+    repl.show_banner()
+    repl.show_resumed()
+    assert _clean(screen.getvalue()) and "evil" in screen.getvalue(), repr(screen.getvalue())
+    assert "Session shared ·" in screen.getvalue()  # the name it resumes by, not the start record's
+    session.close()
+
+
+def test_paths_in_export_and_load_messages_are_sanitised(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / HOSTILE
+    result = runner.invoke(app, ["export", str(out), "-m", str(checkpoint)])
+    assert result.exit_code == 0 and _clean(result.stdout) and "evil" in result.stdout, repr(result.stdout)
+    missing = tmp_path / f"{HOSTILE}-missing"
+    result = runner.invoke(app, ["ask", "--model", str(missing), "hi"])
+    assert result.exit_code == 1 and _clean(result.stderr) and "evil" in result.stderr, repr(result.stderr)
+
+
+def test_copy_puts_no_escape_or_bidi_override_on_the_clipboard(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer holding ESC [201~ (the end of a bracketed paste) went to the clipboard raw: pasted into a
+    shell, what followed it ran as if typed."""
+    import base64
+    import io
+    import re
+
+    from rich.console import Console
+
+    from bluelm_cli.chat.service import Chat
+    from bluelm_cli.config.paths import user_paths
+    from bluelm_cli.session import Session
+    from bluelm_cli.testing.fakes import FakeBackend
+    from bluelm_cli.ui.output import ChatOutput
+    from bluelm_cli.ui.repl import ChatRepl
+
+    monkeypatch.delenv("TMUX", raising=False)
+    answer = "run `ls`\x1b[201~rm -rf ~\n\u202eevil"
+    session = Session.new(user_paths().sessions_dir, name="copy", model_id="fake/BlueLM")
+    screen = io.StringIO()
+    repl = ChatRepl(Chat(FakeBackend().queue(answer), session),
+                    ChatOutput(Console(file=screen, width=200), interactive=True), paths=user_paths())
+    repl.handle("hi")
+    repl.handle("/copy")
+    (payload,) = re.findall(r"\x1b\]52;c;([A-Za-z0-9+/=]*)\x07", screen.getvalue())
+    copied = base64.b64decode(payload).decode()
+    assert copied == "run `ls`\ufffd[201~rm -rf ~\n\ufffdevil"
+    session.close()
+
+
+# ----------------------------------------------------------------------------------- /file never blocks
+def _read_in_thread(path: str):
+    """read_attachment(path) in a thread, so that a hang fails the test instead of hanging it."""
+    import threading
+
+    from bluelm_cli.chat.attachments import read_attachment
+
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_attachment(path))
+        except Exception as error:  # noqa: BLE001 - the outcome is asserted
+            outcome.append(error)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), f"reading {path} blocked"
+    return outcome[0]
+
+
+def test_file_refuses_a_fifo_nothing_writes_to_and_special_files(tmp_path: Path) -> None:
+    import socket
+
+    from bluelm_cli.core.errors import BlueLMError
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    error = _read_in_thread(str(fifo))
+    if not isinstance(error, BlueLMError):  # unblock the reader of the old code so that the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert isinstance(error, BlueLMError)
+    assert str(error) == f"{fifo} is a named pipe (FIFO) that nothing writes to; give a regular file"
+    error = _read_in_thread("/dev/null")
+    assert str(error) == "/dev/null is a device, not a text file; give a regular file"
+    sock_path = tmp_path / "sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock_path))
+    try:
+        assert str(_read_in_thread(str(sock_path))) == f"{sock_path} is a socket, not a text file; give a regular file"
+    finally:
+        server.close()
+
+
+def test_file_reads_a_fifo_that_a_writer_feeds(tmp_path: Path) -> None:
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def writer() -> None:
+        with open(fifo, "w") as pipe:  # blocks until the reader has opened it
+            opened.set()
+            pipe.write("from a pipe\n")
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    # The reader opens without waiting: give the writer's open() a reader first, then read.
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    assert opened.wait(30)
+    try:
+        attachment = _read_in_thread(str(fifo))
+    finally:
+        os.close(fd)
+    thread.join(30)
+    assert attachment.text == f"{fifo}:\n```\nfrom a pipe\n```"

@@ -290,7 +290,7 @@ def list_sessions(sessions_dir: Path) -> list[SessionInfo]:
             continue
         infos.append(
             SessionInfo(
-                name=conversation.name,
+                name=path.name[: -len(JOURNAL_SUFFIX)],  # what --resume takes, whatever the start record says
                 turns=len(conversation.turns),
                 last_used=last_used,
                 path=path,

@@ -235,6 +235,7 @@ def ask(
     """Answer one question and exit (with -c or --session, as the next turn of a saved chat). Plain text
     when piped, rendered Markdown on a terminal."""
     from bluelm_cli.chat.attachments import check_fits, read_attachment, token_count, with_attachments
+    from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.ui.ending_signals import ending_signals_interrupt
 
     settings, paths = _resolve(flags)
@@ -249,7 +250,7 @@ def ask(
         check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
                    max_new_tokens=chat.sampling.max_new_tokens)
         for attachment in attachments:
-            errors.print(f"Attached {attachment.name} ({token_count(chat.backend.encoder, attachment):,} tokens)",
+            errors.print(f"Attached {safe_for_terminal(attachment.name)} ({token_count(chat.backend.encoder, attachment):,} tokens)",
                          style="dim", markup=False, highlight=False)
         question = with_attachments(attachments, question).rstrip("\n")
     stream = _start_ask(chat, question, truncate)
@@ -644,8 +645,8 @@ def export(
     debug: DebugOpt = False,
 ) -> int:
     """Write the model as plain Llama (no remote code) for other engines; see the README's "Exporting to other engines"."""
-    from rich.markup import escape
-
+    from bluelm_cli.cli.startup import shown_markup as escape
+    from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.export import export_checkpoint
 
     settings, _ = _resolve(flags)
@@ -655,7 +656,7 @@ def export(
             settings["model"], out, format=export_format, dtype=dtype, source=settings["source"],
             on_status=lambda text: status.update(escape(text) + "…"),
         )
-    sys.stdout.write(f"Exported {settings['model']} to {written} ({export_format})\n")
+    sys.stdout.write(safe_for_terminal(f"Exported {settings['model']} to {written} ({export_format})") + "\n")
     return ExitStatus.OK
 
 

@@ -43,6 +43,7 @@ from bluelm_cli.ui.load_view import LoadView
 from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
 from bluelm_cli.ui.output import PROMPT, ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir
+from bluelm_cli.core.sanitize import safe_for_terminal
 from bluelm_cli.ui.render import StreamRenderer
 from bluelm_cli.config.settings import ResolvedSettings
 from bluelm_cli.ui.streaming import show_stream
@@ -139,12 +140,12 @@ class ChatRepl:
         try:
             info = self.chat.backend.info()
         except ModelLoading:  # its device, dtype and context come in the "Loaded …" line
-            line = Text.assemble(("BlueLM chat", "bold"), f" · {self.chat.session.model_id} · loading in the background")
+            line = Text.assemble(("BlueLM chat", "bold"), f" · {safe_for_terminal(self.chat.session.model_id)} · loading in the background")
         else:
             quantized = f", {info.quantization}" if info.quantization else ""
             line = Text.assemble(
                 ("BlueLM chat", "bold"),
-                f" · {info.model_id} · {info.device} · {info.dtype}{quantized} · {info.context_limit}-token context",
+                f" · {safe_for_terminal(info.model_id)} · {info.device} · {info.dtype}{quantized} · {info.context_limit}-token context",
             )
         self.out.console.print(line)
         self.out.note(
