@@ -25,8 +25,9 @@ from bluelm_cli.chat.journal import (
     VERSION,
     JournalLock,
     SessionInfo,
+    SessionExistsError,
     append_record,
-    create_exclusive,
+    create_started,
     find_journal,
     fsync_dir,
     list_sessions,
@@ -164,20 +165,27 @@ class Session(Conversation):
         An existing ``name`` raises UsageError (resume it instead)."""
         sessions_dir = Path(sessions_dir)
         if name is not None:
-            validate_session_name(name)
+            name = validate_session_name(name)
         ensure_dir(sessions_dir)
         session = cls(name="", model_id=model_id, system=system or None, sampling=sampling_dict(sampling))
         base = name or datetime.now().strftime("%Y-%m-%d-%H%M%S")
         for attempt in range(1, 1000):
             candidate = base if attempt == 1 else f"{base}-{attempt}"
             path = sessions_dir / f"{candidate}{JOURNAL_SUFFIX}"
+            start = {
+                "type": "start",
+                "version": VERSION,
+                "name": candidate,
+                "model_id": model_id,
+                "system": session.system,
+                "sampling": session.sampling,
+                "created_at": utc_now(),
+            }
             try:
-                create_exclusive(path)
-            except FileExistsError:
+                lock = create_started(path, start, candidate)
+            except SessionExistsError:
                 if name is not None:
-                    raise UsageError(
-                        f"session '{name}' already exists in {sessions_dir}; resume it or choose another name"
-                    ) from None
+                    raise
                 continue
             except OSError as exc:
                 raise BlueLMError(
@@ -188,18 +196,7 @@ class Session(Conversation):
             raise BlueLMError(f"too many sessions named {base}-* in {sessions_dir}; choose a name")
         session.name = candidate
         session.journal = path
-        session._lock = JournalLock.acquire(path, candidate)
-        session._append(
-            {
-                "type": "start",
-                "version": VERSION,
-                "name": candidate,
-                "model_id": model_id,
-                "system": session.system,
-                "sampling": session.sampling,
-                "created_at": utc_now(),
-            }
-        )
+        session._lock = lock
         fsync_dir(sessions_dir)
         return session
 

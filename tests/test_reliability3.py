@@ -336,3 +336,112 @@ def test_file_reads_a_fifo_that_a_writer_feeds(tmp_path: Path) -> None:
         os.close(fd)
     thread.join(30)
     assert attachment.text == f"{fifo}:\n```\nfrom a pipe\n```"
+
+
+# ------------------------------------------------------------------------------------------ session names
+def _turns(sessions_dir: Path, stem: str) -> list[str]:
+    import json
+
+    records = [json.loads(line) for line in (sessions_dir / f"{stem}.jsonl").read_text("utf-8").splitlines()]
+    return [r["user"] for r in records if r["type"] == "turn"]
+
+
+def test_a_cjk_session_name_too_long_for_a_file_name_is_a_clear_error(checkpoint: Path, isolated_home: Path) -> None:
+    """90 CJK characters (270 bytes) passed the 100-character check and failed as "OSError: File name too long"."""
+    from bluelm_cli.config.paths import user_paths
+
+    too_long = "中" * 90
+    result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "2", "--session", too_long, "hi"])
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: session name '{'中' * 20}…' is 270 bytes in UTF-8; a session name can be at most 249 bytes"
+        " (about 83 Chinese characters), as it names a file; choose a shorter name")
+    longest = "中" * 83
+    result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "2", "--session", longest, "hi"])
+    assert result.exit_code == 0, result.stderr
+    assert _turns(user_paths().sessions_dir, longest) == ["hi"]
+    for command in (["chat", "--session", too_long], ["chat", "--resume", too_long]):
+        result = runner.invoke(app, [*command, "--model", str(checkpoint)], input="")
+        assert result.exit_code == 2 and "at most 249 bytes" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_session_name_starting_with_a_dash_works_with_an_equals_sign(checkpoint: Path, isolated_home: Path) -> None:
+    from bluelm_cli.config.paths import user_paths
+
+    for question in ("one", "two"):
+        result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "2", "--session=-x", question])
+        assert result.exit_code == 0, result.stderr
+    result = runner.invoke(app, ["chat", "--model", str(checkpoint), "-n", "2", "--resume=-x"], input="three\n")
+    assert result.exit_code == 0, result.stderr
+    assert _turns(user_paths().sessions_dir, "-x") == ["one", "two", "three"]
+    result = runner.invoke(app, ["sessions", "show", "--", "-x"])
+    assert result.exit_code == 0 and "three" in result.stdout
+
+
+def test_nfc_and_nfd_spellings_are_one_session(checkpoint: Path, isolated_home: Path) -> None:
+    """`--session café` typed on macOS (NFD) and on Linux (NFC) made two sessions with names that look alike."""
+    import unicodedata
+
+    from bluelm_cli.config.paths import user_paths
+
+    nfc, nfd = unicodedata.normalize("NFC", "café-한국"), unicodedata.normalize("NFD", "café-한국")
+    assert nfc != nfd
+    for name, question in ((nfd, "one"), (nfc, "two"), (nfd, "three")):
+        result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "2", "--session", name, question])
+        assert result.exit_code == 0, result.stderr
+    assert [p.name for p in user_paths().sessions_dir.iterdir()] == [f"{nfc}.jsonl"]
+    assert _turns(user_paths().sessions_dir, nfc) == ["one", "two", "three"]
+    result = runner.invoke(app, ["sessions", "show", nfd])
+    assert result.exit_code == 0 and "three" in result.stdout
+
+
+def test_two_asks_starting_the_same_new_session_at_once(checkpoint: Path, tmp_path: Path) -> None:
+    """Two `bluelm ask --session NEW` at the same moment: the second failed with "already exists …; resume it"
+    (it had been told to continue or start NEW). Now one session holds both turns, or one is refused clearly.
+    Both processes are held after they have looked for NEW and before they create it, then let go together."""
+    home = tmp_path / "home"
+    script = (
+        "import os, sys\n"
+        "import bluelm_cli.cli.app as app\n"
+        "opened = app.open_backend\n"
+        "hold = int(sys.argv[3])\n"
+        "def held(*args, **kwargs):\n"
+        "    print('looked', flush=True)\n"
+        "    os.read(hold, 1)\n"  # until the test lets both go
+        "    return opened(*args, **kwargs)\n"
+        "app.open_backend = held\n"
+        "sys.argv = ['bluelm', 'ask', '--model', sys.argv[1], '-n', '2', '--session', 'NEW', sys.argv[2]]\n"
+        "app.main()\n"
+    )
+    env = {**os.environ, "BLUELM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    holds = [os.pipe() for _ in range(2)]
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, str(checkpoint), question, str(read_end)], env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         pass_fds=(read_end,))
+        for question, (read_end, _) in zip(("one", "two"), holds)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout.readline() == "looked\n"
+        for read_end, write_end in holds:  # both have found no NEW: now both create it
+            os.write(write_end, b"go")
+        outcomes = [(process.wait(timeout=300), process.stderr.read()) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for read_end, write_end in holds:
+            os.close(read_end)
+            os.close(write_end)
+    sessions = home / "sessions"
+    assert [p.name for p in sessions.iterdir()] == ["NEW.jsonl"]
+    turns = _turns(sessions, "NEW")
+    refused = [err for status, err in outcomes if status != 0]
+    if len(turns) == 2:
+        assert not refused and sorted(turns) == ["one", "two"]
+    else:
+        assert len(turns) == 1 and len(refused) == 1, outcomes
+        assert refused[0].splitlines()[-1] == (
+            "Error: session 'NEW' is open in another bluelm chat; continue it there, or start a new chat")

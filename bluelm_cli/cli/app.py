@@ -311,9 +311,14 @@ def _ask_chat(
             resumed.set_setting(key, value)
         return Chat(engine, resumed)
     if session_name is not None:
+        from bluelm_cli.chat.journal import SessionExistsError
+
         ensure_dir(paths.sessions_dir)
-        session = Session.new(paths.sessions_dir, name=session_name, model_id=model_id, system=settings["system"],
-                              sampling=settings.sampling())
+        try:
+            session = Session.new(paths.sessions_dir, name=session_name, model_id=model_id, system=settings["system"],
+                                  sampling=settings.sampling())
+        except SessionExistsError:  # another bluelm started it while this one loaded: continue it (or be refused)
+            return _ask_chat(engine, settings, model_id, paths, Session.resume(paths.sessions_dir, session_name), None)
         return Chat(engine, session)
     return _one_shot_chat(engine, settings, model_id)
 
