@@ -445,3 +445,49 @@ def test_two_asks_starting_the_same_new_session_at_once(checkpoint: Path, tmp_pa
         assert len(turns) == 1 and len(refused) == 1, outcomes
         assert refused[0].splitlines()[-1] == (
             "Error: session 'NEW' is open in another bluelm chat; continue it there, or start a new chat")
+
+
+# ------------------------------------------------------------------------- a paste without bracketed paste
+def _paste_work(lines: int, paths) -> tuple[int, int, int]:
+    """(insertions, undo entries saved, characters the insertions copied) for a paste of `lines` lines arriving
+    as keystrokes, through the real prompt_toolkit REPL; the paste must arrive as one message."""
+    from prompt_toolkit.buffer import Buffer
+
+    from test_repl import chat as run_repl
+    from bluelm_cli.testing.fakes import FakeBackend
+    from test_chat import new_session
+
+    counts = {"insert": 0, "undo": 0, "copied": 0}
+    insert_text, save_to_undo_stack = Buffer.insert_text, Buffer.save_to_undo_stack
+
+    def counted_insert(self, data, *args, **kwargs):
+        counts["insert"] += 1
+        counts["copied"] += len(self.text) + len(data)
+        return insert_text(self, data, *args, **kwargs)
+
+    def counted_save(self, *args, **kwargs):
+        counts["undo"] += 1
+        return save_to_undo_stack(self, *args, **kwargs)
+
+    paste = [f"line {number:05d} of the paste" for number in range(lines)]
+    backend = FakeBackend(context_limit=1_000_000).queue("Pasted.")
+    Buffer.insert_text, Buffer.save_to_undo_stack = counted_insert, counted_save  # type: ignore[method-assign]
+    try:
+        result = run_repl(backend, new_session(paths, name=f"p{lines}"), paths, ["\r".join(paste) + "\r", "/exit\r"])
+    finally:
+        Buffer.insert_text, Buffer.save_to_undo_stack = insert_text, save_to_undo_stack  # type: ignore[method-assign]
+    assert result.users == ["\n".join(paste)]
+    return counts["insert"], counts["undo"], counts["copied"]
+
+
+def test_a_paste_without_bracketed_paste_takes_linear_work(isolated_home: Path) -> None:
+    """10,000 pasted lines grew the process to 22.6 GB: every key was one insertion copying the whole buffer
+    and one undo entry holding that copy."""
+    from bluelm_cli.config.paths import user_paths
+
+    small = _paste_work(1000, user_paths())
+    large = _paste_work(4000, user_paths())
+    print("paste work (insertions, undo entries, characters copied):", small, large)
+    characters = 4000 * len("line 00000 of the paste\n")
+    assert large[0] <= 4 * small[0] + 4 and large[0] < characters / 100  # a few insertions per read, not one a key
+    assert large[1] <= 4 * small[1] + 4 and large[1] < characters / 100  # undo entries: bounded the same way

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import TextIO
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.filters import is_searching
+from prompt_toolkit.application import get_app
+from prompt_toolkit.filters import Condition, is_searching
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.input import Input
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent, merge_key_bindings
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import Output
 from prompt_toolkit.styles import Style
 from rich.console import Console
@@ -40,7 +42,7 @@ from bluelm_cli.ui.habits import foreign_line_hint
 from bluelm_cli.ui.ending_signals import on_ending_signals
 from bluelm_cli.ui.job_control import answer_terminal
 from bluelm_cli.ui.load_view import LoadView
-from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
+from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, is_plain_key, keys_waiting, take_burst, unwrap_block
 from bluelm_cli.ui.output import PROMPT, ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir
 from bluelm_cli.core.sanitize import safe_for_terminal
@@ -432,21 +434,34 @@ def _prompt_session(
     )
 
 
+def _pasting_characters() -> bool:
+    """The key being handled is a character and more keys wait behind it (a paste arriving as keystrokes)."""
+    app = get_app()
+    keys = app.key_processor.key_buffer
+    return len(keys) == 1 and is_plain_key(keys[0]) and keys_waiting(app)
+
+
 def _key_bindings() -> KeyBindings:
     bindings = KeyBindings()
 
-    @bindings.add("enter", filter=~is_searching)
+    @bindings.add("enter", filter=~is_searching, save_before=lambda event: not keys_waiting(event.app))
     def _send(event: KeyPressEvent) -> None:
         buffer = event.current_buffer
         state = buffer.complete_state
         if state is not None and state.current_completion is not None:
             buffer.apply_completion(state.current_completion)  # Enter picks the highlighted completion
             return
-        if block_is_open(buffer.text) or input_is_pending(event):
-            # Inside a """ block, or a pasted line with more of the paste right behind it: a newline.
-            buffer.insert_text("\n")
+        if input_is_pending(event) or block_is_open(buffer.text):
+            # A pasted line with more of the paste right behind it, or inside a """ block: a newline.
+            buffer.insert_text("\n" + take_burst(event))
             return
         buffer.validate_and_handle()
+
+    @bindings.add(Keys.Any, filter=~is_searching & Condition(_pasting_characters), save_before=lambda event: False)
+    def _pasted(event: KeyPressEvent) -> None:
+        # A character with more keys right behind it (a paste without bracketed paste): it and the rest of
+        # the burst go in as one insertion, not one (a copy of the whole buffer, and an undo entry) a key.
+        event.current_buffer.insert_text(event.data + take_burst(event))
 
     @bindings.add("escape", "enter", filter=~is_searching)
     def _newline(event: KeyPressEvent) -> None:
