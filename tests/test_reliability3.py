@@ -491,3 +491,36 @@ def test_a_paste_without_bracketed_paste_takes_linear_work(isolated_home: Path) 
     characters = 4000 * len("line 00000 of the paste\n")
     assert large[0] <= 4 * small[0] + 4 and large[0] < characters / 100  # a few insertions per read, not one a key
     assert large[1] <= 4 * small[1] + 4 and large[1] < characters / 100  # undo entries: bounded the same way
+
+
+# ---------------------------------------------------------------------------------- a failed load, --no-history
+def test_a_message_sent_while_the_model_loads_is_given_back_when_the_load_fails(isolated_home: Path) -> None:
+    """With --no-history, a message typed while the model loaded was lost when the load failed: no ↑ brought
+    it back. It is printed back before the error ends the chat."""
+    import io
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+    from rich.console import Console
+
+    from bluelm_cli.chat.background import LoadFailed
+    from bluelm_cli.chat.service import Chat
+    from bluelm_cli.config.paths import user_paths
+    from bluelm_cli.core.errors import BlueLMError
+    from bluelm_cli.session import Session
+    from bluelm_cli.testing.fakes import FakeBackend
+    from bluelm_cli.ui.repl import run_chat
+    from test_background import GatedLoad, ReleasedWhenWaitedOn
+
+    message = "my long question, typed once"
+    backend = ReleasedWhenWaitedOn(GatedLoad(FakeBackend(), error=BlueLMError("model.safetensors is damaged")))
+    session = Session.new(user_paths().sessions_dir, name="nh", model_id="fake/BlueLM")
+    screen = io.StringIO()
+    with create_pipe_input() as pipe:
+        pipe.send_text(message + "\r")
+        with pytest.raises(LoadFailed, match="model.safetensors is damaged"):
+            run_chat(Chat(backend, session), console=Console(file=screen, width=200), paths=user_paths(),
+                     pt_input=pipe, pt_output=DummyOutput(), keep_history=False)
+    assert backend.waits >= 1  # it was sent, and waited for the model
+    assert screen.getvalue().endswith(f"Not sent, as the model did not load; what you typed:\n{message}\n")
+    session.close()

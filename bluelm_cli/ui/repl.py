@@ -206,6 +206,9 @@ class ChatRepl:
                     if not self.exit_requested:  # Ctrl-C, not a hangup: say what became of the line
                         self.out.note("Not sent: Ctrl-C while it waited for the model (↑ brings the line back)")
                     raise
+                except LoadFailed:
+                    self.give_back(stripped)
+                    raise
                 self._dispatch(stripped)
         except (LoadFailed, BrokenPipeError):
             raise  # ends the chat
@@ -217,6 +220,13 @@ class ChatRepl:
             self.out.error(f"unexpected {type(exc).__name__}: {exc}")
             if self.verbose:
                 self.out.err_console.print(Text(traceback.format_exc(), style="dim"))
+
+    def give_back(self, text: str) -> None:
+        """The model failed to load with `text` typed but not sent: print it, so that it can be sent again
+        (with --no-history no ↑ would bring it back)."""
+        if text.strip():
+            self.out.note("Not sent, as the model did not load; what you typed:")
+            self.out.print_text(text)
 
     def _dispatch(self, stripped: str) -> None:
         if block_is_open(stripped):  # a block left open at the end of the input: it ends there
@@ -308,6 +318,7 @@ def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int
                 continue  # Ctrl-C at the prompt clears the line
             except LoadFailed:
                 assert loading is not None
+                repl.give_back(prompt_session.default_buffer.text)  # typed at the prompt when the load failed
                 loading.show_events()  # the warnings that came before it; raises it again
                 raise
             except EOFError:
