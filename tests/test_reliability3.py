@@ -524,3 +524,54 @@ def test_a_message_sent_while_the_model_loads_is_given_back_when_the_load_fails(
     assert backend.waits >= 1  # it was sent, and waited for the model
     assert screen.getvalue().endswith(f"Not sent, as the model did not load; what you typed:\n{message}\n")
     session.close()
+
+
+# ------------------------------------------------------------------------------ no turn lost to an engine error
+@pytest.fixture
+def engine_fails_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The local engine fails before its first token (a CUDA error), once; later answers work."""
+    from bluelm_cli.local.engine import ChatEngine
+
+    generate, failures = ChatEngine._generate_locked, []
+
+    def failing_once(self, *args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatEngine, "_generate_locked", failing_once)
+    return failures
+
+
+def _answered(sessions_dir: Path, stem: str) -> list[tuple[str, str]]:
+    """The session's turns as (message, finish reason), as a resumed chat sees them."""
+    from bluelm_cli.chat.journal import replay
+
+    conversation, _ = replay(sessions_dir / f"{stem}.jsonl", repair=False)
+    return [(turn.user, str(turn.finish_reason)) for turn in conversation.turns]
+
+
+def test_an_engine_error_before_the_first_token_keeps_the_message_for_ask(
+    checkpoint: Path, isolated_home: Path, engine_fails_once: list[int]
+) -> None:
+    from bluelm_cli.config.paths import user_paths
+
+    result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "2", "--session", "lost", "keep me"])
+    assert result.exit_code == 1 and engine_fails_once
+    assert result.stderr.splitlines()[-1].startswith("Error: ") and "CUDA error" in result.stderr
+    assert _answered(user_paths().sessions_dir, "lost") == [("keep me", "error")]  # kept, marked failed
+    result = runner.invoke(app, ["chat", "--model", str(checkpoint), "-n", "2", "--resume", "lost"], input="/retry\n")
+    assert result.exit_code == 0, result.stderr
+    assert _answered(user_paths().sessions_dir, "lost") == [("keep me", "length")]  # /retry answered it, once
+
+
+def test_an_engine_error_before_the_first_token_keeps_the_message_for_the_chat(
+    checkpoint: Path, isolated_home: Path, engine_fails_once: list[int]
+) -> None:
+    from bluelm_cli.config.paths import user_paths
+
+    result = runner.invoke(app, ["chat", "--model", str(checkpoint), "-n", "2", "--session", "lost2"],
+                           input="keep me too\n/retry\n")
+    assert engine_fails_once and "CUDA error" in result.stderr
+    assert _answered(user_paths().sessions_dir, "lost2") == [("keep me too", "length")]
