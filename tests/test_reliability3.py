@@ -575,3 +575,21 @@ def test_an_engine_error_before_the_first_token_keeps_the_message_for_the_chat(
                            input="keep me too\n/retry\n")
     assert engine_fails_once and "CUDA error" in result.stderr
     assert _answered(user_paths().sessions_dir, "lost2") == [("keep me too", "length")]
+
+
+# ------------------------------------------------------------------------ lines typed while the model loads
+def test_lines_typed_ahead_are_sent_one_by_one_in_order(isolated_home: Path, tmp_path: Path) -> None:
+    """Lines typed while no prompt was up (the model loading, an answer streaming) reach the next prompt at
+    once, each ending in a line feed (the terminal's line mode): they were joined into one message, and a
+    `/file` among them took the following lines as part of its path."""
+    from test_repl import chat as run_repl
+    from bluelm_cli.config.paths import user_paths
+    from bluelm_cli.testing.fakes import FakeBackend
+    from test_chat import new_session
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the notes\n")
+    backend = FakeBackend().queue("One.", "Two.", "Three.")
+    typed_ahead = f"first\nsecond\n/file {notes}\nthird\n"
+    result = run_repl(backend, new_session(user_paths()), user_paths(), [typed_ahead, "/exit\r"])
+    assert result.users == ["first", "second", f"{notes}:\n```txt\nthe notes\n```\n\nthird"]

@@ -9,6 +9,10 @@ block arrives as keystrokes, its newlines as Enter. Two things make it one messa
   on the terminal within :data:`BURST_GAP_S`) is a pasted newline, not a send: nobody types the next
   key that fast after Enter.
 
+Lines typed while no prompt was up (the model loading, an answer streaming) also arrive as a burst, but
+the terminal was then in its line mode, which turned each Enter into a line feed (ControlJ), where a raw
+paste keeps the carriage return (ControlM): each such line is a send of its own, in order.
+
 Such a paste is gathered from prompt_toolkit's key queue and inserted in one piece per read from the
 terminal (:func:`take_burst`): inserted key by key, each insertion copies the whole buffer and saves it
 for undo, so 10,000 pasted lines took quadratic time and memory (22.6 GB before the kernel killed it).
@@ -72,7 +76,6 @@ def _readable(pt_input: Input, timeout: float) -> bool:
     return bool(ready)
 
 
-_ENTER = (Keys.ControlM, Keys.ControlJ)
 
 
 def is_plain_key(key_press: KeyPress) -> bool:
@@ -93,7 +96,7 @@ def take_burst(event: KeyPressEvent) -> str:
             parts.append(key_press.key)
         elif key_press.key == Keys.ControlI:
             parts.append("\t")
-        elif key_press.key in _ENTER and len(queue) > 1:
+        elif key_press.key == Keys.ControlM and len(queue) > 1:  # a line typed ahead ends in ControlJ: a send
             parts.append("\n")
         else:
             break

@@ -474,6 +474,17 @@ def _key_bindings() -> KeyBindings:
         # the burst go in as one insertion, not one (a copy of the whole buffer, and an undo entry) a key.
         event.current_buffer.insert_text(event.data + take_burst(event))
 
+    @bindings.add("c-j", filter=~is_searching)
+    def _typed_ahead_line(event: KeyPressEvent) -> None:
+        # A line feed: a line typed while no prompt was up (the terminal's line mode turned its Enter into
+        # one), or a terminal that sends it for Enter. Each such line is sent on its own, never joined to the
+        # next; what follows waits as typeahead for the next prompt.
+        buffer = event.current_buffer
+        if block_is_open(buffer.text):
+            buffer.insert_text("\n")
+            return
+        buffer.validate_and_handle()
+
     @bindings.add("escape", "enter", filter=~is_searching)
     def _newline(event: KeyPressEvent) -> None:
         event.current_buffer.insert_text("\n")
