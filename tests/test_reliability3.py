@@ -593,3 +593,17 @@ def test_lines_typed_ahead_are_sent_one_by_one_in_order(isolated_home: Path, tmp
     typed_ahead = f"first\nsecond\n/file {notes}\nthird\n"
     result = run_repl(backend, new_session(user_paths()), user_paths(), [typed_ahead, "/exit\r"])
     assert result.users == ["first", "second", f"{notes}:\n```txt\nthe notes\n```\n\nthird"]
+
+
+def test_errors_in_script_mode_are_sanitised_even_into_a_pipe(isolated_home: Path, tmp_path: Path) -> None:
+    """`bluelm chat < script 2> log`: an error naming a hostile path went raw into the log, which `cat log`
+    then played on the terminal."""
+    from bluelm_cli.chat.service import Chat
+    from bluelm_cli.config.paths import user_paths
+    from bluelm_cli.testing.fakes import FakeBackend
+    from test_chat import new_session, run_script
+
+    chat = Chat(FakeBackend().queue("Yes."), new_session(user_paths()))
+    status, out, err = run_script(chat, user_paths(), f"/file {tmp_path / HOSTILE}\nhi\n")
+    assert "no such file" in err and "evil" in err and _clean(err), repr(err)
+    assert out == "Yes.\n" and [turn.user for turn in chat.session.turns] == ["hi"]

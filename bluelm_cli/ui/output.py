@@ -45,11 +45,13 @@ class ChatOutput:
         console = self.console if self.interactive else self.err_console
         console.print(Text(self._safe(text, console), style="dim"), soft_wrap=not console.is_terminal)
 
+    # Warnings and errors are messages about outside things (paths, names), never content: sanitised even
+    # into a pipe or a log file, which is read on a terminal later (as the CLI's own `Error:` lines are).
     def warn(self, message: str) -> None:
-        self.err_console.print(Text(f"Warning: {self._safe(message, self.err_console)}", style="yellow"), soft_wrap=True)
+        self.err_console.print(Text(f"Warning: {safe_for_terminal(message)}", style="yellow"), soft_wrap=True)
 
     def error(self, message: str) -> None:
-        self.err_console.print(Text(f"Error: {self._safe(message, self.err_console)}", style="bold red"), soft_wrap=True)
+        self.err_console.print(Text(f"Error: {safe_for_terminal(message)}", style="bold red"), soft_wrap=True)
 
     def rows(self, rows: Sequence[tuple[str, str]]) -> None:
         """Aligned ``name  value`` lines, names in bold."""
