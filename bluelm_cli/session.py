@@ -19,14 +19,15 @@ from typing import Any
 
 from bluelm_cli.chat import transcript
 from bluelm_cli.chat.conversation import Conversation, Turn, sampling_dict, utc_now
-from bluelm_cli.core.errors import BlueLMError, UsageError
+from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.chat.journal import (
     JOURNAL_SUFFIX,
     VERSION,
     JournalLock,
     SessionInfo,
+    SessionExistsError,
     append_record,
-    create_exclusive,
+    create_started,
     find_journal,
     fsync_dir,
     list_sessions,
@@ -166,20 +167,27 @@ class Session(Conversation):
         An existing ``name`` raises UsageError (resume it instead)."""
         sessions_dir = Path(sessions_dir)
         if name is not None:
-            validate_session_name(name)
+            name = validate_session_name(name)
         ensure_dir(sessions_dir)
         session = cls(name="", model_id=model_id, system=system or None, sampling=sampling_dict(sampling))
         base = name or datetime.now().strftime("%Y-%m-%d-%H%M%S")
         for attempt in range(1, 1000):
             candidate = base if attempt == 1 else f"{base}-{attempt}"
             path = sessions_dir / f"{candidate}{JOURNAL_SUFFIX}"
+            start = {
+                "type": "start",
+                "version": VERSION,
+                "name": candidate,
+                "model_id": model_id,
+                "system": session.system,
+                "sampling": session.sampling,
+                "created_at": utc_now(),
+            }
             try:
-                create_exclusive(path)
-            except FileExistsError:
+                lock = create_started(path, start, candidate)
+            except SessionExistsError:
                 if name is not None:
-                    raise UsageError(
-                        f"session '{name}' already exists in {sessions_dir}; resume it or choose another name"
-                    ) from None
+                    raise
                 continue
             except OSError as exc:
                 raise BlueLMError(
@@ -190,18 +198,7 @@ class Session(Conversation):
             raise BlueLMError(f"too many sessions named {base}-* in {sessions_dir}; choose a name")
         session.name = candidate
         session.journal = path
-        session._lock = JournalLock.acquire(path, candidate)
-        session._append(
-            {
-                "type": "start",
-                "version": VERSION,
-                "name": candidate,
-                "model_id": model_id,
-                "system": session.system,
-                "sampling": session.sampling,
-                "created_at": utc_now(),
-            }
-        )
+        session._lock = lock
         fsync_dir(sessions_dir)
         return session
 
@@ -216,6 +213,7 @@ class Session(Conversation):
             lock.release()
             raise
         session = cls.from_conversation(conversation, journal=path)
+        session.name = path.name[: -len(JOURNAL_SUFFIX)]  # the name it is resumed by, not the start record's
         session._lock = lock
         session.warnings = warnings
         try:

@@ -396,9 +396,10 @@ def test_save_to_unwritable_dir_simulated(
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
+    session = _sample(sessions_dir)  # its journal is made with mkstemp too
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(BlueLMError, match="is not writable"):
-        _sample(sessions_dir).save(target)
+        session.save(target)
     assert target.read_text() == "precious"
 
 

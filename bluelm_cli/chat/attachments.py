@@ -13,7 +13,9 @@ window even alone, with its size in tokens and bytes. Pure apart from reading th
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +41,15 @@ def read_attachment(path_text: str) -> Attachment:
     """Read a text file and fence it with its name. BlueLMError for a missing, binary or huge file."""
     path = Path(path_text).expanduser()
     try:
-        size = path.stat().st_size
-        if path.is_dir():
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
             raise BlueLMError(f"{path_text} is a directory; give a text file")
-        if size > MAX_FILE_BYTES:
-            raise BlueLMError(f"{path_text} is {_size(size)}, far more than fits the context window; give a smaller file or an excerpt")
-        with path.open("rb") as file:  # bounded: a device (/dev/zero) or a pipe (`-f <(cmd)`) has no size to check first
-            data = file.read(MAX_FILE_BYTES + 1)
+        kind = _SPECIAL_KINDS.get(stat.S_IFMT(info.st_mode))
+        if kind is not None:  # reading a terminal or a socket waits for ever; a device is not a text file
+            raise BlueLMError(f"{path_text} is {kind}, not a text file; give a regular file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise BlueLMError(f"{path_text} is {_size(info.st_size)}, far more than fits the context window; give a smaller file or an excerpt")
+        data = _read_fifo(path, path_text) if stat.S_ISFIFO(info.st_mode) else _read_bounded(path)
         if len(data) > MAX_FILE_BYTES:
             raise BlueLMError(f"{path_text} gives more than {_size(MAX_FILE_BYTES)}, far more than fits the context window; give a smaller file or an excerpt")
     except FileNotFoundError:
@@ -62,6 +66,43 @@ def read_attachment(path_text: str) -> Attachment:
             " (convert it first, e.g. with iconv -t UTF-8)"
         ) from None
     return Attachment(name=path_text, text=fenced(path_text, content), size_bytes=len(data))
+
+
+_SPECIAL_KINDS = {
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _read_bounded(path: Path) -> bytes:
+    with path.open("rb") as file:  # bounded: a file in /proc has no size to check first
+        return file.read(MAX_FILE_BYTES + 1)
+
+
+def _read_fifo(path: Path, path_text: str) -> bytes:
+    """A pipe (`-f <(git diff)`, a FIFO a command writes to) up to the limit. Opening a FIFO nothing writes
+    to would wait for ever, so it is opened without waiting and refused when no writer is there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        try:
+            first = os.read(fd, MAX_FILE_BYTES + 1)
+        except BlockingIOError:  # a writer is there and has not written yet: wait for it, as `cat` does
+            first = None
+        if first == b"":
+            raise BlueLMError(f"{path_text} is a named pipe (FIFO) that nothing writes to; give a regular file")
+        os.set_blocking(fd, True)
+        chunks = [first] if first else []
+        size = len(first or b"")
+        while size <= MAX_FILE_BYTES:
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def fenced(name: str, content: str) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -29,10 +31,20 @@ JOURNAL_SUFFIX = ".jsonl"
 _RECORD_TYPES = ("turn", "reset", "undo", "set", "drop", "load", "resume")
 _NAME_RE = re.compile(r"[\w.-]+")
 _MAX_NAME = 100
+# A file name is at most 255 bytes on ext4, XFS, btrfs, APFS; the journal's name is the session's plus ".jsonl".
+_MAX_NAME_BYTES = 255 - len(JOURNAL_SUFFIX)
+
+
+class SessionExistsError(UsageError):
+    """`Session.new` found a session of that name (perhaps started by another bluelm a moment ago)."""
 
 
 def validate_session_name(name: str) -> str:
-    """The name if it is usable as a session name (``--session NAME``), else UsageError."""
+    """The name in NFC if it is usable as a session name (``--session NAME``), else UsageError.
+
+    NFC: the same name typed on macOS (which sends NFD) and on Linux (NFC) is one session, one file."""
+    if isinstance(name, str):
+        name = unicodedata.normalize("NFC", name)
     if (
         not isinstance(name, str)
         or not _NAME_RE.fullmatch(name)
@@ -42,6 +54,11 @@ def validate_session_name(name: str) -> str:
         raise UsageError(
             f"invalid session name '{name}': use only letters, digits, '-', '_' and '.'"
             f" (not starting with '.', at most {_MAX_NAME} characters)"
+        )
+    if len(name.encode("utf-8")) > _MAX_NAME_BYTES:
+        raise UsageError(
+            f"session name '{name[:20]}…' is {len(name.encode('utf-8'))} bytes in UTF-8; a session name can be at most"
+            f" {_MAX_NAME_BYTES} bytes (about {_MAX_NAME_BYTES // 3} Chinese characters), as it names a file; choose a shorter name"
         )
     return name
 
@@ -65,6 +82,35 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def create_started(path: Path, start: Mapping[str, Any], name: str) -> JournalLock:
+    """Create the journal `path` holding its start record and already locked, in one step that another
+    process sees whole or not at all: the file is written and locked under a temporary name, then linked
+    to `path`. SessionExistsError if there is one already (even one made a moment ago by another bluelm)."""
+    directory = path.parent
+    fd, temporary_name = tempfile.mkstemp(dir=directory, prefix=".new-session.")  # short: the name may be 249 bytes
+    temporary = Path(temporary_name)
+    try:
+        os.close(fd)
+        append_record(temporary, start)
+        lock = JournalLock.acquire(temporary, name)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            lock.release()
+            raise SessionExistsError(f"session '{name}' already exists in {directory}; resume it or choose another name") from None
+        except OSError:  # a file system without hard links: exclusive create, then the start record
+            lock.release()
+            try:
+                create_exclusive(path)
+            except FileExistsError:
+                raise SessionExistsError(f"session '{name}' already exists in {directory}; resume it or choose another name") from None
+            lock = JournalLock.acquire(path, name)
+            append_record(path, start)
+        return lock
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def create_exclusive(path: Path) -> None:
@@ -290,7 +336,7 @@ def list_sessions(sessions_dir: Path) -> list[SessionInfo]:
             continue
         infos.append(
             SessionInfo(
-                name=conversation.name,
+                name=path.name[: -len(JOURNAL_SUFFIX)],  # what --resume takes, whatever the start record says
                 turns=len(conversation.turns),
                 last_used=last_used,
                 path=path,

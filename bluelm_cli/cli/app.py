@@ -267,6 +267,7 @@ def ask(
     """Answer one question and exit (with -c or --session, as the next turn of a saved chat). Plain text
     when piped, rendered Markdown on a terminal."""
     from bluelm_cli.chat.attachments import check_fits, read_attachment, token_count, with_attachments
+    from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.ui.ending_signals import ending_signals_interrupt
 
     settings, paths = _resolve(flags)
@@ -284,7 +285,7 @@ def ask(
         check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
                    max_new_tokens=chat.sampling.max_new_tokens)
         for attachment in attachments:
-            errors.print(f"Attached {attachment.name} ({token_count(chat.backend.encoder, attachment):,} tokens)",
+            errors.print(f"Attached {safe_for_terminal(attachment.name)} ({token_count(chat.backend.encoder, attachment):,} tokens)",
                          style="dim", markup=False, highlight=False)
         question = with_attachments(attachments, question).rstrip("\n")
     stream = _start_ask(chat, question, truncate)
@@ -345,9 +346,14 @@ def _ask_chat(
             resumed.set_setting(key, value)
         return Chat(engine, resumed)
     if session_name is not None:
+        from bluelm_cli.chat.journal import SessionExistsError
+
         ensure_dir(paths.sessions_dir)
-        session = Session.new(paths.sessions_dir, name=session_name, model_id=_recorded_model_id(model_id),
-                              system=settings["system"], sampling=settings.sampling())
+        try:
+            session = Session.new(paths.sessions_dir, name=session_name, model_id=_recorded_model_id(model_id), system=settings["system"],
+                                  sampling=settings.sampling())
+        except SessionExistsError:  # another bluelm started it while this one loaded: continue it (or be refused)
+            return _ask_chat(engine, settings, model_id, paths, Session.resume(paths.sessions_dir, session_name), None)
         return Chat(engine, session)
     return _one_shot_chat(engine, settings, model_id)
 
@@ -778,8 +784,7 @@ def export(
     debug: DebugOpt = False,
 ) -> int:
     """Write the model as plain Llama (no remote code) for other engines; see the README's "Exporting to other engines"."""
-    from rich.markup import escape
-
+    from bluelm_cli.cli.startup import shown_markup as escape
     from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.export import export_checkpoint
 
@@ -799,7 +804,7 @@ def export(
             on_note=lambda text: console.print(f"[dim]Note: {escape(safe_for_terminal(text))}[/]"),
             on_warning=lambda text: console.print(f"[yellow]Warning:[/] {escape(safe_for_terminal(text))}"),
         )
-    sys.stdout.write(f"Exported {settings['model']} to {written} ({export_format})\n")
+    sys.stdout.write(safe_for_terminal(f"Exported {settings['model']} to {written} ({export_format})") + "\n")
     return ExitStatus.OK
 
 

@@ -56,20 +56,29 @@ def list_command(ctx: typer.Context, debug: DebugOpt = False) -> int | None:
     if not listed:
         typer.echo(f"No sessions yet in {sessions_dir}.")
         return ExitStatus.OK
-    width = max(len(item.info.name) for item in listed)
+    names = {item.info.path: _label(item.info.name) for item in listed}
+    width = max(len(name) for name in names.values())
     for item in listed:
         info = item.info
+        name = names[info.path]
         when = info.last_used.astimezone().strftime("%Y-%m-%d %H:%M")
         if item.conversation is None:
-            typer.echo(f"{info.name:<{width}}     ? turns  {when}  (unreadable: {_for_stdout(info.unreadable or '')})")
+            typer.echo(f"{name:<{width}}     ? turns  {when}  (unreadable: {_for_stdout(info.unreadable or '')})")
             continue
         first = item.conversation.turns[0].user if item.conversation.turns else ""
         damaged = "  (damaged: some records were skipped)" if info.damaged else ""
         typer.echo(
-            f"{info.name:<{width}}  {info.turns:>4} turn{' ' if info.turns == 1 else 's'}  {when}  "
-            f"{_short_model(info.model_id)}  {_for_stdout(preview(first)) if first else '(empty)'}{damaged}"
+            f"{name:<{width}}  {info.turns:>4} turn{' ' if info.turns == 1 else 's'}  {when}  "
+            f"{_label(_short_model(info.model_id))}  {_for_stdout(preview(first)) if first else '(empty)'}{damaged}"
         )
     return ExitStatus.OK
+
+
+def _label(text: str) -> str:
+    """A session name or model id: from a journal anyone may have written, so sanitised wherever it goes."""
+    from bluelm_cli.core.sanitize import safe_for_terminal
+
+    return safe_for_terminal(text)
 
 
 def _for_stdout(text: str) -> str:
@@ -153,7 +162,7 @@ def _remove(names: list[str], paths: list[Path]) -> None:
             pass
         except OSError as exc:
             raise BlueLMError(f"cannot delete {path} ({exc.strerror or exc}); check its permissions") from None
-        typer.echo(f"Removed session {name}")
+        typer.echo(f"Removed session {_label(name)}")
 
 
 @sessions_app.command(cls=HelpCommand, name="search")
@@ -179,9 +188,9 @@ def search_command(
             if at < 0:
                 continue
             found += 1
-            typer.echo(f"{item.info.name} #{number} {role}: {_for_stdout(_snippet(body, at, len(needle)))}")
+            typer.echo(f"{_label(item.info.name)} #{number} {role}: {_for_stdout(_snippet(body, at, len(needle)))}")
     if not found:
-        typer.echo(f"No session has '{text}'.", err=True)
+        typer.echo(f"No session has '{_label(text)}'.", err=True)
         return ExitStatus.ERROR
     return ExitStatus.OK
 
@@ -247,8 +256,8 @@ def _show_rendered(conversation: Conversation) -> None:
     console = Console(highlight=False)
     out = ChatOutput(console)
     count = len(conversation.turns)
-    console.print(Text.assemble(("Session ", "bold"), (conversation.name, "bold"),
-                                f" · {conversation.model_id} · {count} turn{'s' if count != 1 else ''}"))
+    console.print(Text.assemble(("Session ", "bold"), (_label(conversation.name), "bold"),
+                                f" · {_label(conversation.model_id)} · {count} turn{'s' if count != 1 else ''}"))
     if conversation.system:
         out.note(f"System: {conversation.system}")
     out.blank()

@@ -26,6 +26,16 @@ if TYPE_CHECKING:
     from bluelm_cli.local.loading import LoadedModel
 
 
+def shown_markup(text: str) -> str:
+    """Outside text (a path, a model id, a loader's note) for a rich console: control characters and bidi
+    overrides made visible (core.sanitize), then escaped so that "[…]" is not taken for markup."""
+    from rich.markup import escape
+
+    from bluelm_cli.core.sanitize import safe_for_terminal
+
+    return escape(safe_for_terminal(text))
+
+
 def quantization_choice(load_in_8bit: bool, load_in_4bit: bool) -> str | None:
     if load_in_8bit and load_in_4bit:
         raise UsageError("choose one of --load-in-8bit and --load-in-4bit")
@@ -35,10 +45,9 @@ def quantization_choice(load_in_8bit: bool, load_in_4bit: bool) -> str | None:
 def load_local(settings: ResolvedSettings, quantization: str | None, console: Console, *, chatting: bool = True,
                announce: bool = True, budget_may_shrink: bool = False) -> LoadedModel:
     """Load the model with a status line on stderr, then say how long it took (unless `announce` is off)."""
-    from rich.markup import escape
-
     from bluelm_cli.local.loading import load_model
 
+    escape = shown_markup
     started = time.perf_counter()
     # Paths and ids may hold "[…]", which rich would take for markup: every interpolation is escaped.
     with console.status(f"Loading {escape(settings['model'])}…", spinner="dots") as status:
@@ -128,7 +137,7 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
     from bluelm_cli.local.engine import ChatEngine
     from bluelm_cli.local.fastpath import DEFAULT_RUNNER, make_runner
 
-    from rich.markup import escape
+    escape = shown_markup
 
     def note(text: str) -> None:
         console.print(f"[dim]{escape(text)}[/]")

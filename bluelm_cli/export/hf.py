@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +317,12 @@ def export_hf(
     if quantization is not None and quantization.get("quant_method") == "gptq":
         _write_json(out / "quantize_config.json", {k: v for k, v in quantization.items() if k != "quant_method"})
         files.append("quantize_config.json")
+    # safetensors creates its files 0600; servers often read the weights as another user, so they get the mode
+    # every other file got from the umask.
+    mode = stat.S_IMODE((out / "config.json").stat().st_mode)
+    for file_name in files:
+        if file_name.endswith(".safetensors"):
+            (out / file_name).chmod(mode)
     return ExportSummary(out=out, files=sorted(files), tensors=len(plan), total_bytes=total_bytes)
 
 

@@ -20,6 +20,7 @@ from prompt_toolkit.document import Document
 from bluelm_cli.chat.attachments import Attachment, check_fits, read_attachment, token_count
 from bluelm_cli.core.backend import ModelLoading
 from bluelm_cli.chat.service import Chat, TurnStream
+from bluelm_cli.core.sanitize import safe_for_terminal
 from bluelm_cli.ui.clipboard import copy_to_clipboard
 from bluelm_cli.core.errors import BlueLMError, UsageError
 from bluelm_cli.ui.habits import SETTING_ALIASES, foreign_command_hint, foreign_set_hint, setting_alias
@@ -301,7 +302,9 @@ def _copy(ctx: CommandContext, args: str) -> Outcome:
 def _to_clipboard(ctx: CommandContext, text: str, what: str) -> None:
     """Put ``text`` on the clipboard through the terminal (OSC 52)."""
     try:
-        copy_to_clipboard(text, ctx.out.console.file)
+        # What is copied is pasted next, often into a shell: an escape in it (ESC [201~ ends a bracketed
+        # paste early, and what follows runs as if typed) or a bidi override is made visible first.
+        copy_to_clipboard(safe_for_terminal(text), ctx.out.console.file)
     except ValueError as exc:
         raise BlueLMError(str(exc)) from None
     ctx.out.note(f"Copied {what} ({len(text)} characters) to the clipboard")

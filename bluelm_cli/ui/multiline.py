@@ -8,17 +8,26 @@ block arrives as keystrokes, its newlines as Enter. Two things make it one messa
 - an Enter that is followed by more input already waiting (in prompt_toolkit's key queue, or readable
   on the terminal within :data:`BURST_GAP_S`) is a pasted newline, not a send: nobody types the next
   key that fast after Enter.
+
+Lines typed while no prompt was up (the model loading, an answer streaming) also arrive as a burst, but
+the terminal was then in its line mode, which turned each Enter into a line feed (ControlJ), where a raw
+paste keeps the carriage return (ControlM): each such line is a send of its own, in order.
+
+Such a paste is gathered from prompt_toolkit's key queue and inserted in one piece per read from the
+terminal (:func:`take_burst`): inserted key by key, each insertion copies the whole buffer and saves it
+for undo, so 10,000 pasted lines took quadratic time and memory (22.6 GB before the kernel killed it).
 """
 
 from __future__ import annotations
 
 import select
 
+from prompt_toolkit.application import Application
 from prompt_toolkit.input import Input
-from prompt_toolkit.key_binding import KeyPressEvent
+from prompt_toolkit.key_binding import KeyPress, KeyPressEvent
 from prompt_toolkit.keys import Keys
 
-__all__ = ["BURST_GAP_S", "QUOTES", "block_is_open", "input_is_pending", "unwrap_block"]
+__all__ = ["BURST_GAP_S", "QUOTES", "block_is_open", "input_is_pending", "is_plain_key", "keys_waiting", "take_burst", "unwrap_block"]
 
 QUOTES = '"""'
 # Keystrokes of a paste follow each other within microseconds (a few ms if a network splits them);
@@ -44,10 +53,15 @@ def unwrap_block(text: str) -> str:
 
 def input_is_pending(event: KeyPressEvent, gap_s: float = BURST_GAP_S) -> bool:
     """Whether more keys follow this one as part of the same burst (a paste, not typing)."""
-    queue = event.app.key_processor.input_queue
+    return keys_waiting(event.app, gap_s)
+
+
+def keys_waiting(app: Application[object], gap_s: float = 0.0) -> bool:
+    """Whether keys wait in prompt_toolkit's queue, or on the terminal within `gap_s`."""
+    queue = app.key_processor.input_queue
     if any(key.key != Keys.CPRResponse and key.data != "_Flush" for key in queue):
         return True
-    return _readable(event.app.input, gap_s)
+    return _readable(app.input, gap_s)
 
 
 def _readable(pt_input: Input, timeout: float) -> bool:
@@ -60,3 +74,31 @@ def _readable(pt_input: Input, timeout: float) -> bool:
     except (OSError, ValueError):
         return False
     return bool(ready)
+
+
+
+
+def is_plain_key(key_press: KeyPress) -> bool:
+    """A printable character as typed (not Enter, not a control key or an escape sequence)."""
+    key = key_press.key
+    return not isinstance(key, Keys) and len(key) == 1 and key.isprintable()
+
+
+def take_burst(event: KeyPressEvent) -> str:
+    """The text of the keys waiting behind this one in the same burst, taken off the key queue: characters,
+    tabs, and Enters that have more keys behind them (pasted newlines). It stops at any other key, and
+    before a last Enter, which the Enter binding decides on (a pasted newline, or the send)."""
+    queue = event.app.key_processor.input_queue
+    parts: list[str] = []
+    while queue:
+        key_press = queue[0]
+        if is_plain_key(key_press):
+            parts.append(key_press.key)
+        elif key_press.key == Keys.ControlI:
+            parts.append("\t")
+        elif key_press.key == Keys.ControlM and len(queue) > 1:  # a line typed ahead ends in ControlJ: a send
+            parts.append("\n")
+        else:
+            break
+        queue.popleft()
+    return "".join(parts)

@@ -45,14 +45,16 @@ class ChatOutput:
         console = self.console if self.interactive else self.err_console
         console.print(Text(self._safe(text, console), style="dim"), soft_wrap=not console.is_terminal)
 
-    # Warnings and errors wrap at word boundaries on a terminal too (a narrow one would cut words).
+    # Warnings and errors are messages about outside things (paths, names), never content: sanitised even
+    # into a pipe or a log file, which is read on a terminal later (as the CLI's own `Error:` lines are). On a
+    # terminal they wrap at word boundaries (a narrow one would cut words).
     def warn(self, message: str) -> None:
         console = self.err_console
-        console.print(Text(f"Warning: {self._safe(message, console)}", style="yellow"), soft_wrap=not console.is_terminal)
+        console.print(Text(f"Warning: {safe_for_terminal(message)}", style="yellow"), soft_wrap=not console.is_terminal)
 
     def error(self, message: str) -> None:
         console = self.err_console
-        console.print(Text(f"Error: {self._safe(message, console)}", style="bold red"), soft_wrap=not console.is_terminal)
+        console.print(Text(f"Error: {safe_for_terminal(message)}", style="bold red"), soft_wrap=not console.is_terminal)
 
     def rows(self, rows: Sequence[tuple[str, str]]) -> None:
         """Aligned ``name  value`` lines, names in bold."""

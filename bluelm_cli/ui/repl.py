@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import TextIO
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.filters import is_searching
+from prompt_toolkit.application import get_app
+from prompt_toolkit.filters import Condition, is_searching
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.input import Input
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent, merge_key_bindings
+from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import Output
 from prompt_toolkit.styles import Style
 from rich.console import Console
@@ -39,10 +41,10 @@ from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.ui.habits import foreign_line_hint
 from bluelm_cli.ui.ending_signals import on_ending_signals
 from bluelm_cli.ui.load_view import LoadView
-from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, unwrap_block
-from bluelm_cli.core.sanitize import safe_for_terminal
+from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, is_plain_key, keys_waiting, take_burst, unwrap_block
 from bluelm_cli.ui.output import PROMPT, ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir
+from bluelm_cli.core.sanitize import safe_for_terminal
 from bluelm_cli.ui.render import StreamRenderer
 from bluelm_cli.config.settings import ResolvedSettings
 from bluelm_cli.ui.presenter import present_turn
@@ -164,12 +166,12 @@ class ChatRepl:
         try:
             info = self.chat.backend.info()
         except ModelLoading:  # its device, dtype and context come in the "Loaded …" line
-            line = Text.assemble(("BlueLM chat", "bold"), f" · {self.chat.session.model_id} · loading in the background")
+            line = Text.assemble(("BlueLM chat", "bold"), f" · {safe_for_terminal(self.chat.session.model_id)} · loading in the background")
         else:
             quantized = f", {info.quantization}" if info.quantization else ""
             line = Text.assemble(
                 ("BlueLM chat", "bold"),
-                f" · {info.model_id} · {info.device} · {info.dtype}{quantized} · {info.context_limit}-token context",
+                f" · {safe_for_terminal(info.model_id)} · {info.device} · {info.dtype}{quantized} · {info.context_limit}-token context",
             )
         self.out.console.print(line)
         self.out.note(
@@ -233,6 +235,9 @@ class ChatRepl:
                     if not self.exit_requested:  # Ctrl-C, not a hangup: say what became of the line
                         self.out.note("Not sent: Ctrl-C while it waited for the model (↑ brings the line back)")
                     raise
+                except LoadFailed:
+                    self.give_back(stripped)
+                    raise
                 self._dispatch(stripped)
         except (LoadFailed, BrokenPipeError):
             raise  # ends the chat
@@ -246,6 +251,13 @@ class ChatRepl:
                 self.out.err_console.print(Text(traceback.format_exc(), style="dim"))
         finally:
             self._meter = None  # measured again when the toolbar is next drawn
+
+    def give_back(self, text: str) -> None:
+        """The model failed to load with `text` typed but not sent: print it, so that it can be sent again
+        (with --no-history no ↑ would bring it back)."""
+        if text.strip():
+            self.out.note("Not sent, as the model did not load; what you typed:")
+            self.out.print_text(text)
 
     def _dispatch(self, stripped: str) -> None:
         if block_is_open(stripped):  # a block left open at the end of the input: it ends there
@@ -326,6 +338,7 @@ def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int
                 continue  # Ctrl-C at the prompt clears the line
             except LoadFailed:
                 assert loading is not None
+                repl.give_back(prompt_session.default_buffer.text)  # typed at the prompt when the load failed
                 loading.show_events()  # the warnings that came before it; raises it again
                 raise
             except EOFError:
@@ -453,18 +466,42 @@ def _prompt_session(
     )
 
 
+def _pasting_characters() -> bool:
+    """The key being handled is a character and more keys wait behind it (a paste arriving as keystrokes)."""
+    app = get_app()
+    keys = app.key_processor.key_buffer
+    return len(keys) == 1 and is_plain_key(keys[0]) and keys_waiting(app)
+
+
 def _key_bindings() -> KeyBindings:
     bindings = KeyBindings()
 
-    @bindings.add("enter", filter=~is_searching)
+    @bindings.add("enter", filter=~is_searching, save_before=lambda event: not keys_waiting(event.app))
     def _send(event: KeyPressEvent) -> None:
         buffer = event.current_buffer
         state = buffer.complete_state
         if state is not None and state.current_completion is not None:
             buffer.apply_completion(state.current_completion)  # Enter picks the highlighted completion
             return
-        if block_is_open(buffer.text) or input_is_pending(event):
-            # Inside a """ block, or a pasted line with more of the paste right behind it: a newline.
+        if input_is_pending(event) or block_is_open(buffer.text):
+            # A pasted line with more of the paste right behind it, or inside a """ block: a newline.
+            buffer.insert_text("\n" + take_burst(event))
+            return
+        buffer.validate_and_handle()
+
+    @bindings.add(Keys.Any, filter=~is_searching & Condition(_pasting_characters), save_before=lambda event: False)
+    def _pasted(event: KeyPressEvent) -> None:
+        # A character with more keys right behind it (a paste without bracketed paste): it and the rest of
+        # the burst go in as one insertion, not one (a copy of the whole buffer, and an undo entry) a key.
+        event.current_buffer.insert_text(event.data + take_burst(event))
+
+    @bindings.add("c-j", filter=~is_searching)
+    def _typed_ahead_line(event: KeyPressEvent) -> None:
+        # A line feed: a line typed while no prompt was up (the terminal's line mode turned its Enter into
+        # one), or a terminal that sends it for Enter. Each such line is sent on its own, never joined to the
+        # next; what follows waits as typeahead for the next prompt.
+        buffer = event.current_buffer
+        if block_is_open(buffer.text):
             buffer.insert_text("\n")
             return
         buffer.validate_and_handle()
