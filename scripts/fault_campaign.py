@@ -112,7 +112,7 @@ for _format in ("hf", "gguf"):
                "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         out = c.root / ("o" if export_format == "hf" else "o.gguf")
         process = subprocess.Popen([sys.executable, "-m", "bluelm_cli", "export", str(out), "-m", str(c.checkpoint),
-                                    "-f", export_format], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                    "--format", export_format], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         # Wait for the staging folder to appear (the export is under way), then end it.
         for _ in range(DEADLINE_S * 100):
             if any(p.name.startswith(".o") for p in c.root.iterdir()) or process.poll() is not None:
@@ -147,7 +147,7 @@ def _(c: Case) -> bool:
 def _(c: Case) -> bool:
     (c.root / "f").write_text("mine")
     return (one_error(c.run("export", str(c.root / "f"), "-m", str(c.checkpoint)))
-            and one_error(c.run("export", str(c.root / "f"), "-m", str(c.checkpoint), "-f", "gguf"))
+            and one_error(c.run("export", str(c.root / "f"), "-m", str(c.checkpoint), "--format", "gguf"))
             and (c.root / "f").read_text() == "mine")
 
 

@@ -90,6 +90,7 @@ def test_sampled_answers_decode_plainly(loaded: LoadedModel) -> None:
     assert got.answer_ids == _answer(ChatEngine(loaded), plan, sampled, min_new_tokens=sampled.max_new_tokens).answer_ids
 
 
+@pytest.mark.slow
 def test_a_stop_inside_an_accepted_draft_ends_the_answer_there(loaded: LoadedModel) -> None:
     """An answer that stops on its own (</s> or [|Human|]:) stops at the same token with drafts."""
     settings = replace(GREEDY, max_new_tokens=200)

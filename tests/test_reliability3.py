@@ -49,7 +49,7 @@ def test_exporting_a_source_named_out_partial_keeps_the_source(export_format: st
     source = build_checkpoint(tmp_path / "m.partial", TinySpec())
     before = _digest(source)
     out = tmp_path / ("m" if export_format == "hf" else "m")
-    result = runner.invoke(app, ["export", str(out), "-m", str(source), "-f", export_format])
+    result = runner.invoke(app, ["export", str(out), "-m", str(source), "--format", export_format])
     assert result.exit_code == 0, result.stderr
     assert _digest(source) == before
     assert out.exists()
@@ -88,6 +88,7 @@ def _export_stopped_by(signum: int, checkpoint: Path, tmp_path: Path) -> subproc
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+@pytest.mark.slow
 def test_a_signal_during_an_export_leaves_no_temporary(signum: int, checkpoint: Path, tmp_path: Path) -> None:
     """SIGTERM or SIGHUP during an export left a stale partial folder next to OUT."""
     result = _export_stopped_by(signum, checkpoint, tmp_path)
@@ -395,6 +396,7 @@ def test_nfc_and_nfd_spellings_are_one_session(checkpoint: Path, isolated_home: 
     assert result.exit_code == 0 and "three" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_asks_starting_the_same_new_session_at_once(checkpoint: Path, tmp_path: Path) -> None:
     """Two `bluelm ask --session NEW` at the same moment: the second failed with "already exists …; resume it"
     (it had been told to continue or start NEW). Now one session holds both turns, or one is refused clearly.

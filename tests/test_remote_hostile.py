@@ -70,6 +70,7 @@ def _until_closed(handler: Handler, write, closed: threading.Event | None = None
 
 
 # ------------------------------------------------------------------------------------ nothing hangs
+@pytest.mark.slow
 def test_a_server_trickling_the_model_list_meets_the_total_deadline(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(remote_http, "JSON_DEADLINE_S", 1.0)
     gone = threading.Event()
@@ -89,6 +90,7 @@ def test_a_server_trickling_the_model_list_meets_the_total_deadline(server: Fake
     assert gone.wait(10)
 
 
+@pytest.mark.slow
 def test_a_server_trickling_its_headers_meets_the_total_deadline(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(remote_http, "JSON_DEADLINE_S", 1.0)
 
@@ -466,6 +468,7 @@ def test_a_key_file_others_can_read_is_warned_about(server: FakeOpenAI, tmp_path
         f"Warning: other users can read the API key file {key_file}; chmod 600 {key_file}"]
 
 
+@pytest.mark.slow
 def test_a_trickled_error_body_meets_the_deadline(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(remote_stream, "READ_TIMEOUT_S", 1.0)
 
