@@ -284,18 +284,30 @@ def load_model(
             folder, config, layout, target, torch_dtype, model, keep_4bit=quantization == "4bit"
         )
         network.generation_config = _generation_config(generation_defaults)
-        return LoadedModel(
-            model=network,
-            tokenizer=tokenizer,
-            model_id=model,
-            folder=folder,
-            device=target,
-            dtype=torch_dtype,
-            context_length=config.context_length,
-            generation_defaults=generation_defaults,
-            load_seconds=time.perf_counter() - started,
-            weights_format=weights_format,
-        )
+        bnb_quantization = None
+    else:
+        network = _load_with_transformers(folder, config, model, generation_defaults, target, device, torch_dtype, quantization)
+        weights_format, bnb_quantization = None, quantization
+    return LoadedModel(
+        model=network,
+        tokenizer=tokenizer,
+        model_id=model,
+        folder=folder,
+        device=target,
+        dtype=torch_dtype,
+        context_length=config.context_length,
+        generation_defaults=generation_defaults,
+        load_seconds=time.perf_counter() - started,
+        quantization=bnb_quantization,
+        weights_format=weights_format,
+    )
+
+
+def _load_with_transformers(
+    folder: Path, config: BlueLMConfig, model: str, generation_defaults: dict[str, Any], target: torch.device,
+    device: str, torch_dtype: torch.dtype, quantization: str | None,
+) -> BlueLMForCausalLM:
+    """A plain or bitsandbytes checkpoint through `from_pretrained`, with every failure as one line."""
     kwargs: dict[str, Any] = {
         "config": config,
         "dtype": torch_dtype,
@@ -357,18 +369,7 @@ def load_model(
             f"the weights in {folder} are incomplete: {len(missing)} tensors missing (first: {sorted(missing)[0]}); download the checkpoint again"
         )
     network.eval()
-    return LoadedModel(
-        model=network,
-        tokenizer=tokenizer,
-        model_id=model,
-        folder=folder,
-        device=target,
-        dtype=torch_dtype,
-        context_length=config.context_length,
-        generation_defaults=generation_defaults,
-        load_seconds=time.perf_counter() - started,
-        quantization=quantization,
-    )
+    return network
 
 
 def _quantized_layout(folder: Path) -> Any:
