@@ -45,6 +45,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tiny": TinySpec(),
         "ctx128": TinySpec(max_position_embeddings=128),
         "endless": TinySpec(max_position_embeddings=8192, endless=True),
+        "echo": TinySpec(echo=True, endless=True),
     }
     return {name: build_checkpoint(root / f"BlueLM-tiny-{name}", spec) for name, spec in specs.items()}
 
@@ -147,7 +148,10 @@ def test_ask_json_is_one_object_and_nothing_else(tiny: Path) -> None:
     assert payload["ttft_s"] >= 0 and payload["decode_tok_s"] >= 0
 
 
-def test_ask_prompt_lookup_gives_the_same_greedy_answer_in_fewer_forwards(tiny: Path) -> None:
+def test_ask_prompt_lookup_gives_the_same_greedy_answer_in_fewer_forwards(models: dict[str, Path]) -> None:
+    # The echo checkpoint repeats itself on any torch and sentencepiece, so drafts must hit: a random model's
+    # answer to a repetitive prompt loops or not depending on the vocabulary the installed trainer built.
+    tiny = models["echo"]
     prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. the quick brown fox jumps over the lazy dog."
     plain = json.loads(ask(tiny, "-t", "0", "-n", "40", "--no-prompt-lookup", "--json", prompt).stdout)
     result = ask(tiny, "-t", "0", "-n", "40", "--prompt-lookup", "--json", prompt)

@@ -82,6 +82,10 @@ class TinySpec:
     # True: the model never ends an answer by itself (the </s> and [|Human|]: rows of lm_head are zero),
     # for tests that need an answer to run on until max_new_tokens or an interruption, on any torch's numerics.
     endless: bool = False
+    # True: every answer repeats the last token it was given, forever (the layers add nothing to the residual
+    # stream and lm_head is the embedding matrix), for tests that need a repetitive answer, such as prompt
+    # lookup's, on any torch and sentencepiece: a random model's loops depend on the trained vocabulary.
+    echo: bool = False
 
     def __hash__(self) -> int:  # rope_scaling is a dict, so hash its JSON form
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
@@ -305,6 +309,17 @@ def random_state_dict(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
+def _echo_last_token(weights: dict[str, torch.Tensor]) -> None:
+    """Make greedy decoding repeat the last input token: zero what attention and the MLP add to the residual
+    stream, so the final hidden state is the normalised embedding of the current token, and score every token
+    by its embedding. A token's own score (~hidden_size) then beats any other's (~3 sqrt(hidden_size) at most
+    over a few hundred Gaussian rows) by a margin no rounding can close."""
+    for name, tensor in weights.items():
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            tensor.zero_()
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+
+
 def _silence_stop_tokens(weights: dict[str, torch.Tensor], model_bytes: bytes) -> None:
     """Zero the lm_head rows of the tokens that end an answer, </s> and [|Human|]:.
 
@@ -464,6 +479,8 @@ def build_checkpoint(folder: Path, spec: TinySpec = TinySpec(), *, tokenizer_mod
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"},
     )
     weights = random_state_dict(spec, config["vocab_size"])
+    if spec.echo:
+        _echo_last_token(weights)
     if spec.endless:
         _silence_stop_tokens(weights, model_bytes)
     _write_weights(folder, weights, spec)
