@@ -7,6 +7,8 @@ through typer's CliRunner with exact output, on tiny checkpoints.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from rich.console import Console
 
@@ -508,3 +510,44 @@ def test_new_tokens_is_an_alias_of_max_new_tokens_in_ask(models: dict[str, Path]
     result = invoke(["ask", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "--new-tokens", "3", "--json", "hi"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["new_tokens"] <= 3
+
+
+# ---------------------------------------------------------------------------- /clear names the new session after the old
+def test_clear_in_a_named_session_numbers_the_next_one_after_it(paths: UserPaths) -> None:
+    backend = FakeBackend().queue("One.", "Two.", "Three.")
+    chat = Chat(backend, new_session(paths, name="work"))
+    new_session(paths, name="work-3").close()  # taken already: skipped
+    repl, screen = repl_for(chat, paths, width=200)
+    repl.handle("first")
+    repl.handle("/clear")
+    repl.handle("second")
+    repl.handle("/clear")
+    repl.handle("third")
+    assert chat.session.name == "work-4"
+    assert screen.getvalue() == (
+        "One.\n\n"
+        "New session work-2; settings kept. The earlier turns stay in session work (bluelm chat --resume work).\n"
+        "Two.\n\n"
+        "New session work-4; settings kept. The earlier turns stay in session work-2 (bluelm chat --resume work-2).\n"
+        "Three.\n\n"
+    )
+
+
+def test_clear_in_a_session_named_by_its_start_time_starts_one_named_by_the_time_again(paths: UserPaths) -> None:
+    from bluelm_cli.session import Session
+
+    backend = FakeBackend().queue("One.")
+    chat = Chat(backend, Session.new(paths.sessions_dir, model_id="fake/BlueLM"))
+    repl, _ = repl_for(chat, paths, width=200)
+    repl.handle("first")
+    repl.handle("/clear")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-\d{6}(-\d+)?", chat.session.name)
+
+
+def test_clear_in_a_session_whose_numbered_name_would_be_too_long_falls_back_to_the_time(paths: UserPaths) -> None:
+    backend = FakeBackend().queue("One.")
+    chat = Chat(backend, new_session(paths, name="x" * 100))
+    repl, _ = repl_for(chat, paths, width=300)
+    repl.handle("first")
+    repl.handle("/clear")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-\d{6}(-\d+)?", chat.session.name)
