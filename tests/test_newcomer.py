@@ -551,3 +551,28 @@ def test_clear_in_a_session_whose_numbered_name_would_be_too_long_falls_back_to_
     repl.handle("first")
     repl.handle("/clear")
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-\d{6}(-\d+)?", chat.session.name)
+
+
+# ---------------------------------------------------------------------------- --resume with a dash-leading value
+def test_resume_takes_a_dash_leading_session_name_that_is_not_an_option(paths: UserPaths, models: dict[str, Path]) -> None:
+    Session.new(paths.sessions_dir, name="-x", model_id=str(models["tiny"])).close()
+    Session.new(paths.sessions_dir, name="later", model_id=str(models["tiny"])).close()  # the most recent one
+    result = invoke(["chat", "--resume", "-x", "--device", "cpu", "-n", "2"], input="hello\n")
+    assert result.exit_code == 0, result.stderr
+    assert [t.user for t in Session.resume(paths.sessions_dir, "-x").turns] == ["hello"]
+    assert Session.resume(paths.sessions_dir, "later").turns == []
+
+
+def test_resume_of_a_dash_leading_name_that_does_not_exist_names_it(paths: UserPaths) -> None:
+    result = invoke(["chat", "--resume", "-x"], input="")
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1, "", f"Error: no session named '-x' in {paths.sessions_dir}; there are no saved sessions yet\n"
+    )
+
+
+@pytest.mark.parametrize("option", [["-v"], ["--verbose"], ["--model", "m"], ["--model=m"], ["-n", "3"], ["-n3"], ["--"]])
+def test_resume_followed_by_an_option_of_chat_continues_the_most_recent_session(paths: UserPaths, option: list[str]) -> None:
+    result = invoke(["chat", "--resume", *option], input="")
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1, "", f"Error: there are no saved sessions in {paths.sessions_dir} yet; start a new chat instead\n"
+    )

@@ -53,7 +53,8 @@ class _BlueLMGroup(TyperGroup):
     """Runs commands without click's standalone error printing: every error is one `Error: …` line."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
-        argv = _one_name_for_new_tokens(_bare_resume_means_last(list(sys.argv[1:] if args is None else args)))
+        argv = list(sys.argv[1:] if args is None else args)
+        argv = _one_name_for_new_tokens(_bare_resume_means_last(argv, self._option_names(argv)))
         debug = "--debug" in argv
         extra.pop("standalone_mode", None)
         try:
@@ -86,6 +87,15 @@ class _BlueLMGroup(TyperGroup):
             _print_error(f"{type(error).__name__}: {error} (run again with --debug for the traceback)")
             status = ExitStatus.ERROR
         sys.exit(int(status or 0))
+
+    def _option_names(self, argv: list[str]) -> set[str]:
+        """The option names (--model, -n, …) of the command that argv runs (none when it names no command)."""
+        for arg in argv:
+            command = self.commands.get(arg)
+            if command is not None:
+                return {name for param in command.params for name in (*param.opts, *param.secondary_opts)
+                        if name.startswith("-")}
+        return set()
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -144,12 +154,26 @@ def _one_name_for_new_tokens(argv: list[str]) -> list[str]:
     return out
 
 
-def _bare_resume_means_last(argv: list[str]) -> list[str]:
-    """`bluelm chat --resume` alone continues the most recent session (click options can't have optional values)."""
+def _bare_resume_means_last(argv: list[str], option_names: set[str]) -> list[str]:
+    """`bluelm chat --resume` alone continues the most recent session (click options can't have optional values):
+    so does `--resume` followed by one of the command's options (`--resume -v`) or `--`. Anything else that
+    follows is the name, even one starting with '-' (`--resume -x`), as session names may."""
     for index, arg in enumerate(argv):
-        if arg == "--resume" and (index + 1 == len(argv) or argv[index + 1].startswith("-")):
+        if arg == "--":
+            return argv
+        if arg == "--resume" and (index + 1 == len(argv) or _is_option(argv[index + 1], option_names)):
             return argv[: index + 1] + ["last"] + argv[index + 1 :]
     return argv
+
+
+def _is_option(arg: str, option_names: set[str]) -> bool:
+    """An option of the command as click reads it: `--model`, `--model=m`, `-n`, or `-n3` / `-vc` (a short
+    option with its value or others after it)."""
+    if arg == "--":
+        return True
+    if arg.startswith("--"):
+        return arg.split("=", 1)[0] in option_names
+    return arg.startswith("-") and len(arg) > 1 and arg[:2] in option_names
 
 
 app = typer.Typer(
