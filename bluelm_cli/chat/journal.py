@@ -12,6 +12,7 @@ reported.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -142,12 +143,84 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-class JournalLock:
-    """An OS lock on a journal, held while a chat has the session open, so a second `bluelm chat` can't
-    interleave its turns with the first one's. The OS frees it when the process ends: a crashed chat
-    never leaves a stale lock. Within one process the lock is shared (counted), not refused."""
+# What this process is ("chat", "ask"), for the message a second bluelm gets when it is refused a session
+# this one holds; set once by the command that runs (announce_holder).
+_holder_command: str | None = None
 
-    _held: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [fd, holders]
+
+def announce_holder(command: str | None) -> None:
+    """Say which bluelm command ("chat", "ask") this process runs, so that one refused a session it holds
+    can name it (None: unnamed)."""
+    global _holder_command
+    _holder_command = command
+
+
+def _holder_note(path: Path, key: tuple[int, int]) -> Path:
+    """Where the holder of a journal's lock says who it is: beside the journal, named by its inode (the
+    lock is taken on a new journal before it gets its name, and a name may be as long as a file name can be)."""
+    return path.parent / f".holder-{key[0]}-{key[1]}"
+
+
+def _write_holder_note(note: Path) -> None:
+    """Best effort: without the note a refused bluelm still gets a message, only a less specific one."""
+    temporary = note.with_name(f"{note.name}.{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps({"pid": os.getpid(), "command": _holder_command}), encoding="utf-8")
+        os.replace(temporary, note)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
+def _remove_holder_note(note: Path) -> None:
+    if _read_holder_note(note)[0] == os.getpid():  # not one a later holder wrote
+        note.unlink(missing_ok=True)
+
+
+def _read_holder_note(note: Path) -> tuple[int | None, str | None]:
+    try:
+        data = json.loads(note.read_text(encoding="utf-8"))
+        pid, command = data["pid"], data["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(command, (str, type(None))):
+        return None, None
+    return pid, command
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's process, alive
+        return True
+    return True
+
+
+def in_use_message(name: str, path: Path, key: tuple[int, int], *, removing: bool = False) -> str:
+    """Why session `name` can't be opened (or removed, `removing`) now, naming what holds it (a chat or an
+    ask, from the note it left) and what to do."""
+    pid, command = _read_holder_note(_holder_note(path, key))
+    if pid is not None and not _alive(pid):
+        command = None  # a note left by a holder that crashed before this one wrote its own
+    then = "remove it" if removing else "try again"
+    if command == "chat":
+        todo = "end that chat first, then remove it" if removing else "continue it there, or end that chat and try again"
+        return f"session '{name}' is open in a bluelm chat (process {pid}); {todo}"
+    if command == "ask":
+        return f"session '{name}' is in use by a bluelm ask still answering in it (process {pid}); {then} when that answer is done"
+    return (f"session '{name}' is in use by another bluelm (a chat, or an ask still answering); end that chat or"
+            f" wait for the answer, then {then}")
+
+
+class JournalLock:
+    """An OS lock on a journal, held while a chat (or an ask) has the session open, so a second bluelm can't
+    interleave its turns with the first one's. The OS frees it when the process ends: a crashed chat
+    never leaves a stale lock. Within one process the lock is shared (counted), not refused. The holder
+    leaves a note beside the journal saying what it is, so that a refused bluelm can say so."""
+
+    _held: dict[tuple[int, int], list[Any]] = {}  # (device, inode) -> [fd, holders, holder note]
+    _cleanup_registered = False
 
     def __init__(self, key: tuple[int, int] | None) -> None:
         self._key = key
@@ -173,13 +246,21 @@ class JournalLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise BlueLMError(
-                f"session '{name}' is open in another bluelm chat; continue it there, or start a new chat"
-            ) from None
+            raise BlueLMError(in_use_message(name, path, key)) from None
         except OSError:
             pass  # a file system without locks (some network mounts): go on unlocked
-        cls._held[key] = [fd, 1]
+        note = _holder_note(path, key)
+        _write_holder_note(note)
+        if not cls._cleanup_registered:
+            cls._cleanup_registered = True
+            atexit.register(cls._remove_notes)  # a process that ends holding locks (`bluelm ask`) leaves no notes
+        cls._held[key] = [fd, 1, note]
         return cls(key)
+
+    @classmethod
+    def _remove_notes(cls) -> None:
+        for _, _, note in list(cls._held.values()):
+            _remove_holder_note(note)
 
     def release(self) -> None:
         key, self._key = self._key, None
@@ -188,6 +269,7 @@ class JournalLock:
             held[1] -= 1
             if held[1] == 0:
                 del self._held[key]  # type: ignore[arg-type]
+                _remove_holder_note(held[2])  # before the lock goes: a note removed later could be the next holder's
                 os.close(held[0])  # closing the descriptor drops the lock
 
 

@@ -294,6 +294,9 @@ def ask(
     from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.ui.ending_signals import ending_signals_interrupt
 
+    from bluelm_cli.chat.journal import announce_holder
+
+    announce_holder("ask")  # a second bluelm refused the session this one holds is told it is an ask
     settings, paths = _resolve(flags)
     quantization = quantization_choice(load_in_8bit, load_in_4bit)
     attachments = [read_attachment(str(path)) for path in files or []]
@@ -465,9 +468,11 @@ def chat(
 ) -> int:
     """Chat in the terminal: multi-turn, streaming, /help for commands. Reads lines when stdin is piped."""
     from bluelm_cli.chat.background import BackgroundBackend, LoadFailed
+    from bluelm_cli.chat.journal import announce_holder
     from bluelm_cli.config.paths import ensure_dir
     from bluelm_cli.session import Session, validate_session_name
 
+    announce_holder("chat")  # a second bluelm refused the session this one holds is told it is a chat
     settings, paths = _resolve(flags)
     quantization = quantization_choice(load_in_8bit, load_in_4bit)
     if continue_last:
