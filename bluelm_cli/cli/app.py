@@ -342,6 +342,10 @@ def ask(
     if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
         _print_error(result.error or "the server failed mid-answer")
         return ExitStatus.ERROR
+    if result.finish_reason is FinishReason.CONTENT_FILTER:  # a script must not take a filtered answer for a whole one
+        _print_error("the server's content filter stopped the answer; what it let through is on stdout. Rephrase the"
+                     " question, or ask the server's operator about the filter")
+        return ExitStatus.FILTERED
     return ExitStatus.OK
 
 
