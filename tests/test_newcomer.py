@@ -576,3 +576,61 @@ def test_resume_followed_by_an_option_of_chat_continues_the_most_recent_session(
     assert (result.exit_code, result.stdout, result.stderr) == (
         1, "", f"Error: there are no saved sessions in {paths.sessions_dir} yet; start a new chat instead\n"
     )
+
+
+# ---------------------------------------------------------------------------- the toolbar fits the terminal
+LONG_NAME = "2026-planning-for-the-hangzhou-offsite-and-the-q3-review"
+from prompt_toolkit.utils import get_cwidth  # noqa: E402
+
+
+def _toolbar_text(repl, width: int) -> str:  # noqa: ANN001
+    [(style, text)] = repl.context_toolbar(width=width)
+    assert style == "class:bottom-toolbar.text"
+    return text
+
+
+@pytest.mark.parametrize(("width", "expected"), [
+    (120, " context 12 / 100 tokens in use (12%) · session 2026-planning-for-the-hangzhou-offsite-and-the-q3-review "),
+    (60, " context 12/100 (12%) · 2026-planning-for…and-the-q3-review "),  # the meter's words go first
+    (40, " context 12/100 (12%) · 2026-pl…-review "),
+])
+def test_the_toolbar_keeps_the_context_meter_and_shortens_a_long_session_name_in_the_middle(
+    paths: UserPaths, width: int, expected: str
+) -> None:
+    backend = FakeBackend(context_limit=100).queue("Ok.")
+    chat = Chat(backend, new_session(paths, name=LONG_NAME, max_new_tokens="20"))
+    repl, _ = repl_for(chat, paths, width=200)
+    repl.handle("hello")
+    text = _toolbar_text(repl, width)
+    assert text == expected and get_cwidth(text) <= width
+
+
+def test_the_toolbar_at_a_very_narrow_terminal_keeps_the_meter_alone(paths: UserPaths) -> None:
+    chat = Chat(FakeBackend(context_limit=2048), new_session(paths, name=LONG_NAME))
+    repl, _ = repl_for(chat, paths, width=200)
+    assert _toolbar_text(repl, 24) == " context 1/2048 (0%) "
+
+
+def test_the_toolbar_measures_a_chinese_session_name_in_terminal_cells(paths: UserPaths) -> None:
+    chat = Chat(FakeBackend(context_limit=100), new_session(paths, name="杭州西湖春季旅行计划和预算表"))
+    repl, _ = repl_for(chat, paths, width=200)
+    text = _toolbar_text(repl, 50)
+    assert text == " context 1/100 (1%) · 杭州西湖春季…计划和预算表 " and get_cwidth(text) == 48  # 2 cells a character
+    assert _toolbar_text(repl, 80) == " context 1 / 100 tokens in use (1%) · session 杭州西湖春季旅行计划和预算表 "
+
+
+def test_the_toolbar_follows_the_width_of_the_running_prompt(paths: UserPaths) -> None:
+    from prompt_toolkit.application import Application
+    from prompt_toolkit.application.current import set_app
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.output import DummyOutput
+
+    class Narrow(DummyOutput):
+        def get_size(self) -> Size:
+            return Size(rows=24, columns=40)
+
+    chat = Chat(FakeBackend(context_limit=100), new_session(paths, name=LONG_NAME))
+    repl, _ = repl_for(chat, paths, width=200)
+    with set_app(Application(output=Narrow())):
+        [(_, text)] = repl.context_toolbar()
+    assert text == " context 1/100 (1%) · 2026-pla…3-review "
