@@ -197,20 +197,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def in_use_message(name: str, path: Path, key: tuple[int, int], *, removing: bool = False) -> str:
-    """Why session `name` can't be opened (or removed, `removing`) now, naming what holds it (a chat or an
-    ask, from the note it left) and what to do."""
+def live_holder(path: Path, key: tuple[int, int]) -> tuple[int, str] | None:
+    """(process id, "chat" or "ask") of the bluelm holding the journal's lock, from the note it left; None
+    when there is no note, it names neither, or its process has ended (a crash leaves its note behind)."""
     pid, command = _read_holder_note(_holder_note(path, key))
-    if pid is not None and not _alive(pid):
-        command = None  # a note left by a holder that crashed before this one wrote its own
+    if pid is None or command not in ("chat", "ask") or not _alive(pid):
+        return None
+    return pid, command
+
+
+def in_use_message(name: str, holder: tuple[int, str] | None, *, removing: bool = False) -> str:
+    """Why session `name` can't be opened (or removed, `removing`) now, naming what holds it (a chat or an
+    ask, see live_holder) and what to do."""
     then = "remove it" if removing else "try again"
-    if command == "chat":
+    if holder is not None and holder[1] == "chat":
         todo = "end that chat first, then remove it" if removing else "continue it there, or end that chat and try again"
-        return f"session '{name}' is open in a bluelm chat (process {pid}); {todo}"
-    if command == "ask":
-        return f"session '{name}' is in use by a bluelm ask still answering in it (process {pid}); {then} when that answer is done"
+        return f"session '{name}' is open in a bluelm chat (process {holder[0]}); {todo}"
+    if holder is not None and holder[1] == "ask":
+        return (f"session '{name}' is in use by a bluelm ask still answering in it (process {holder[0]}); {then} when"
+                " that answer is done")
     return (f"session '{name}' is in use by another bluelm (a chat, or an ask still answering); end that chat or"
             f" wait for the answer, then {then}")
+
+
+def _try_lock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 class JournalLock:
@@ -245,8 +262,11 @@ class JournalLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            raise BlueLMError(in_use_message(name, path, key)) from None
+            holder = live_holder(path, key)
+            # No holder named: it may have ended a moment ago (its note goes just after its lock): look once more.
+            if holder is not None or not _try_lock(fd):
+                os.close(fd)
+                raise BlueLMError(in_use_message(name, holder)) from None
         except OSError:
             pass  # a file system without locks (some network mounts): go on unlocked
         note = _holder_note(path, key)
@@ -259,7 +279,10 @@ class JournalLock:
 
     @classmethod
     def _remove_notes(cls) -> None:
-        for _, _, note in list(cls._held.values()):
+        """At exit: drop the locks, then their notes (in that order: see release)."""
+        for key, (fd, _, note) in list(cls._held.items()):
+            del cls._held[key]
+            os.close(fd)
             _remove_holder_note(note)
 
     def release(self) -> None:
@@ -269,8 +292,10 @@ class JournalLock:
             held[1] -= 1
             if held[1] == 0:
                 del self._held[key]  # type: ignore[arg-type]
-                _remove_holder_note(held[2])  # before the lock goes: a note removed later could be the next holder's
                 os.close(held[0])  # closing the descriptor drops the lock
+                # Then the note (unless a next holder has written its own): a bluelm refused while the note was
+                # still there is told who held it; one refused after it went finds the lock free on its second look.
+                _remove_holder_note(held[2])
 
 
 def read_records(path: Path, *, repair: bool) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
