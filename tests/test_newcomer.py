@@ -381,9 +381,9 @@ def test_export_infers_gguf_from_the_suffix(models: dict[str, Path], tmp_path: P
 
 
 def test_bench_on_the_cpu_refuses_7b_shapes_that_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bluelm_cli.cli.app as app_module
+    import bluelm_cli.cli.bench_command as bench_module
 
-    monkeypatch.setattr(app_module, "_free_memory", lambda: 8_000_000_000)  # a machine with 8 GB free
+    monkeypatch.setattr(bench_module, "_free_memory", lambda: 8_000_000_000)  # a machine with 8 GB free
     result = invoke(["bench", "--random-weights", "--shape", "7b", "--device", "cpu", "--dtype", "float32"])
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr == (

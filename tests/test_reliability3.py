@@ -405,13 +405,14 @@ def test_two_asks_starting_the_same_new_session_at_once(checkpoint: Path, tmp_pa
     script = (
         "import os, sys\n"
         "import bluelm_cli.cli.app as app\n"
-        "opened = app.open_backend\n"
+        "import bluelm_cli.cli.ask as ask\n"
+        "opened = ask.open_backend\n"
         "hold = int(sys.argv[3])\n"
         "def held(*args, **kwargs):\n"
         "    print('looked', flush=True)\n"
         "    os.read(hold, 1)\n"  # until the test lets both go
         "    return opened(*args, **kwargs)\n"
-        "app.open_backend = held\n"
+        "ask.open_backend = held\n"
         "sys.argv = ['bluelm', 'ask', '--model', sys.argv[1], '-n', '2', '--session', 'NEW', sys.argv[2]]\n"
         "app.main()\n"
     )
