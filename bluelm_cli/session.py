@@ -10,6 +10,7 @@ are :mod:`bluelm_cli.chat.transcript`'s job.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,27 @@ from bluelm_cli.config.paths import ensure_dir, expand_user
 from bluelm_cli.core.settings import SamplingSettings, parse_sampling_setting
 
 __all__ = ["Session", "SessionInfo", "Turn", "list_sessions", "utc_now", "validate_session_name"]
+
+# The name Session.new gives a session started without one (2026-11-25-140501, or -2 when that is taken).
+_TIME_NAME = re.compile(r"\d{4}-\d{2}-\d{2}-\d{6}(?:-\d+)?")
+# A name numbered in a series (work-2): a short counter, so that "project-2024" or a time is not taken for one.
+_NUMBERED_NAME = re.compile(r"(.+)-(\d{1,3})")
+
+
+def _names_after(name: str) -> list[str] | None:
+    """The names to try, in order, for the session that follows `name` (/clear, /load): work → work-2,
+    work-3, …; work-2 → work-3, … None when `name` was a start time (the next one is named by its own)
+    or a numbered name would not be a valid session name (too long)."""
+    if _TIME_NAME.fullmatch(name):
+        return None
+    numbered = _NUMBERED_NAME.fullmatch(name)
+    base, number = (numbered.group(1), int(numbered.group(2))) if numbered else (name, 1)
+    candidates = [f"{base}-{n}" for n in range(number + 1, number + 1000)]
+    try:
+        validate_session_name(candidates[-1])  # the longest: if it is valid, all are
+    except BlueLMError:
+        return None
+    return candidates
 
 
 @dataclass
@@ -161,18 +183,22 @@ class Session(Conversation):
         model_id: str,
         system: str | None = None,
         sampling: SamplingSettings | Mapping[str, Any] | None = None,
+        after: str | None = None,
     ) -> Session:
         """Start a session and its journal. ``name`` defaults to a local timestamp (2026-11-25-140501).
 
-        An existing ``name`` raises UsageError (resume it instead)."""
+        An existing ``name`` raises UsageError (resume it instead). Without a ``name``, ``after`` names the
+        session this one follows (/clear): it is numbered after it, work → work-2 (the first free one),
+        unless that was named by a time too."""
         sessions_dir = Path(sessions_dir)
         if name is not None:
             name = validate_session_name(name)
         ensure_dir(sessions_dir)
         session = cls(name="", model_id=model_id, system=system or None, sampling=sampling_dict(sampling))
         base = name or datetime.now().strftime("%Y-%m-%d-%H%M%S")
-        for attempt in range(1, 1000):
-            candidate = base if attempt == 1 else f"{base}-{attempt}"
+        series = _names_after(after) if name is None and after is not None else None
+        candidates = series or [base, *(f"{base}-{attempt}" for attempt in range(2, 1000))]
+        for candidate in candidates:
             path = sessions_dir / f"{candidate}{JOURNAL_SUFFIX}"
             start = {
                 "type": "start",
@@ -195,7 +221,7 @@ class Session(Conversation):
                 ) from None
             break
         else:  # pragma: no cover - a thousand sessions in one second
-            raise BlueLMError(f"too many sessions named {base}-* in {sessions_dir}; choose a name")
+            raise BlueLMError(f"too many sessions named {candidates[-1].rsplit('-', 1)[0]}-* in {sessions_dir}; choose a name")
         session.name = candidate
         session.journal = path
         session._lock = lock

@@ -7,6 +7,8 @@ through typer's CliRunner with exact output, on tiny checkpoints.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from rich.console import Console
 
@@ -379,9 +381,9 @@ def test_export_infers_gguf_from_the_suffix(models: dict[str, Path], tmp_path: P
 
 
 def test_bench_on_the_cpu_refuses_7b_shapes_that_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bluelm_cli.cli.app as app_module
+    import bluelm_cli.cli.bench_command as bench_module
 
-    monkeypatch.setattr(app_module, "_free_memory", lambda: 8_000_000_000)  # a machine with 8 GB free
+    monkeypatch.setattr(bench_module, "_free_memory", lambda: 8_000_000_000)  # a machine with 8 GB free
     result = invoke(["bench", "--random-weights", "--shape", "7b", "--device", "cpu", "--dtype", "float32"])
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr == (
@@ -508,3 +510,127 @@ def test_new_tokens_is_an_alias_of_max_new_tokens_in_ask(models: dict[str, Path]
     result = invoke(["ask", "--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "--new-tokens", "3", "--json", "hi"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["new_tokens"] <= 3
+
+
+# ---------------------------------------------------------------------------- /clear names the new session after the old
+def test_clear_in_a_named_session_numbers_the_next_one_after_it(paths: UserPaths) -> None:
+    backend = FakeBackend().queue("One.", "Two.", "Three.")
+    chat = Chat(backend, new_session(paths, name="work"))
+    new_session(paths, name="work-3").close()  # taken already: skipped
+    repl, screen = repl_for(chat, paths, width=200)
+    repl.handle("first")
+    repl.handle("/clear")
+    repl.handle("second")
+    repl.handle("/clear")
+    repl.handle("third")
+    assert chat.session.name == "work-4"
+    assert screen.getvalue() == (
+        "One.\n\n"
+        "New session work-2; settings kept. The earlier turns stay in session work (bluelm chat --resume work).\n"
+        "Two.\n\n"
+        "New session work-4; settings kept. The earlier turns stay in session work-2 (bluelm chat --resume work-2).\n"
+        "Three.\n\n"
+    )
+
+
+def test_clear_in_a_session_named_by_its_start_time_starts_one_named_by_the_time_again(paths: UserPaths) -> None:
+    from bluelm_cli.session import Session
+
+    backend = FakeBackend().queue("One.")
+    chat = Chat(backend, Session.new(paths.sessions_dir, model_id="fake/BlueLM"))
+    repl, _ = repl_for(chat, paths, width=200)
+    repl.handle("first")
+    repl.handle("/clear")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-\d{6}(-\d+)?", chat.session.name)
+
+
+def test_clear_in_a_session_whose_numbered_name_would_be_too_long_falls_back_to_the_time(paths: UserPaths) -> None:
+    backend = FakeBackend().queue("One.")
+    chat = Chat(backend, new_session(paths, name="x" * 100))
+    repl, _ = repl_for(chat, paths, width=300)
+    repl.handle("first")
+    repl.handle("/clear")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-\d{6}(-\d+)?", chat.session.name)
+
+
+# ---------------------------------------------------------------------------- --resume with a dash-leading value
+def test_resume_takes_a_dash_leading_session_name_that_is_not_an_option(paths: UserPaths, models: dict[str, Path]) -> None:
+    Session.new(paths.sessions_dir, name="-x", model_id=str(models["tiny"])).close()
+    Session.new(paths.sessions_dir, name="later", model_id=str(models["tiny"])).close()  # the most recent one
+    result = invoke(["chat", "--resume", "-x", "--device", "cpu", "-n", "2"], input="hello\n")
+    assert result.exit_code == 0, result.stderr
+    assert [t.user for t in Session.resume(paths.sessions_dir, "-x").turns] == ["hello"]
+    assert Session.resume(paths.sessions_dir, "later").turns == []
+
+
+def test_resume_of_a_dash_leading_name_that_does_not_exist_names_it(paths: UserPaths) -> None:
+    result = invoke(["chat", "--resume", "-x"], input="")
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1, "", f"Error: no session named '-x' in {paths.sessions_dir}; there are no saved sessions yet\n"
+    )
+
+
+@pytest.mark.parametrize("option", [["-v"], ["--verbose"], ["--model", "m"], ["--model=m"], ["-n", "3"], ["-n3"], ["--"]])
+def test_resume_followed_by_an_option_of_chat_continues_the_most_recent_session(paths: UserPaths, option: list[str]) -> None:
+    result = invoke(["chat", "--resume", *option], input="")
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1, "", f"Error: there are no saved sessions in {paths.sessions_dir} yet; start a new chat instead\n"
+    )
+
+
+# ---------------------------------------------------------------------------- the toolbar fits the terminal
+LONG_NAME = "2026-planning-for-the-hangzhou-offsite-and-the-q3-review"
+from prompt_toolkit.utils import get_cwidth  # noqa: E402
+
+
+def _toolbar_text(repl, width: int) -> str:  # noqa: ANN001
+    [(style, text)] = repl.context_toolbar(width=width)
+    assert style == "class:bottom-toolbar.text"
+    return text
+
+
+@pytest.mark.parametrize(("width", "expected"), [
+    (120, " context 12 / 100 tokens in use (12%) · session 2026-planning-for-the-hangzhou-offsite-and-the-q3-review "),
+    (60, " context 12/100 (12%) · 2026-planning-for…and-the-q3-review "),  # the meter's words go first
+    (40, " context 12/100 (12%) · 2026-pl…-review "),
+])
+def test_the_toolbar_keeps_the_context_meter_and_shortens_a_long_session_name_in_the_middle(
+    paths: UserPaths, width: int, expected: str
+) -> None:
+    backend = FakeBackend(context_limit=100).queue("Ok.")
+    chat = Chat(backend, new_session(paths, name=LONG_NAME, max_new_tokens="20"))
+    repl, _ = repl_for(chat, paths, width=200)
+    repl.handle("hello")
+    text = _toolbar_text(repl, width)
+    assert text == expected and get_cwidth(text) <= width
+
+
+def test_the_toolbar_at_a_very_narrow_terminal_keeps_the_meter_alone(paths: UserPaths) -> None:
+    chat = Chat(FakeBackend(context_limit=2048), new_session(paths, name=LONG_NAME))
+    repl, _ = repl_for(chat, paths, width=200)
+    assert _toolbar_text(repl, 24) == " context 1/2048 (0%) "
+
+
+def test_the_toolbar_measures_a_chinese_session_name_in_terminal_cells(paths: UserPaths) -> None:
+    chat = Chat(FakeBackend(context_limit=100), new_session(paths, name="杭州西湖春季旅行计划和预算表"))
+    repl, _ = repl_for(chat, paths, width=200)
+    text = _toolbar_text(repl, 50)
+    assert text == " context 1/100 (1%) · 杭州西湖春季…计划和预算表 " and get_cwidth(text) == 48  # 2 cells a character
+    assert _toolbar_text(repl, 80) == " context 1 / 100 tokens in use (1%) · session 杭州西湖春季旅行计划和预算表 "
+
+
+def test_the_toolbar_follows_the_width_of_the_running_prompt(paths: UserPaths) -> None:
+    from prompt_toolkit.application import Application
+    from prompt_toolkit.application.current import set_app
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.output import DummyOutput
+
+    class Narrow(DummyOutput):
+        def get_size(self) -> Size:
+            return Size(rows=24, columns=40)
+
+    chat = Chat(FakeBackend(context_limit=100), new_session(paths, name=LONG_NAME))
+    repl, _ = repl_for(chat, paths, width=200)
+    with set_app(Application(output=Narrow())):
+        [(_, text)] = repl.context_toolbar()
+    assert text == " context 1/100 (1%) · 2026-pla…3-review "

@@ -103,7 +103,7 @@ def test_a_second_process_cannot_open_a_session_in_use(paths: UserPaths) -> None
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
-        with pytest.raises(BlueLMError, match="^session 'dup' is open in another bluelm chat; continue it there"):
+        with pytest.raises(BlueLMError, match=r"^session 'dup' is in use by another bluelm \(a chat, or an ask still answering\)"):
             Session.resume(paths.sessions_dir, "dup")
     finally:
         holder.communicate("\n", timeout=60)
@@ -709,13 +709,17 @@ def test_a_chat_whose_stderr_is_on_a_full_disk_answers_and_journals(checkpoint: 
     assert [record["type"] for record in records] == ["start", "message", "turn"]
 
 
-def test_sessions_rm_refuses_a_session_open_in_a_chat(paths: UserPaths) -> None:
+def test_sessions_rm_refuses_a_session_open_in_a_chat(paths: UserPaths, monkeypatch: pytest.MonkeyPatch) -> None:
     """`bluelm sessions rm NAME` deleted the journal under a running chat, whose later turns then went
     nowhere ("not in the session journal … and are lost")."""
+    from bluelm_cli.chat import journal
+
+    monkeypatch.setattr(journal, "_holder_command", "chat")  # this process holds "busy" as a chat would
     busy = new_session(paths, "busy")
     new_session(paths, "idle").close()
     result = runner.invoke(app, ["sessions", "rm", "idle", "busy"])
-    assert (result.exit_code, result.stderr) == (1, "Error: session 'busy' is open in a bluelm chat; end that chat first, then remove it\n")
+    assert (result.exit_code, result.stderr) == (
+        1, f"Error: session 'busy' is open in a bluelm chat (process {os.getpid()}); end that chat first, then remove it\n")
     assert sorted(p.name for p in paths.sessions_dir.glob("*.jsonl")) == ["busy.jsonl", "idle.jsonl"]  # nothing deleted
     busy.close()
     assert runner.invoke(app, ["sessions", "rm", "idle", "busy"]).exit_code == 0

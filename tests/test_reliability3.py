@@ -405,13 +405,14 @@ def test_two_asks_starting_the_same_new_session_at_once(checkpoint: Path, tmp_pa
     script = (
         "import os, sys\n"
         "import bluelm_cli.cli.app as app\n"
-        "opened = app.open_backend\n"
+        "import bluelm_cli.cli.ask as ask\n"
+        "opened = ask.open_backend\n"
         "hold = int(sys.argv[3])\n"
         "def held(*args, **kwargs):\n"
         "    print('looked', flush=True)\n"
         "    os.read(hold, 1)\n"  # until the test lets both go
         "    return opened(*args, **kwargs)\n"
-        "app.open_backend = held\n"
+        "ask.open_backend = held\n"
         "sys.argv = ['bluelm', 'ask', '--model', sys.argv[1], '-n', '2', '--session', 'NEW', sys.argv[2]]\n"
         "app.main()\n"
     )
@@ -445,8 +446,10 @@ def test_two_asks_starting_the_same_new_session_at_once(checkpoint: Path, tmp_pa
         assert not refused and sorted(turns) == ["one", "two"]
     else:
         assert len(turns) == 1 and len(refused) == 1, outcomes
-        assert refused[0].splitlines()[-1] == (
-            "Error: session 'NEW' is open in another bluelm chat; continue it there, or start a new chat")
+        holder = next(process.pid for process, (status, _) in zip(processes, outcomes) if status == 0)
+        assert refused[0].splitlines()[-1] == (  # the note is written before the new journal has its name
+            f"Error: session 'NEW' is in use by a bluelm ask still answering in it (process {holder}); try again"
+            " when that answer is done")
 
 
 # ------------------------------------------------------------------------- a paste without bracketed paste

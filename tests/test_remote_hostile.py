@@ -195,6 +195,27 @@ def test_content_filter_and_tool_calls_are_told_to_the_user(server: FakeOpenAI, 
     assert result.stdout == "Part\n" and note in result.stderr
 
 
+FILTERED = (
+    "Error: the server's content filter stopped the answer; what it let through is on stdout. Rephrase the"
+    " question, or ask the server's operator about the filter\n"
+)
+
+
+def test_ask_reports_a_filtered_answer_on_stderr_and_exits_3(server: FakeOpenAI) -> None:
+    set_chat(server, lambda h, _: h.send_events(answer_events(["Part of it"], finish="content_filter")))
+    result = invoke(["ask", "--api", server.url, "-t", "0", "hi"])
+    assert (result.exit_code, result.stdout, result.stderr) == (3, "Part of it\n", FILTERED)
+    result = invoke(["ask", "--api", server.url, "-t", "0", "--json", "hi"])
+    assert (result.exit_code, json.loads(result.stdout)["finish_reason"], result.stderr) == (3, "content_filter", FILTERED)
+
+
+def test_ask_exits_0_after_a_tool_call_or_a_stop(server: FakeOpenAI) -> None:
+    for finish in ("stop", "tool_calls"):
+        set_chat(server, lambda h, _, finish=finish: h.send_events(answer_events(["Done"], finish=finish)))
+        result = invoke(["ask", "--api", server.url, "-t", "0", "hi"])
+        assert (result.exit_code, result.stdout, result.stderr) == (0, "Done\n", "")
+
+
 def test_content_as_a_list_of_parts_is_concatenated(server: FakeOpenAI) -> None:
     def parts(handler: Handler, _: object) -> None:
         payload = {"choices": [{"index": 0, "delta": {"content": [{"type": "text", "text": "Hel"}, {"type": "image_url"},

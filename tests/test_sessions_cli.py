@@ -174,3 +174,94 @@ def test_json_and_markdown_keep_the_unanswered_message_and_json_loads_it_back(un
     path.write_text(json.dumps(saved), encoding="utf-8")
     loaded = transcript.load(path)
     assert (len(loaded.turns), loaded.pending) == (1, "the question nobody answered")
+
+
+# ------------------------------------------------------------------ a session another bluelm holds: who holds it
+_HOLDER = """
+import sys
+from bluelm_cli.chat.journal import announce_holder
+from bluelm_cli.session import Session
+if sys.argv[2]:
+    announce_holder(sys.argv[2])
+Session.new(sys.argv[1], name="NEW", model_id="m")
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder(request: pytest.FixtureRequest):  # noqa: ANN201 - a function starting a holder process
+    """Start a process that holds session NEW as a `bluelm ask` or `bluelm chat` would (or as an unnamed one)."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(command: str) -> int:
+        sessions_dir = user_paths().sessions_dir
+        sessions_dir.mkdir(parents=True, exist_ok=True)
+        process = subprocess.Popen([sys.executable, "-c", _HOLDER, str(sessions_dir), command],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        started.append(process)
+        assert process.stdout is not None and process.stdout.readline() == "holding\n"
+        return process.pid
+
+    yield start
+    for process in started:
+        process.communicate("\n", timeout=60)
+
+
+def test_a_second_ask_on_a_session_an_ask_holds_is_told_to_wait_for_that_answer(holder) -> None:  # noqa: ANN001
+    pid = holder("ask")
+    result = invoke("ask", "--session", "NEW", "hello")
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", (
+        f"Error: session 'NEW' is in use by a bluelm ask still answering in it (process {pid}); try again when"
+        " that answer is done\n"))
+
+
+def test_an_ask_on_a_session_open_in_a_chat_is_told_to_continue_it_there(holder) -> None:  # noqa: ANN001
+    pid = holder("chat")
+    result = invoke("ask", "--session", "NEW", "hello")
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", (
+        f"Error: session 'NEW' is open in a bluelm chat (process {pid}); continue it there, or end that chat"
+        " and try again\n"))
+    result = invoke("chat", "--resume", "NEW")
+    assert result.exit_code == 1 and result.stderr.startswith(f"Error: session 'NEW' is open in a bluelm chat (process {pid});")
+
+
+def test_a_holder_that_does_not_say_what_it_is_gets_the_general_wording(holder) -> None:  # noqa: ANN001
+    holder("")
+    result = invoke("ask", "--session", "NEW", "hello")
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", (
+        "Error: session 'NEW' is in use by another bluelm (a chat, or an ask still answering); end that chat or"
+        " wait for the answer, then try again\n"))
+
+
+def test_a_note_left_by_a_holder_that_died_is_not_believed(holder) -> None:  # noqa: ANN001
+    sessions_dir = user_paths().sessions_dir
+    holder("")  # holds NEW without a note of its own …
+    journal = os.stat(sessions_dir / "NEW.jsonl")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
+    note = sessions_dir / f".holder-{journal.st_dev}-{journal.st_ino}"  # … and one left by a process long gone
+    note.write_text(json.dumps({"pid": int(dead.stdout), "command": "chat"}), encoding="utf-8")
+    result = invoke("ask", "--session", "NEW", "hello")
+    assert result.exit_code == 1 and "is in use by another bluelm (a chat, or an ask still answering)" in result.stderr
+
+
+def test_sessions_rm_names_the_ask_holding_a_session(holder) -> None:  # noqa: ANN001
+    pid = holder("ask")
+    result = invoke("sessions", "rm", "NEW")
+    assert (result.exit_code, result.stderr) == (1, (
+        f"Error: session 'NEW' is in use by a bluelm ask still answering in it (process {pid}); remove it when"
+        " that answer is done\n"))
+
+
+def test_the_holder_note_goes_with_the_lock(holder) -> None:  # noqa: ANN001
+    from bluelm_cli.chat.journal import announce_holder
+
+    sessions_dir = user_paths().sessions_dir
+    announce_holder("chat")
+    try:
+        session = Session.new(sessions_dir, name="mine", model_id="m")
+        assert [p.name for p in sessions_dir.glob(".holder-*")] != []
+        session.close()
+        assert list(sessions_dir.glob(".holder-*")) == []
+    finally:
+        announce_holder(None)

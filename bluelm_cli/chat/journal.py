@@ -12,6 +12,7 @@ reported.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -142,12 +143,101 @@ def append_record(path: Path, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-class JournalLock:
-    """An OS lock on a journal, held while a chat has the session open, so a second `bluelm chat` can't
-    interleave its turns with the first one's. The OS frees it when the process ends: a crashed chat
-    never leaves a stale lock. Within one process the lock is shared (counted), not refused."""
+# What this process is ("chat", "ask"), for the message a second bluelm gets when it is refused a session
+# this one holds; set once by the command that runs (announce_holder).
+_holder_command: str | None = None
 
-    _held: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [fd, holders]
+
+def announce_holder(command: str | None) -> None:
+    """Say which bluelm command ("chat", "ask") this process runs, so that one refused a session it holds
+    can name it (None: unnamed)."""
+    global _holder_command
+    _holder_command = command
+
+
+def _holder_note(path: Path, key: tuple[int, int]) -> Path:
+    """Where the holder of a journal's lock says who it is: beside the journal, named by its inode (the
+    lock is taken on a new journal before it gets its name, and a name may be as long as a file name can be)."""
+    return path.parent / f".holder-{key[0]}-{key[1]}"
+
+
+def _write_holder_note(note: Path) -> None:
+    """Best effort: without the note a refused bluelm still gets a message, only a less specific one."""
+    temporary = note.with_name(f"{note.name}.{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps({"pid": os.getpid(), "command": _holder_command}), encoding="utf-8")
+        os.replace(temporary, note)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
+def _remove_holder_note(note: Path) -> None:
+    if _read_holder_note(note)[0] == os.getpid():  # not one a later holder wrote
+        note.unlink(missing_ok=True)
+
+
+def _read_holder_note(note: Path) -> tuple[int | None, str | None]:
+    try:
+        data = json.loads(note.read_text(encoding="utf-8"))
+        pid, command = data["pid"], data["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(command, (str, type(None))):
+        return None, None
+    return pid, command
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's process, alive
+        return True
+    return True
+
+
+def live_holder(path: Path, key: tuple[int, int]) -> tuple[int, str] | None:
+    """(process id, "chat" or "ask") of the bluelm holding the journal's lock, from the note it left; None
+    when there is no note, it names neither, or its process has ended (a crash leaves its note behind)."""
+    pid, command = _read_holder_note(_holder_note(path, key))
+    if pid is None or command not in ("chat", "ask") or not _alive(pid):
+        return None
+    return pid, command
+
+
+def in_use_message(name: str, holder: tuple[int, str] | None, *, removing: bool = False) -> str:
+    """Why session `name` can't be opened (or removed, `removing`) now, naming what holds it (a chat or an
+    ask, see live_holder) and what to do."""
+    then = "remove it" if removing else "try again"
+    if holder is not None and holder[1] == "chat":
+        todo = "end that chat first, then remove it" if removing else "continue it there, or end that chat and try again"
+        return f"session '{name}' is open in a bluelm chat (process {holder[0]}); {todo}"
+    if holder is not None and holder[1] == "ask":
+        return (f"session '{name}' is in use by a bluelm ask still answering in it (process {holder[0]}); {then} when"
+                " that answer is done")
+    return (f"session '{name}' is in use by another bluelm (a chat, or an ask still answering); end that chat or"
+            f" wait for the answer, then {then}")
+
+
+def _try_lock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+class JournalLock:
+    """An OS lock on a journal, held while a chat (or an ask) has the session open, so a second bluelm can't
+    interleave its turns with the first one's. The OS frees it when the process ends: a crashed chat
+    never leaves a stale lock. Within one process the lock is shared (counted), not refused. The holder
+    leaves a note beside the journal saying what it is, so that a refused bluelm can say so."""
+
+    _held: dict[tuple[int, int], list[Any]] = {}  # (device, inode) -> [fd, holders, holder note]
+    _cleanup_registered = False
 
     def __init__(self, key: tuple[int, int] | None) -> None:
         self._key = key
@@ -172,14 +262,28 @@ class JournalLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            raise BlueLMError(
-                f"session '{name}' is open in another bluelm chat; continue it there, or start a new chat"
-            ) from None
+            holder = live_holder(path, key)
+            # No holder named: it may have ended a moment ago (its note goes just after its lock): look once more.
+            if holder is not None or not _try_lock(fd):
+                os.close(fd)
+                raise BlueLMError(in_use_message(name, holder)) from None
         except OSError:
             pass  # a file system without locks (some network mounts): go on unlocked
-        cls._held[key] = [fd, 1]
+        note = _holder_note(path, key)
+        _write_holder_note(note)
+        if not cls._cleanup_registered:
+            cls._cleanup_registered = True
+            atexit.register(cls._remove_notes)  # a process that ends holding locks (`bluelm ask`) leaves no notes
+        cls._held[key] = [fd, 1, note]
         return cls(key)
+
+    @classmethod
+    def _remove_notes(cls) -> None:
+        """At exit: drop the locks, then their notes (in that order: see release)."""
+        for key, (fd, _, note) in list(cls._held.items()):
+            del cls._held[key]
+            os.close(fd)
+            _remove_holder_note(note)
 
     def release(self) -> None:
         key, self._key = self._key, None
@@ -189,6 +293,9 @@ class JournalLock:
             if held[1] == 0:
                 del self._held[key]  # type: ignore[arg-type]
                 os.close(held[0])  # closing the descriptor drops the lock
+                # Then the note (unless a next holder has written its own): a bluelm refused while the note was
+                # still there is told who held it; one refused after it went finds the lock free on its second look.
+                _remove_holder_note(held[2])
 
 
 def read_records(path: Path, *, repair: bool) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:

@@ -289,7 +289,9 @@ class Chat:
                 f"the session journal {old.journal} can't be written ({old.journal_problem}); /save PATH keeps"
                 " this conversation before a new one starts"
             )
-        new = Session.new(old.journal.parent, model_id=old.model_id, system=old.system, sampling=old.sampling)
+        new = Session.new(
+            old.journal.parent, model_id=old.model_id, system=old.system, sampling=old.sampling, after=old.name
+        )
         old.close()
         self.session = new
         return new

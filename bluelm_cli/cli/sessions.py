@@ -20,7 +20,7 @@ import typer
 from bluelm_cli.cli.options import HelpCommand
 from bluelm_cli.chat.conversation import Conversation
 from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
-from bluelm_cli.chat.journal import SessionInfo, find_journal, list_sessions, replay
+from bluelm_cli.chat.journal import SessionInfo, find_journal, in_use_message, list_sessions, live_holder, replay
 from bluelm_cli.config.paths import user_paths
 
 __all__ = ["sessions_app"]
@@ -146,7 +146,8 @@ def _not_in_a_chat(path: Path, name: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BlueLMError(f"session '{name}' is open in a bluelm chat; end that chat first, then remove it") from None
+            info = os.fstat(fd)
+            raise BlueLMError(in_use_message(name, live_holder(path, (info.st_dev, info.st_ino)), removing=True)) from None
         except OSError:
             pass  # a file system without locks: as the chat itself, go on unlocked
         yield

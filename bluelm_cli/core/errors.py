@@ -9,6 +9,7 @@ class ExitStatus(IntEnum):
     OK = 0
     ERROR = 1
     USAGE = 2
+    FILTERED = 3  # `bluelm ask`: a served model's answer was stopped by the server's content filter
     INTERRUPTED = 130
 
 

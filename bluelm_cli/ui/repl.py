@@ -20,6 +20,7 @@ from typing import TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app
+from prompt_toolkit.application.current import get_app_or_none
 from prompt_toolkit.filters import Condition, is_searching
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -27,6 +28,7 @@ from prompt_toolkit.input import Input
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent, merge_key_bindings
 from prompt_toolkit.keys import Keys
 from prompt_toolkit.output import Output
+from prompt_toolkit.utils import get_cwidth
 from prompt_toolkit.styles import Style
 from rich.console import Console
 from rich.text import Text
@@ -146,18 +148,24 @@ class ChatRepl:
         self.failures = 0  # inputs that ended in an error (script mode exits non-zero if any did)
         self._exit_warned = False
         self.loading: LoadView | None = None  # while the model loads in the background
-        self._meter: str | None = None  # the toolbar's context meter, measured after each input
+        self._meter: tuple[int, int] | None = None  # the toolbar's (used, limit), measured after each input
 
-    def context_toolbar(self) -> FormattedText | None:
-        """The line under the prompt: how much of the context window the conversation fills."""
+    def context_toolbar(self, width: int | None = None) -> FormattedText | None:
+        """The line under the prompt: how much of the context window the conversation fills, and the session,
+        fitted to `width` columns (by default the running prompt's terminal; no limit outside one)."""
         if self._meter is None:
             self.measure_context()
-        return FormattedText([("class:bottom-toolbar.text", f" context {self._meter} · session {self.chat.session.name} ")]) if self._meter else None
+        if self._meter is None:
+            return None
+        if width is None:
+            app = get_app_or_none()
+            width = app.output.get_size().columns if app is not None else None
+        return FormattedText([("class:bottom-toolbar.text", toolbar_text(*self._meter, self.chat.session.name, width))])
 
     def measure_context(self) -> None:
         """Count the conversation's tokens once (after each input), not on every redraw of the toolbar."""
         try:
-            self._meter = context_meter(self.chat.context_used(), self.chat.context_limit)
+            self._meter = (self.chat.context_used(), self.chat.context_limit)
         except ModelLoading:
             self._meter = None
 
@@ -549,3 +557,42 @@ class _SafeFileHistory(FileHistory):
         except OSError as exc:
             self._broken = True
             self._repl.out.warn(f"the prompt history is no longer written: {self.filename!s} ({exc.strerror or exc})")
+
+
+# ------------------------------------------------------------------------------------------ the toolbar
+_SHORTEST_NAME = 12  # cells: less than this of a session name is not worth the room; the meter comes first
+
+
+def toolbar_text(used: int, limit: int, session: str, width: int | None) -> str:
+    """The toolbar's line, at most `width` terminal cells where it can be: the context meter whole, then the
+    session name, shortened in the middle (its start and its end tell sessions apart: work-2, …-review).
+    Narrower, the meter loses its words (12/100 (12%)) and the name its label; narrower still, the meter
+    stands alone."""
+    full = f" context {context_meter(used, limit)} · session {session} "
+    if width is None or get_cwidth(full) <= width:
+        return full
+    short_meter = f" context {used}/{limit} ({100 * used // max(limit, 1)}%)"
+    for prefix in (f" context {context_meter(used, limit)} · session ", f"{short_meter} · "):
+        room = width - get_cwidth(prefix) - 1
+        if room >= min(_SHORTEST_NAME, get_cwidth(session)):
+            return f"{prefix}{_middle_cut(session, room)} "
+    return f"{short_meter} "
+
+
+def _middle_cut(text: str, cells: int) -> str:
+    """`text` in at most `cells` terminal cells, with "…" for what is cut from its middle."""
+    if get_cwidth(text) <= cells:
+        return text
+    tail_room = (cells - 1) // 2
+    head_room = cells - 1 - tail_room
+    head, used = "", 0
+    for char in text:
+        if used + get_cwidth(char) > head_room:
+            break
+        head, used = head + char, used + get_cwidth(char)
+    tail, used = "", 0
+    for char in reversed(text):
+        if used + get_cwidth(char) > tail_room:
+            break
+        tail, used = char + tail, used + get_cwidth(char)
+    return f"{head}…{tail}"
