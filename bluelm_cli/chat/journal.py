@@ -200,8 +200,12 @@ def _alive(pid: int) -> bool:
 def live_holder(path: Path, key: tuple[int, int]) -> tuple[int, str] | None:
     """(process id, "chat" or "ask") of the bluelm holding the journal's lock, from the note it left; None
     when there is no note, it names neither, or its process has ended (a crash leaves its note behind)."""
-    pid, command = _read_holder_note(_holder_note(path, key))
-    if pid is None or command not in ("chat", "ask") or not _alive(pid):
+    note = _holder_note(path, key)
+    pid, command = _read_holder_note(note)
+    if pid is not None and not _alive(pid):
+        note.unlink(missing_ok=True)  # left by a bluelm that was killed: nobody else will tidy it
+        return None
+    if pid is None or command not in ("chat", "ask"):
         return None
     return pid, command
 

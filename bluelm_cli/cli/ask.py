@@ -90,51 +90,57 @@ def ask(
     attachments = [read_attachment(str(path)) for path in files or []]
     question = _read_prompt(prompt, required=not attachments)
     resumed = _resume_for_ask(paths, continue_last, session_name)
-    errors = _stderr_console()
-    _use_session_model(settings, resumed, errors)
-    backend, model_id = open_backend(settings, quantization, api_key, errors, api_key_file, announce=verbose,
-                                     budget_may_shrink=True)
-    chat = _ask_chat(backend, settings, model_id, paths, resumed, session_name)
-    _fit_answer_budget(chat, settings, question, errors, verbose=verbose)
-    if attachments:
-        check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
-                   max_new_tokens=chat.sampling.max_new_tokens)
-        for attachment in attachments:
-            errors.print(f"Attached {safe_for_terminal(attachment.name)} ({token_count(chat.backend.encoder, attachment):,} tokens)",
-                         style="dim", markup=False, highlight=False)
-        question = with_attachments(attachments, question).rstrip("\n")
-    stream = _start_ask(chat, question, truncate)
-    if stream.plan.truncated_from is not None:
-        errors.print(
-            f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
-            f"kept its last {stream.plan.truncated_to} (--truncate)"
-        )
-    with ending_signals_interrupt() as ending:
-        presented = _show_ask(stream, raw=raw or as_json, quiet=as_json)
-    # The turn committed itself (`ask -c`: journaled even when it could not be written out).
-    committed, failed, result = presented.committed, presented.write_failure, presented.result
-    if committed.journal_error:
-        _print_error(committed.journal_error)
-    if isinstance(failed, BrokenPipeError):
-        raise failed  # the reader went away (`| head`): quietly
-    if failed is not None:
-        raise BlueLMError(f"the answer could not be written to standard output ({type(failed).__name__}: {failed})")
-    if as_json:
-        sys.stdout.write(json.dumps(result_json(result), ensure_ascii=False) + "\n")
-    if verbose:
-        errors.print(stats_line(result), style="dim", markup=False)
-    sys.stdout.flush()
-    if result.finish_reason is FinishReason.INTERRUPTED:
-        errors.print("[dim]Interrupted.[/]")
-        return ending.exit_status(otherwise=ExitStatus.INTERRUPTED)
-    if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
-        _print_error(result.error or "the server failed mid-answer")
-        return ExitStatus.ERROR
-    if result.finish_reason is FinishReason.CONTENT_FILTER:  # a script must not take a filtered answer for a whole one
-        _print_error("the server's content filter stopped the answer; what it let through is on stdout. Rephrase the"
-                     " question, or ask the server's operator about the filter")
-        return ExitStatus.FILTERED
-    return ExitStatus.OK
+    chat = None
+    try:
+        errors = _stderr_console()
+        _use_session_model(settings, resumed, errors)
+        backend, model_id = open_backend(settings, quantization, api_key, errors, api_key_file, announce=verbose,
+                                         budget_may_shrink=True)
+        chat = _ask_chat(backend, settings, model_id, paths, resumed, session_name)
+        _fit_answer_budget(chat, settings, question, errors, verbose=verbose)
+        if attachments:
+            check_fits(chat.backend.encoder, chat.system, attachments, context_limit=chat.context_limit,
+                       max_new_tokens=chat.sampling.max_new_tokens)
+            for attachment in attachments:
+                errors.print(f"Attached {safe_for_terminal(attachment.name)} ({token_count(chat.backend.encoder, attachment):,} tokens)",
+                             style="dim", markup=False, highlight=False)
+            question = with_attachments(attachments, question).rstrip("\n")
+        stream = _start_ask(chat, question, truncate)
+        if stream.plan.truncated_from is not None:
+            errors.print(
+                f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
+                f"kept its last {stream.plan.truncated_to} (--truncate)"
+            )
+        with ending_signals_interrupt() as ending:
+            presented = _show_ask(stream, raw=raw or as_json, quiet=as_json)
+        # The turn committed itself (`ask -c`: journaled even when it could not be written out).
+        committed, failed, result = presented.committed, presented.write_failure, presented.result
+        if committed.journal_error:
+            _print_error(committed.journal_error)
+        if isinstance(failed, BrokenPipeError):
+            raise failed  # the reader went away (`| head`): quietly
+        if failed is not None:
+            raise BlueLMError(f"the answer could not be written to standard output ({type(failed).__name__}: {failed})")
+        if as_json:
+            sys.stdout.write(json.dumps(result_json(result), ensure_ascii=False) + "\n")
+        if verbose:
+            errors.print(stats_line(result), style="dim", markup=False)
+        sys.stdout.flush()
+        if result.finish_reason is FinishReason.INTERRUPTED:
+            errors.print("[dim]Interrupted.[/]")
+            return ending.exit_status(otherwise=ExitStatus.INTERRUPTED)
+        if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
+            _print_error(result.error or "the server failed mid-answer")
+            return ExitStatus.ERROR
+        if result.finish_reason is FinishReason.CONTENT_FILTER:  # a script must not take a filtered answer for a whole one
+            _print_error("the server's content filter stopped the answer; what it let through is on stdout. Rephrase the"
+                         " question, or ask the server's operator about the filter")
+            return ExitStatus.FILTERED
+        return ExitStatus.OK
+    finally:
+        # Let the next bluelm open the session now, not at exit (and, in one process, at all: tests, scripts).
+        for session in {id(s): s for s in (resumed, chat.session if chat is not None else None) if s is not None}.values():
+            session.close()
 
 
 def _resume_for_ask(paths: UserPaths, continue_last: bool, name: str | None) -> Session | None:
