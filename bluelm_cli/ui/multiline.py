@@ -24,15 +24,20 @@ import select
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.input import Input
+from prompt_toolkit.input.typeahead import get_typeahead
 from prompt_toolkit.key_binding import KeyPress, KeyPressEvent
 from prompt_toolkit.keys import Keys
 
-__all__ = ["BURST_GAP_S", "QUOTES", "block_is_open", "input_is_pending", "is_plain_key", "keys_waiting", "take_burst", "unwrap_block"]
+__all__ = [
+    "BURST_GAP_S", "QUOTES", "block_is_open", "input_is_pending", "is_plain_key", "keys_waiting", "take_burst",
+    "take_typed_ahead", "unwrap_block",
+]
 
 QUOTES = '"""'
 # Keystrokes of a paste follow each other within microseconds (a few ms if a network splits them);
 # typing the next key after Enter takes a person 100 ms or more.
 BURST_GAP_S = 0.01
+_MOST_READS = 10_000  # take_typed_ahead reads at most this many times (1 KiB each) from the terminal
 
 
 def block_is_open(text: str) -> bool:
@@ -115,4 +120,32 @@ def take_burst(event: KeyPressEvent) -> str:
         else:
             break
         queue.popleft()
+    return "".join(parts)
+
+
+def take_typed_ahead(pt_input: Input) -> str:
+    """The text typed but not taken by a prompt, taken off: prompt_toolkit's typeahead (keys read behind a
+    line that was sent) and the lines waiting on the terminal (typed while no prompt was up). For a chat
+    that ends before a prompt takes them: what it leaves unread on the terminal, the shell runs as commands.
+
+    Only text comes back (line ends as newlines); keys such as arrows or Ctrl-D are dropped. Never blocks:
+    on a terminal in its line mode, a last line without Enter stays there."""
+    keys = list(get_typeahead(pt_input))
+    for _ in range(_MOST_READS):
+        if not _readable(pt_input, 0):
+            break
+        keys += pt_input.read_keys()
+        if pt_input.closed:
+            break
+    keys += pt_input.flush_keys()
+    parts: list[str] = []
+    for key_press in keys:
+        if is_plain_key(key_press):
+            parts.append(key_press.key)
+        elif key_press.key == Keys.ControlI:
+            parts.append("\t")
+        elif key_press.key in (Keys.ControlJ, Keys.ControlM):
+            parts.append("\n")
+        elif key_press.key == Keys.BracketedPaste:
+            parts.append(key_press.data.replace("\r\n", "\n").replace("\r", "\n"))
     return "".join(parts)
