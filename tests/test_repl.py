@@ -5,10 +5,13 @@ Ctrl-C and Ctrl-D at the prompt, the editor, completion, history search and the 
 submitted line does (messages, slash commands) is in test_commands_transcripts.py, without prompt_toolkit.
 
 Keys are fed from a thread, a chunk at a time, and each chunk waits for an event instead of a pause:
-a chunk that sends a line waits until the REPL has handled it; any other waits until prompt_toolkit has
-read and processed every key sent (so two chunks are never read as one burst); and an :class:`Until`
-waits for what prompt_toolkit does asynchronously (completing, loading the history, running the editor).
-The console is not a terminal, so the whole output is compared exactly.
+a chunk that sends lines waits until the REPL has handled every one of them (a burst of lines typed ahead
+sends several: counting one let the next chunks arrive together, "/exit" Enter and the last Ctrl-D in one
+read); any other waits until prompt_toolkit has read and processed every key sent (so two chunks are never
+read as one burst); and an :class:`Until` waits for what prompt_toolkit does asynchronously (completing,
+loading the history, running the editor). A chat still running after the last key fails the test once
+:data:`WAIT_S` has passed, and its input is closed so that it ends. The console is not a terminal, so the
+whole output is compared exactly.
 """
 
 from __future__ import annotations
@@ -89,10 +92,16 @@ class Chat:
         return [turn.user for turn in self.session.turns]
 
 
-def _sends_a_line(chunk: str) -> bool:
+def _lines_sent(chunk: str) -> int:
+    """How many lines the REPL handles once `chunk` arrives: one per line feed (a line typed while no prompt
+    was up, which the terminal's line mode ended in a line feed: a send of its own, outside a \"\"\" block),
+    and one for a last Enter after text (a typed line, or the end of a burst of lines)."""
     if isinstance(chunk, Send):
-        return True
-    return chunk.endswith("\r") and bool(chunk.strip("\r")) and not chunk.startswith("\x1b[200~")
+        return 1
+    if chunk.startswith("\x1b[200~"):
+        return 0
+    *typed_ahead, last = chunk.split("\n")
+    return len(typed_ahead) + (last.endswith("\r") and bool(last.strip("\r")))
 
 
 def chat(
@@ -161,11 +170,15 @@ def chat(
                         return
                     continue
                 pipe.send_text(step)
-                if _sends_a_line(step):
-                    if not wait(lambda: handled.acquire(blocking=False), f"the REPL to handle {step!r}"):
+                lines = _lines_sent(step)
+                for line in range(lines):  # every line it sends, so that the next chunk comes after them
+                    if not wait(lambda: handled.acquire(blocking=False), f"the REPL to handle line {line + 1} of {step!r}"):
                         return
-                elif not wait(lambda: not unread() and not reading.is_set(), f"the keys {step!r} to be processed"):
+                if not lines and not wait(lambda: not unread() and not reading.is_set(), f"the keys {step!r} to be processed"):
                     return
+            if not done.wait(WAIT_S):  # a chat still at a prompt after the last Ctrl-D fails the test, not hangs it
+                problems.append(f"the chat did not end within {WAIT_S} s of the last key")
+                pipe.pipe.close_write()
 
         feeder = threading.Thread(target=feed, daemon=True)
         feeder.start()
@@ -221,6 +234,24 @@ def test_a_burst_of_lines_is_one_message(backend: FakeBackend, session: Session,
     result = chat(backend, session, paths, ["first line\rsecond line\r/third line\r", "/exit\r"])
     assert result.users == ["first line\nsecond line\n/third line"]
     assert result.out == BANNER + "One message.\n\n"  # no Error: the third line was no command
+
+
+def test_two_lines_typed_ahead_in_one_read_are_two_messages(backend: FakeBackend, session: Session, paths: UserPaths) -> None:
+    # Typed while no prompt was up: the terminal's line mode ended each in a line feed, and both arrive in
+    # the read right before the first answer; the second waits (prompt_toolkit's typeahead) for the next prompt.
+    backend.queue("One.", "Two.")
+    result = chat(backend, session, paths, ["first\nsecond\n", "/exit\r"])
+    assert result.status == 0 and result.users == ["first", "second"]
+    assert result.out == BANNER + "One.\n\nTwo.\n\n"
+
+
+def test_enter_with_ctrl_d_right_behind_it_sends_the_line(backend: FakeBackend, session: Session, paths: UserPaths) -> None:
+    # `tmux send-keys hello Enter C-d` arrives in one read. The Enter was taken for a pasted newline (a key
+    # waited behind it), and Ctrl-D on the two-line buffer deleted nothing: the chat sat at "> hello" for
+    # good. No paste holds a control key, so the Enter is a send, and Ctrl-D then quits at the next prompt.
+    backend.queue("Hi.")
+    result = chat(backend, session, paths, ["hello\r\x04"])
+    assert result.status == 0 and result.users == ["hello"] and result.out == BANNER + "Hi.\n\n"
 
 
 def test_typed_triple_quote_block_is_one_message(backend: FakeBackend, session: Session, paths: UserPaths) -> None:

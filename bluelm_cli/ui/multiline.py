@@ -24,15 +24,20 @@ import select
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.input import Input
+from prompt_toolkit.input.typeahead import get_typeahead
 from prompt_toolkit.key_binding import KeyPress, KeyPressEvent
 from prompt_toolkit.keys import Keys
 
-__all__ = ["BURST_GAP_S", "QUOTES", "block_is_open", "input_is_pending", "is_plain_key", "keys_waiting", "take_burst", "unwrap_block"]
+__all__ = [
+    "BURST_GAP_S", "QUOTES", "block_is_open", "input_is_pending", "is_plain_key", "keys_waiting", "take_burst",
+    "take_typed_ahead", "unwrap_block",
+]
 
 QUOTES = '"""'
 # Keystrokes of a paste follow each other within microseconds (a few ms if a network splits them);
 # typing the next key after Enter takes a person 100 ms or more.
 BURST_GAP_S = 0.01
+_MOST_READS = 10_000  # take_typed_ahead reads at most this many times (1 KiB each) from the terminal
 
 
 def block_is_open(text: str) -> bool:
@@ -52,16 +57,29 @@ def unwrap_block(text: str) -> str:
 
 
 def input_is_pending(event: KeyPressEvent, gap_s: float = BURST_GAP_S) -> bool:
-    """Whether more keys follow this one as part of the same burst (a paste, not typing)."""
-    return keys_waiting(event.app, gap_s)
+    """Whether more keys follow this one as part of the same burst (a paste, not typing).
+
+    A key already read decides: text (a character, Tab, Enter, a line feed) goes on a paste; anything else
+    (Ctrl-D, an arrow, Ctrl-C) is in no paste, so the Enter before it was typed, as in `tmux send-keys
+    hello Enter C-d`, which arrives in one read. With none read yet, input on the terminal within `gap_s`."""
+    waiting = _keys_in_queue(event.app)
+    if waiting:
+        return _goes_on_a_paste(waiting[0])
+    return _readable(event.app.input, gap_s)
 
 
 def keys_waiting(app: Application[object], gap_s: float = 0.0) -> bool:
     """Whether keys wait in prompt_toolkit's queue, or on the terminal within `gap_s`."""
-    queue = app.key_processor.input_queue
-    if any(key.key != Keys.CPRResponse and key.data != "_Flush" for key in queue):
-        return True
-    return _readable(app.input, gap_s)
+    return bool(_keys_in_queue(app)) or _readable(app.input, gap_s)
+
+
+def _keys_in_queue(app: Application[object]) -> list[KeyPress]:
+    """The keys read from the terminal and not yet processed (without cursor position reports and flushes)."""
+    return [key for key in app.key_processor.input_queue if key.key != Keys.CPRResponse and key.data != "_Flush"]
+
+
+def _goes_on_a_paste(key_press: KeyPress) -> bool:
+    return is_plain_key(key_press) or key_press.key in (Keys.ControlI, Keys.ControlM, Keys.ControlJ)
 
 
 def _readable(pt_input: Input, timeout: float) -> bool:
@@ -86,8 +104,9 @@ def is_plain_key(key_press: KeyPress) -> bool:
 
 def take_burst(event: KeyPressEvent) -> str:
     """The text of the keys waiting behind this one in the same burst, taken off the key queue: characters,
-    tabs, and Enters that have more keys behind them (pasted newlines). It stops at any other key, and
-    before a last Enter, which the Enter binding decides on (a pasted newline, or the send)."""
+    tabs, and Enters that have more text behind them (pasted newlines). It stops at any other key, and
+    before an Enter with nothing or no text behind it, which the Enter binding decides on (a pasted
+    newline, or the send)."""
     queue = event.app.key_processor.input_queue
     parts: list[str] = []
     while queue:
@@ -96,9 +115,37 @@ def take_burst(event: KeyPressEvent) -> str:
             parts.append(key_press.key)
         elif key_press.key == Keys.ControlI:
             parts.append("\t")
-        elif key_press.key == Keys.ControlM and len(queue) > 1:  # a line typed ahead ends in ControlJ: a send
-            parts.append("\n")
+        elif key_press.key == Keys.ControlM and len(queue) > 1 and _goes_on_a_paste(queue[1]):
+            parts.append("\n")  # a pasted newline (a line typed ahead ends in ControlJ, a send; see input_is_pending)
         else:
             break
         queue.popleft()
+    return "".join(parts)
+
+
+def take_typed_ahead(pt_input: Input) -> str:
+    """The text typed but not taken by a prompt, taken off: prompt_toolkit's typeahead (keys read behind a
+    line that was sent) and the lines waiting on the terminal (typed while no prompt was up). For a chat
+    that ends before a prompt takes them: what it leaves unread on the terminal, the shell runs as commands.
+
+    Only text comes back (line ends as newlines); keys such as arrows or Ctrl-D are dropped. Never blocks:
+    on a terminal in its line mode, a last line without Enter stays there."""
+    keys = list(get_typeahead(pt_input))
+    for _ in range(_MOST_READS):
+        if not _readable(pt_input, 0):
+            break
+        keys += pt_input.read_keys()
+        if pt_input.closed:
+            break
+    keys += pt_input.flush_keys()
+    parts: list[str] = []
+    for key_press in keys:
+        if is_plain_key(key_press):
+            parts.append(key_press.key)
+        elif key_press.key == Keys.ControlI:
+            parts.append("\t")
+        elif key_press.key in (Keys.ControlJ, Keys.ControlM):
+            parts.append("\n")
+        elif key_press.key == Keys.BracketedPaste:
+            parts.append(key_press.data.replace("\r\n", "\n").replace("\r", "\n"))
     return "".join(parts)

@@ -43,7 +43,9 @@ from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.ui.habits import foreign_line_hint
 from bluelm_cli.ui.ending_signals import on_ending_signals
 from bluelm_cli.ui.load_view import LoadView
-from bluelm_cli.ui.multiline import QUOTES, block_is_open, input_is_pending, is_plain_key, keys_waiting, take_burst, unwrap_block
+from bluelm_cli.ui.multiline import (
+    QUOTES, block_is_open, input_is_pending, is_plain_key, keys_waiting, take_burst, take_typed_ahead, unwrap_block,
+)
 from bluelm_cli.ui.output import PROMPT, ChatOutput
 from bluelm_cli.config.paths import UserPaths, ensure_dir
 from bluelm_cli.core.sanitize import safe_for_terminal
@@ -114,6 +116,9 @@ def run_chat(
             repl.handle(first_message)
         except KeyboardInterrupt:
             repl.out.blank()
+        except LoadFailed:
+            repl.give_back(take_typed_ahead(prompt_session.input))  # typed while it waited for the model
+            raise
         if repl.exit_requested:
             return repl.exit_status
     return _interactive_loop(repl, prompt_session)
@@ -147,6 +152,7 @@ class ChatRepl:
         self.exit_status = ExitStatus.OK  # 128 + N when signal N ended the chat, as a shell reports it
         self.failures = 0  # inputs that ended in an error (script mode exits non-zero if any did)
         self._exit_warned = False
+        self._gave_back = False  # give_back has printed its heading
         self.loading: LoadView | None = None  # while the model loads in the background
         self._meter: tuple[int, int] | None = None  # the toolbar's (used, limit), measured after each input
 
@@ -262,10 +268,14 @@ class ChatRepl:
 
     def give_back(self, text: str) -> None:
         """The model failed to load with `text` typed but not sent: print it, so that it can be sent again
-        (with --no-history no ↑ would bring it back)."""
-        if text.strip():
+        (with --no-history no ↑ would bring it back). Called again (for the lines typed ahead behind it),
+        it goes on with the same list."""
+        if not text.strip():
+            return
+        if not self._gave_back:
+            self._gave_back = True
             self.out.note("Not sent, as the model did not load; what you typed:")
-            self.out.print_text(text)
+        self.out.print_text(text.strip("\n"))
 
     def _dispatch(self, stripped: str) -> None:
         if block_is_open(stripped):  # a block left open at the end of the input: it ends there
@@ -347,6 +357,7 @@ def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int
             except LoadFailed:
                 assert loading is not None
                 repl.give_back(prompt_session.default_buffer.text)  # typed at the prompt when the load failed
+                repl.give_back(take_typed_ahead(prompt_session.input))
                 loading.show_events()  # the warnings that came before it; raises it again
                 raise
             except EOFError:
@@ -357,6 +368,10 @@ def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int
                 repl.handle(text)
             except KeyboardInterrupt:
                 repl.out.blank()  # Ctrl-C outside an answer (e.g. during /load): back to the prompt
+            except LoadFailed:
+                # The line waited for the model (handle gave it back); so may lines typed behind it.
+                repl.give_back(take_typed_ahead(prompt_session.input))
+                raise
             if repl.exit_requested and not repl.exit_status and not repl.may_exit():
                 repl.exit_requested = False
     return repl.exit_status
