@@ -318,3 +318,37 @@ def test_prompt_works_during_the_load_and_ctrl_c_on_an_empty_line_ends_the_chat(
     finally:
         ChatRepl.handle = handle  # type: ignore[method-assign]
         load.release.set()
+
+
+def test_keys_typed_while_a_message_waits_for_the_model_are_not_echoed_into_the_status_line(
+    paths: UserPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The terminal's echo would write them into the "Waiting for the model" line; they wait, unread, for the
+    next prompt instead (which shows them), and echo is back on after the wait."""
+    import pty
+    import termios
+
+    controller, terminal = pty.openpty()
+    echo_during_wait: list[bool] = []
+
+    class Observed(ReleasedWhenWaitedOn):
+        def take_events(self, *, block: bool = False) -> list[LoadEvent]:
+            if block:
+                echo_during_wait.append(bool(termios.tcgetattr(terminal)[3] & termios.ECHO))
+            return super().take_events(block=block)
+
+    with os.fdopen(terminal, "r", closefd=False) as stdin:
+        monkeypatch.setattr("sys.stdin", stdin)
+        backend = Observed(GatedLoad(FakeBackend().queue("Hello!")))
+        chat = Chat(backend, new_session(paths))
+        repl = ChatRepl(chat, ChatOutput(Console(file=io.StringIO(), width=200), interactive=True), paths=paths)
+        from bluelm_cli.ui.load_view import LoadView
+
+        repl.loading = LoadView(backend, repl.out, on_loaded=repl.model_loaded)
+        assert termios.tcgetattr(terminal)[3] & termios.ECHO  # a fresh pty echoes
+        repl.handle("hi")
+        echo_after = bool(termios.tcgetattr(terminal)[3] & termios.ECHO)
+    os.close(controller)
+    os.close(terminal)
+    assert echo_during_wait and not any(echo_during_wait) and echo_after
+    assert [(t.user, t.answer) for t in chat.session.turns] == [("hi", "Hello!")]

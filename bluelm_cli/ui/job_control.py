@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-__all__ = ["answer_terminal"]
+__all__ = ["answer_terminal", "keys_not_echoed"]
 
 
 class _Renderer(Protocol):
@@ -45,6 +45,19 @@ def answer_terminal(renderer: _Renderer, *, interactive: bool) -> Iterator[None]
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        modes.restore()
+
+
+@contextmanager
+def keys_not_echoed() -> Iterator[None]:
+    """For the block: echo off on a terminal stdin, as it was after. The keys typed meanwhile (lines typed
+    while a message waits for the model) wait, unread, for the next prompt, which shows them; echoed by the
+    terminal they would be written into the status line."""
+    modes = _TerminalModes()
+    modes.quiet()
+    try:
+        yield
+    finally:
         modes.restore()
 
 

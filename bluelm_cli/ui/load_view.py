@@ -20,6 +20,7 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from rich.text import Text
 
 from bluelm_cli.chat.background import BackgroundBackend
+from bluelm_cli.ui.job_control import keys_not_echoed
 from bluelm_cli.ui.output import ChatOutput
 
 __all__ = ["LoadView"]
@@ -129,7 +130,7 @@ class LoadView:
             while not self.loaded_shown:
                 self.show_events(block=True)
             return
-        with self.out.console.status(_WaitingLine(self.backend), spinner="dots"):
+        with keys_not_echoed(), self.out.console.status(_WaitingLine(self.backend), spinner="dots"):
             while not self.loaded_shown:
                 self.show_events(block=True)
 
