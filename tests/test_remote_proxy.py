@@ -383,3 +383,15 @@ def test_ssl_cert_dir_trusts_a_folder_of_cas(server: FakeOpenAI, pki: Pki, tmp_p
     monkeypatch.setenv("SSL_CERT_DIR", str(folder))
     result = ask(server)
     assert (result.exit_code, result.stdout, errors_of(result)) == (0, "Hello, world!\n", []), result.stderr
+
+
+def test_an_ipv6_server_is_named_in_brackets_in_connect(server: FakeOpenAI, proxy: ConnectProxy, trusted: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy.resolve_to = "127.0.0.1"  # the test server listens on IPv4; its certificate is not for ::1
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url())
+    url = f"https://[::1]:{server.port}/v1"
+    result = invoke(["ask", "--api", url, "hi"])
+    assert [seen.line for seen in proxy.seen] == [f"CONNECT [::1]:{server.port} HTTP/1.1"]
+    assert proxy.seen[0].headers["host"] == f"[::1]:{server.port}"
+    assert errors_of(result) == [f"Error: the certificate of the server at {url} is not valid for '::1'; use the name "
+                                 "it was issued for in --api"]

@@ -12,8 +12,8 @@ What it does as curl, httpx and openai-python do:
   urllib's `getproxies`, as httpx does); http:// proxies, tunnelled with CONNECT for https:// servers
   (`CONNECT host:port HTTP/1.1` with its Host header, as curl sends it; the proxy's credentials go in its
   Proxy-Authorization only, the API key only inside the TLS tunnel);
-- the server's certificate is checked against the system's CAs, or, as httpx does, against those of
-  `SSL_CERT_FILE` (a PEM file) or `SSL_CERT_DIR`: how a user trusts a private CA;
+- the server's certificate is checked against the system's CAs, or against those of `SSL_CERT_FILE` (a PEM
+  file) or `SSL_CERT_DIR` (OpenSSL's variables): how a user trusts a private CA;
 - a whole JSON exchange has a total deadline as well as the read timeout (a server trickling one byte at a
   time would defeat the read timeout alone), and its body is capped.
 
@@ -587,9 +587,9 @@ class HttpClient:
 
 
 def tls_context() -> ssl.SSLContext:
-    """The system's CAs; or, as httpx reads them, those of `SSL_CERT_FILE` (a PEM file), else of `SSL_CERT_DIR`
-    (a folder hashed with `openssl rehash`), instead. Read here, not left to OpenSSL, so that a wrong path is
-    said as such rather than as an untrusted server."""
+    """The system's CAs; or those of `SSL_CERT_FILE` (a PEM file), else of `SSL_CERT_DIR` (a folder hashed with
+    `openssl rehash`), instead. Read here, not left to OpenSSL (which reads the same variables, but says
+    nothing of a wrong path), so that a typo is said as such rather than as an untrusted server."""
     cafile = os.environ.get("SSL_CERT_FILE") or None
     capath = None if cafile else os.environ.get("SSL_CERT_DIR") or None
     if capath is not None and not os.path.isdir(capath):
