@@ -178,7 +178,10 @@ class ConnectProxy:
                     if source is client:
                         with self._lock:
                             self.relayed += data
-                    key.data.sendall(data)
+                    try:
+                        key.data.sendall(data)
+                    except OSError:  # the other side hung up: the tunnel ends
+                        return
 
 
 @pytest.fixture
@@ -239,7 +242,8 @@ def test_proxy_credentials_go_as_proxy_authorization_and_are_never_shown(
     # Meant for the proxy only: never sent on to the server through the tunnel.
     assert all("Proxy-Authorization" not in headers for _, _, _, headers in server.requests)
     shown = result.stdout + result.stderr
-    assert "Connected to" in shown  # -v spoke
+    # -v names the proxy the answer came through, as printed everywhere: without its user name and password.
+    assert f"Connected to {server.url} through the proxy http://127.0.0.1:{proxy.port} (from HTTPS_PROXY): " in shown
     assert PROXY_PASSWORD not in shown and PROXY_CREDENTIALS not in shown
 
 
@@ -247,9 +251,10 @@ def test_no_proxy_localhost_goes_direct(server: FakeOpenAI, proxy: ConnectProxy,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", proxy.url())
     monkeypatch.setenv("NO_PROXY", "localhost")
-    result = ask(server)
+    result = ask(server, "-v")
     assert (result.exit_code, result.stdout, errors_of(result)) == (0, "Hello, world!\n", []), result.stderr
     assert proxy.seen == [] and server.requests
+    assert f"Connected to {server.url}: " in result.stderr  # no proxy named
 
 
 @pytest.mark.parametrize(("refusal", "userinfo", "fix"), [
@@ -321,7 +326,8 @@ def test_chat_answers_one_turn_through_the_proxy(server: FakeOpenAI, proxy: Conn
     assert (result.exit_code, result.stdout, errors_of(result)) == (0, "Hello, world!\n", []), result.stderr
     assert server.chat_bodies()[-1]["messages"] == [{"role": "user", "content": "hi"}]
     assert {seen.line for seen in proxy.seen} == {f"CONNECT localhost:{server.port} HTTP/1.1"}
-    assert PROXY_PASSWORD not in result.stderr + result.stdout
+    assert f"through the proxy http://127.0.0.1:{proxy.port} (from HTTPS_PROXY)" in result.stderr
+    assert PROXY_PASSWORD not in result.stderr + result.stdout and PROXY_CREDENTIALS not in result.stderr + result.stdout
 
 
 def test_a_proxy_echoing_its_credentials_in_the_refusal_never_shows_them(

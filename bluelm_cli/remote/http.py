@@ -448,6 +448,11 @@ class HttpClient:
         self._tls: ssl.SSLContext | None = None
 
     @property
+    def proxy(self) -> Proxy | None:
+        """The proxy the environment names for this server (None: reached directly)."""
+        return proxy_for(self.url.origin_key)
+
+    @property
     def has_key(self) -> bool:
         return bool(self._authorization)
 
