@@ -38,6 +38,7 @@ class Pki:
     other_ca: Path  # a CA that did not sign the server's certificate
     server_cert: Path
     server_key: Path
+    expired_cert: Path  # for the same key and names, valid for one day in 2020
 
 
 _LEAF_EXTENSIONS = """\
@@ -48,6 +49,19 @@ extendedKeyUsage = serverAuth
 subjectAltName = DNS:localhost, IP:127.0.0.1
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+"""
+# `openssl ca` rather than `openssl x509`: OpenSSL 3.0's x509 cannot date a certificate in the past.
+_CA_DATABASE = """\
+[ca]
+default_ca = test
+[test]
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any
+[any]
+commonName = supplied
 """
 
 
@@ -76,7 +90,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
              "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=folder)
     _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "1",
              "-days", "2", "-extfile", "leaf.cnf", "-extensions", "leaf", "-out", "server.pem", cwd=folder)
-    return Pki(folder / "ca.pem", folder / "other_ca.pem", folder / "server.pem", folder / "server.key")
+    (folder / "ca.cnf").write_text(_CA_DATABASE + _LEAF_EXTENSIONS)
+    (folder / "index.txt").write_text("")
+    (folder / "serial").write_text("02\n")
+    _openssl("ca", "-config", "ca.cnf", "-batch", "-notext", "-cert", "ca.pem", "-keyfile", "ca.key", "-in", "server.csr",
+             "-startdate", "20200101000000Z", "-enddate", "20200102000000Z", "-extensions", "leaf", "-out", "expired.pem",
+             cwd=folder)
+    return Pki(folder / "ca.pem", folder / "other_ca.pem", folder / "server.pem", folder / "server.key",
+               folder / "expired.pem")
 
 
 @pytest.fixture
@@ -401,3 +422,29 @@ def test_an_ipv6_server_is_named_in_brackets_in_connect(server: FakeOpenAI, prox
     assert proxy.seen[0].headers["host"] == f"[::1]:{server.port}"
     assert errors_of(result) == [f"Error: the certificate of the server at {url} is not valid for '::1'; use the name "
                                  "it was issued for in --api"]
+
+
+def test_an_expired_certificate_is_one_error(pki: Pki, proxy: ConnectProxy, trusted: None,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.expired_cert, pki.server_key)
+    expired = FakeOpenAI(tls=context)
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url())
+        result = ask(expired)
+        assert result.exit_code != 0 and result.stdout == ""
+        assert errors_of(result) == [f"Error: the certificate of the server at {expired.url} has expired; its operator "
+                                     "must renew it (or check this machine's clock)"]
+        assert expired.requests == []
+    finally:
+        expired.close()
+
+
+def test_ssl_cert_dir_that_is_no_folder_is_said_as_such(server: FakeOpenAI, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "missing"))
+    result = ask(server)
+    assert result.exit_code != 0
+    assert errors_of(result) == [f"Error: SSL_CERT_DIR names '{tmp_path / 'missing'}', which is not a folder; set it "
+                                 "to a folder of CA certificates, or unset it"]
