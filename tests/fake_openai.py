@@ -7,6 +7,7 @@ and stream a scripted answer. Tests replace routes to produce each failure a rea
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -92,10 +93,24 @@ class Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeOpenAI
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        # The TLS handshake runs in the connection's own thread: a client that never finishes it (or refuses
+        # the certificate) holds up no other connection.
+        secure = self.tls.wrap_socket(request, server_side=True)
+        try:
+            super().finish_request(secure, client_address)
+        finally:
+            self.shutdown_request(secure)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that closes a stream early (Ctrl-C, or after `[DONE]`) resets the connection: no failure.
-        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+        # A client that closes a stream early (Ctrl-C, or after `[DONE]`) resets the connection, and one that
+        # does not trust the certificate ends the handshake: no failure.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ssl.SSLError)):
             super().handle_error(request, client_address)
 
 
@@ -119,9 +134,10 @@ def answer_events(pieces: list[str], finish: str = "stop", done: bool = True, us
 
 
 class FakeOpenAI:
-    """Serve until `close()`; `url` is the API base (…/v1)."""
+    """Serve until `close()`; `url` is the API base (…/v1). With `tls` (a server-side SSLContext) it serves
+    HTTPS, and `url` names it `localhost` (the name a test certificate is made for)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, str, Any, dict[str, str]]] = []
         self.proxied: list[str] = []  # absolute URLs asked of it as a forward proxy
         self.answer = ["Hello", ", world", "!"]
@@ -131,6 +147,7 @@ class FakeOpenAI:
         }
         self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.fake = self
+        self._server.tls = tls
         # shutdown() waits for the loop's next poll: a short interval keeps each test's teardown short.
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self._thread.start()
@@ -141,6 +158,8 @@ class FakeOpenAI:
 
     @property
     def url(self) -> str:
+        if self._server.tls is not None:
+            return f"https://localhost:{self.port}/v1"
         return f"http://127.0.0.1:{self.port}/v1"
 
     def chat_bodies(self) -> list[Any]:

@@ -235,8 +235,10 @@ def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: 
     with console.status(f"Connecting to {escape(redact_url(settings['api']))}…", spinner="dots"):
         backend = connect(settings["api"], api_key=key, model=model, local_tokenizer=model)
     if announce:
+        proxy = backend.client.proxy  # printed without its credentials
+        through = f" through the proxy {proxy} (from {proxy.source})" if proxy else ""
         console.print(
-            f"[dim]Connected to {escape(backend.client.url.api)}: {escape(backend.model.name)}, context "
+            f"[dim]Connected to {escape(backend.client.url.api)}{escape(through)}: {escape(backend.model.name)}, context "
             f"{backend.context_limit} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"
         )
     return backend, backend.model.name

@@ -9,7 +9,11 @@ What it does as curl, httpx and openai-python do:
   them (a GET also follows 301/302/303);
 - informational responses (103 Early Hints) before the real one are skipped;
 - `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` and `NO_PROXY` are honoured with httpx's rules (read with
-  urllib's `getproxies`, as httpx does); http:// proxies, tunnelled with CONNECT for https:// servers;
+  urllib's `getproxies`, as httpx does); http:// proxies, tunnelled with CONNECT for https:// servers
+  (`CONNECT host:port HTTP/1.1` with its Host header, as curl sends it; the proxy's credentials go in its
+  Proxy-Authorization only, the API key only inside the TLS tunnel);
+- the server's certificate is checked against the system's CAs, or against those of `SSL_CERT_FILE` (a PEM
+  file) or `SSL_CERT_DIR` (OpenSSL's variables): how a user trusts a private CA;
 - a whole JSON exchange has a total deadline as well as the read timeout (a server trickling one byte at a
   time would defeat the read timeout alone), and its body is capped.
 
@@ -23,6 +27,7 @@ import base64
 import http.client
 import ipaddress
 import json
+import os
 import socket
 import ssl
 import threading
@@ -44,6 +49,13 @@ JSON_DEADLINE_S = 60.0
 MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_REDIRECTS = 5
 _DETAIL_CHARS = 300
+# The longest line, and the most header lines, read from a proxy's answer to CONNECT.
+_MAX_PROXY_LINE = 8192
+_MAX_PROXY_HEADERS = 100
+# OpenSSL's verification results that mean "a certificate for another name" and "expired".
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+_X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+_X509_V_ERR_CERT_HAS_EXPIRED = 10
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -126,10 +138,17 @@ class ServerURL:
 class Proxy:
     host: str
     port: int
-    authorization: str | None  # Proxy-Authorization, from the proxy URL's credentials
+    authorization: str | None = field(default=None, repr=False)  # Proxy-Authorization, from the URL's credentials
+    source: str = "the environment"  # the variable it came from, as the user would name it: HTTPS_PROXY…
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # its password and token, never shown
 
     def __str__(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """As printed: never with the credentials."""
+        return f"http://{_authority(self.host, self.port)}"
+
+
+def _authority(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def proxy_for(origin: Origin) -> Proxy | None:
@@ -143,6 +162,7 @@ def proxy_for(origin: Origin) -> Proxy | None:
     url = found.get(origin.scheme) or found.get("all")
     if not url:
         return None
+    source = f"{origin.scheme.upper()}_PROXY" if found.get(origin.scheme) else "ALL_PROXY"
     if "://" not in url:
         url = f"http://{url}"
     try:
@@ -156,11 +176,13 @@ def proxy_for(origin: Origin) -> Proxy | None:
     if parts.scheme != "http":
         raise UsageError(f"the proxy for {origin.scheme}:// is a {parts.scheme}:// proxy ('{redact_url(url)}'); bluelm "
                          "uses http:// proxies: change HTTP_PROXY / HTTPS_PROXY / ALL_PROXY, or name the server in NO_PROXY")
-    authorization = None
+    authorization, secrets = None, ()
     if parts.username is not None:
         user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        authorization = "Basic " + base64.b64encode(user_pass.encode()).decode()
-    return Proxy(parts.hostname, port or 80, authorization)
+        token = base64.b64encode(user_pass.encode()).decode()
+        authorization = f"Basic {token}"
+        secrets = known_secrets([token, unquote(parts.password or ""), parts.password])
+    return Proxy(parts.hostname, port or 80, authorization, source, secrets)
 
 
 def _bypassed(origin: Origin, no_proxy: str) -> bool:
@@ -214,6 +236,77 @@ class _FinalResponse(http.client.HTTPResponse):
             super().begin()
 
 
+class ProxyRefused(OSError):
+    """The proxy answered CONNECT with something other than 2xx."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"the proxy refused to tunnel: HTTP {status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class TunnelledHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to `origin` through an http:// proxy's CONNECT tunnel.
+
+    Not http.client's `set_tunnel`: before Python 3.12 it sends `CONNECT host:port HTTP/1.0` without a Host
+    header and cannot put an IPv6 address in it, and it fails every stage with the same OSError. Here
+    `stage` says how far it got ("proxy": reaching the proxy, "tunnel": its answer to CONNECT, "tls": the
+    handshake with the server), so each failure gets its own message. Only the CONNECT line and these
+    headers are in clear: the request, with the API key, goes inside TLS with the server.
+    """
+
+    def __init__(self, origin: Origin, proxy: Proxy, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(origin.host, origin.port, timeout=timeout, context=context)
+        self.proxy = proxy
+        self.stage = "proxy"
+        self._tls = context
+
+    @property
+    def target(self) -> str:
+        return _authority(self.host, self.port)
+
+    def connect(self) -> None:
+        self.stage = "proxy"
+        self.sock = socket.create_connection((self.proxy.host, self.proxy.port), self.timeout)
+        self.stage = "tunnel"
+        target = _authority(_ascii_host(self.host), self.port)
+        head = [f"CONNECT {target} HTTP/1.1", f"Host: {target}"]
+        if self.proxy.authorization:
+            head.append(f"Proxy-Authorization: {self.proxy.authorization}")
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        status, reason = _read_proxy_answer(self.sock)
+        if not 200 <= status < 300:
+            raise ProxyRefused(status, reason)
+        self.stage = "tls"
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host)
+
+
+def _ascii_host(host: str) -> str:
+    try:
+        return host.encode("ascii").decode()
+    except UnicodeEncodeError:
+        return host.encode("idna").decode()
+
+
+def _read_proxy_answer(sock: socket.socket) -> tuple[int, str]:
+    """The status and reason of the proxy's answer to CONNECT, its headers read past. Read unbuffered, a
+    byte at a time: nothing of what follows (the server's TLS) may be taken from the socket."""
+    with sock.makefile("rb", buffering=0) as reader:
+        status_line = reader.readline(_MAX_PROXY_LINE + 1)
+        parts = status_line.decode("latin-1").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit() or len(status_line) > _MAX_PROXY_LINE:
+            if not status_line:
+                raise ConnectionResetError("the proxy closed the connection without answering CONNECT")
+            raise http.client.BadStatusLine("the proxy's answer to CONNECT is not HTTP")
+        for _ in range(_MAX_PROXY_HEADERS):
+            line = reader.readline(_MAX_PROXY_LINE + 1)
+            if line in (b"\r\n", b"\n", b""):
+                break
+        else:
+            raise http.client.BadStatusLine("the proxy's answer to CONNECT has too many header lines")
+    return int(parts[1]), parts[2].strip() if len(parts) > 2 else ""
+
+
 class Exchange:
     """One request and its response, following redirects; `shutdown()` (any thread) closes it at once.
 
@@ -253,19 +346,25 @@ class Exchange:
                 self._conn = conn
             try:
                 conn.connect()
-            except OSError as error:
-                if proxy is not None and not self.expired and not str(error).startswith("Tunnel connection failed"):
-                    raise RemoteError(
-                        f"cannot reach the proxy {proxy} (from the environment) for {client.url.api}: "
-                        f"{_describe(error).lower()}; check HTTP_PROXY / HTTPS_PROXY / ALL_PROXY, or name the server "
-                        "in NO_PROXY") from None
-                raise client.connection_error(error, CONNECT_TIMEOUT_S) from None
+            except ProxyRefused as error:
+                assert isinstance(conn, TunnelledHTTPSConnection)
+                raise client.proxy_refused(conn.proxy, conn.target, error.status, error.reason) from None
+            except (OSError, http.client.HTTPException) as error:
+                if proxy is not None and not self.expired:
+                    stage = conn.stage if isinstance(conn, TunnelledHTTPSConnection) else "proxy"
+                    if stage != "tls":
+                        raise client.proxy_error(proxy, error, conn.host if stage == "tunnel" else None,
+                                                 conn.port) from None
+                raise client.connection_error(error, CONNECT_TIMEOUT_S, origin) from None
             assert conn.sock is not None
             conn.sock.settimeout(self._read_timeout)
             conn.response_class = _FinalResponse
             headers = {**client.headers(streaming=self._streaming, credentials=with_credentials), **proxy_headers}
             conn.request(self.method, target, body=self._payload, headers=headers)
             response = conn.getresponse()
+            if response.status == 407 and proxy is not None and origin.scheme == "http":
+                # A forward proxy (http:// servers) asking for credentials: about the proxy, not the server.
+                raise client.proxy_refused(proxy, None, response.status, response.reason or "")
             location = response.getheader("Location")
             if response.status not in _REDIRECTS or not location:
                 self.response = response
@@ -346,6 +445,12 @@ class HttpClient:
             self._authorization = f"Basic {basic}"
         lone_user = url.username if url.password is None else None
         self.secrets = known_secrets([api_key, url.password, lone_user, basic])
+        self._tls: ssl.SSLContext | None = None
+
+    @property
+    def proxy(self) -> Proxy | None:
+        """The proxy the environment names for this server (None: reached directly)."""
+        return proxy_for(self.url.origin_key)
 
     @property
     def has_key(self) -> bool:
@@ -364,13 +469,11 @@ class HttpClient:
         send on it, the headers the proxy needs, and the proxy."""
         proxy = proxy_for(origin)
         if origin.scheme == "https":
-            context = ssl.create_default_context()
+            if self._tls is None:
+                self._tls = tls_context()
             if proxy is None:
-                return http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout, context=context), path, {}, None
-            conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout, context=context)
-            conn.set_tunnel(origin.host, origin.port,
-                            headers={"Proxy-Authorization": proxy.authorization} if proxy.authorization else None)
-            return conn, path, {}, proxy
+                return http.client.HTTPSConnection(origin.host, origin.port, timeout=timeout, context=self._tls), path, {}, None
+            return TunnelledHTTPSConnection(origin, proxy, timeout, self._tls), path, {}, proxy
         if proxy is None:
             return http.client.HTTPConnection(origin.host, origin.port, timeout=timeout), path, {}, None
         conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
@@ -417,10 +520,48 @@ class HttpClient:
         finally:
             exchange.close()
 
-    def connection_error(self, error: BaseException, timeout: float) -> RemoteError:
+    def proxy_refused(self, proxy: Proxy, target: str | None, status: int, reason: str) -> RemoteError:
+        """The proxy answered CONNECT to `target` (or, for a forward proxy, the request) with HTTP `status`."""
+        said = " ".join(safe_for_terminal(redact(self.redact(reason), proxy.secrets)).split())[:80]
+        what = f"to tunnel to {target} for {self.url.api}" if target else f"the request for {self.url.api}"
+        variable = proxy.source if proxy.source != "the environment" else "HTTP_PROXY / HTTPS_PROXY / ALL_PROXY"
+        if status == 407 and proxy.authorization:
+            fix = f"check the user name and password in {variable} (http://user:password@host:port)"
+        elif status == 407:
+            fix = f"put the proxy's user name and password in {variable} (http://user:password@host:port)"
+        elif status >= 500:
+            fix = "check that the server is running and --api is right, or name the server in NO_PROXY"
+        else:
+            fix = "ask the proxy's administrator to allow it, or name the server in NO_PROXY"
+        return RemoteError(f"the proxy {proxy} (from {proxy.source}) refused {what} (HTTP {status}"
+                           f"{' ' + said if said else ''}); {fix}")
+
+    def proxy_error(self, proxy: Proxy, error: BaseException, host: str | None, port: int) -> RemoteError:
+        """The proxy could not be reached (`host` None), or failed to answer CONNECT to `host`."""
+        variable = proxy.source if proxy.source != "the environment" else "HTTP_PROXY / HTTPS_PROXY / ALL_PROXY"
+        described = " ".join(safe_for_terminal(redact(self.redact(_describe(error)), proxy.secrets)).split())
+        if host is None:
+            return RemoteError(f"cannot reach the proxy {proxy} (from {proxy.source}) for {self.url.api}: "
+                               f"{described.lower()}; check {variable}, or name the server in NO_PROXY")
+        return RemoteError(f"the proxy {proxy} (from {proxy.source}) failed when asked to tunnel to "
+                           f"{_authority(host, port)} for {self.url.api} ({described}); check {variable}, "
+                           "or name the server in NO_PROXY")
+
+    def connection_error(self, error: BaseException, timeout: float, origin: Origin | None = None) -> RemoteError:
         where = self.url.api
+        host = (origin or self.url.origin_key).host
         if isinstance(error, RemoteError):
             return error
+        if isinstance(error, ssl.SSLCertVerificationError):
+            if error.verify_code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+                return RemoteError(f"the certificate of the server at {where} is not valid for '{host}'; "
+                                   "use the name it was issued for in --api")
+            if error.verify_code == _X509_V_ERR_CERT_HAS_EXPIRED:
+                return RemoteError(f"the certificate of the server at {where} has expired; its operator must renew "
+                                   "it (or check this machine's clock)")
+            said = safe_for_terminal(str(error.verify_message or error.reason or "verification failed"))
+            return RemoteError(f"the certificate of the server at {where} is not trusted ({said}); if a private CA "
+                               "signed it, set SSL_CERT_FILE to that CA's certificate (a PEM file)")
         if isinstance(error, ConnectionRefusedError):
             return RemoteError(f"cannot reach the server at {where}: connection refused; is it running? (check --api)")
         if isinstance(error, socket.gaierror):
@@ -448,6 +589,25 @@ class HttpClient:
                 "check --api (e.g. http://localhost:8000/v1)", status, detail,
             )
         return RemoteError(f"the server at {self.url.api} answered {what} with HTTP {status}{said}", status, detail)
+
+
+def tls_context() -> ssl.SSLContext:
+    """The system's CAs; or those of `SSL_CERT_FILE` (a PEM file), else of `SSL_CERT_DIR` (a folder hashed with
+    `openssl rehash`), instead. Read here, not left to OpenSSL (which reads the same variables, but says
+    nothing of a wrong path), so that a typo is said as such rather than as an untrusted server."""
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    capath = None if cafile else os.environ.get("SSL_CERT_DIR") or None
+    if capath is not None and not os.path.isdir(capath):
+        raise UsageError(f"SSL_CERT_DIR names '{safe_for_terminal(capath)}', which is not a folder; set it to a "
+                         "folder of CA certificates, or unset it")
+    try:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    except ssl.SSLError as error:
+        raise UsageError(f"SSL_CERT_FILE names '{safe_for_terminal(str(cafile))}', which holds no PEM certificate "
+                         f"({error.reason or error}); set it to your CA's certificate (a PEM file), or unset it") from None
+    except OSError as error:
+        raise UsageError(f"SSL_CERT_FILE names '{safe_for_terminal(str(cafile))}', which cannot be read "
+                         f"({_describe(error).lower()}); set it to your CA's certificate (a PEM file), or unset it") from None
 
 
 def _read_capped(response: http.client.HTTPResponse, limit: int) -> bytes | None:
