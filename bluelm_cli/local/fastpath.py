@@ -42,6 +42,13 @@ class RewindableStaticCache(StaticCache):
             # In place: the counter's address is baked into the captured graph.
             layer.cumulative_length.sub_(-tokens_to_remove)
 
+    def rewind(self) -> None:
+        """Empty the cache: every layer's length counter back to 0, in place and without reading it (no host sync).
+        Stale slots are overwritten before they are attended to."""
+        with torch.inference_mode():
+            for layer in self.layers:
+                layer.cumulative_length.zero_()
+
 
 class _StaticCacheRunner(StepRunner):
     """A runner over one static cache for its whole life, with the decode step's inputs in fixed buffers:
@@ -67,11 +74,7 @@ class _StaticCacheRunner(StepRunner):
 
     @staticmethod
     def _rewind(cache: RewindableStaticCache) -> None:
-        # Moving the length counter back is enough: stale slots are overwritten before they are attended to.
-        length = int(cache.get_seq_length())
-        if length:
-            with torch.inference_mode():
-                cache.crop(-length)
+        cache.rewind()
 
     def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=token, position_ids=position, cache=self._cache, use_cache=True, logits_to_keep=1)
