@@ -202,8 +202,8 @@ class GraphRunner(_StaticCacheRunner):
             return self._forward_one(self._token, self._position)
         graph, logits = captured
         graph.replay()
-        # The graph's output buffer is overwritten by the next replay: copy it out.
-        return logits.clone()
+        # The graph's own output buffer, no copy: it stays valid until the next replay, which is all decode() promises.
+        return logits
 
     def warm_up(self) -> None:
         """Allocate the cache and capture a decode graph per window (at load time, behind a status line)."""
