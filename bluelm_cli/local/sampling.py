@@ -92,12 +92,13 @@ class TokenSampler:
         if self.greedy:
             token = scores.argmax(dim=-1)
         else:
-            probabilities = torch.softmax(scores.float(), dim=-1)
+            probabilities = torch.softmax(scores, dim=-1)  # float32 already
             # torch.multinomial's own draw for one sample (argmax of p / Exp(1) noise, the same random stream),
             # without its two validity checks, each a device-to-host sync.
             if self._noise is None or self._noise.shape != probabilities.shape:
                 self._noise = torch.empty_like(probabilities)
             self._noise.exponential_(1, generator=self.generator)
             token = probabilities.div_(self._noise).argmax(dim=-1)
-        self.observe(token)
+        if self._seen is not None:
+            self._seen.index_fill_(1, token, True)  # a chosen id is inside the vocabulary: no clamp needed
         return token
