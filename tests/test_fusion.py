@@ -10,6 +10,7 @@ import torch
 from bluelm_cli.core.prompt import PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.local.engine import ChatEngine
+from bluelm_cli.local.fastpath import CompiledRunner, GraphRunner
 from bluelm_cli.local.loading import load_model
 from bluelm_cli.modeling.modeling_bluelm import fuse_projections
 from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
@@ -49,3 +50,52 @@ def test_layers_that_are_not_plain_linear_are_left_alone(tmp_path: Path) -> None
     mlp.up_proj.__class__ = QuantizedStandIn
     assert fuse_projections(loaded.model) == 2 * loaded.model.config.num_hidden_layers - 1
     assert mlp.gate_up_proj is None and isinstance(mlp.up_proj, QuantizedStandIn)
+
+
+def _graph_recorder() -> tuple[list[torch.fx.GraphModule], object]:
+    """A torch.compile backend that keeps each FX graph dynamo hands it and runs it as traced."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    return graphs, backend
+
+
+def _called(graph: torch.fx.GraphModule, name: str) -> int:
+    """How many nodes of the graph call a function or method of this name (torch.rsqrt, Tensor.cos, …)."""
+    return sum(1 for node in graph.graph.nodes if node.op in ("call_function", "call_method")
+               and name == (node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_decode_step_is_one_graph_with_norms_and_rotary_inside(tmp_path: Path, dtype: torch.dtype) -> None:
+    # What lets inductor fuse RMSNorm with the residual add and RoPE with the q/k projection's output on a GPU: the
+    # whole step, every layer, is one graph (fullgraph=True raises at any graph break), with the norms and the
+    # rotation in it. The compiled step's logits equal the eager fused model's.
+    folder = build_checkpoint(tmp_path, TinySpec(num_key_value_heads=2))
+    loaded = load_model(str(folder), device="cpu", dtype="float32")
+    loaded.model.to(dtype)
+    fuse_projections(loaded.model)
+    layers = loaded.model.config.num_hidden_layers
+    graphs, backend = _graph_recorder()
+    runner = CompiledRunner(loaded.model, 64, mode=None, backend=backend)  # type: ignore[arg-type]
+    eager = GraphRunner(loaded.model, 64, use_graphs=False, smallest_window=64)
+    prompt = torch.tensor([[1, *range(20, 30)]])
+    with torch.inference_mode():
+        outputs = []
+        for stepper in (runner, eager):
+            cache = stepper.new_cache()
+            stepper.prefill(cache, prompt, 0)
+            outputs.append([stepper.decode(cache, torch.tensor([[40 + step]]), 11 + step).clone() for step in range(3)])
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the decode step broke"
+    graph = graphs[0]
+    assert _called(graph, "rsqrt") == 2 * layers + 1  # two RMSNorms a layer and the final one
+    assert _called(graph, "cat") >= 2 * layers and _called(graph, "neg") == 2 * layers  # rotate-half on q and k
+    assert _called(graph, "scaled_dot_product_attention") == layers
+    assert _called(graph, "item") == 0 and _called(graph, "tolist") == 0
+    # Traced, the step may order a reduction differently: equal to rounding.
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for compiled, reference in zip(*outputs):
+        torch.testing.assert_close(compiled.float(), reference.float(), rtol=tolerance, atol=tolerance)
