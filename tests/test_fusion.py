@@ -12,7 +12,13 @@ from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.local.engine import ChatEngine
 from bluelm_cli.local.fastpath import CompiledRunner, GraphRunner
 from bluelm_cli.local.loading import load_model
-from bluelm_cli.modeling.modeling_bluelm import fuse_projections
+from bluelm_cli.modeling.modeling_bluelm import (
+    BlueLMRMSNorm,
+    compile_pointwise,
+    eager_pointwise,
+    fuse_projections,
+    rms_norm,
+)
 from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 
 GREEDY = SamplingSettings(max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None)
@@ -99,3 +105,52 @@ def test_the_fused_decode_step_is_one_graph_with_norms_and_rotary_inside(tmp_pat
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for compiled, reference in zip(*outputs):
         torch.testing.assert_close(compiled.float(), reference.float(), rtol=tolerance, atol=tolerance)
+
+
+def _fused_tiny(tmp_path: Path) -> tuple[object, object]:
+    folder = build_checkpoint(tmp_path, TinySpec(num_key_value_heads=2, max_position_embeddings=256, seed=3))
+    plain = load_model(str(folder), device="cpu", dtype="float32")
+    fused = load_model(str(folder), device="cpu", dtype="float32")
+    fuse_projections(plain.model)
+    fuse_projections(fused.model)
+    return plain, fused
+
+
+def _steps(loaded: object, runner: GraphRunner) -> list[torch.Tensor]:
+    """A 40-token prefill and 60 decode steps, crossing the 64- and 128-slot windows: every step's logits."""
+    cache = runner.new_cache()
+    with torch.inference_mode():
+        logits = [runner.prefill(cache, torch.tensor([[1, *range(20, 59)]]), 0).clone()]
+        logits += [runner.decode(cache, torch.tensor([[30 + step % 50]]), 40 + step).clone() for step in range(60)]
+    return logits
+
+
+def test_pointwise_pieces_compile_once_each_for_every_shape(tmp_path: Path) -> None:
+    # compile_pointwise, traced by dynamo but run as traced (the eager backend): RMSNorm, RoPE and SiLU times up are
+    # one graph each, compiled for prefills and for decode steps and then never again, whatever the lengths and the
+    # attention window (dynamic shapes: a recompile on a GPU would be a compile in the middle of a chat), and the
+    # logits are the eager model's.
+    plain, fused = _fused_tiny(tmp_path)
+    graphs, backend = _graph_recorder()
+    layers = fused.model.config.num_hidden_layers
+    assert compile_pointwise(fused.model, backend=backend) == (2 * layers + 1) + layers + layers
+    expected = _steps(plain, GraphRunner(plain.model, 256, use_graphs=False, smallest_window=64))
+    got = _steps(fused, GraphRunner(fused.model, 256, use_graphs=False, smallest_window=64))
+    # Per piece one graph for prefills and one for decode steps (torch specializes a length of 1), none per window.
+    assert sorted(_called(graph, "rsqrt") + 10 * _called(graph, "neg") + 100 * _called(graph, "silu") for graph in graphs) \
+        == [1, 1, 20, 20, 100, 100]  # the norm, both rotations, the activation
+    for step, (a, b) in enumerate(zip(expected, got)):
+        assert torch.equal(a, b), step
+    eager_pointwise(fused.model)
+    assert all(norm.kernel is rms_norm for norm in fused.model.modules() if isinstance(norm, BlueLMRMSNorm))
+
+
+@pytest.mark.slow
+def test_pointwise_pieces_compiled_by_inductor_equal_eager_to_rounding(tmp_path: Path) -> None:
+    # The real compiler on the CPU (about 15 s here): generated kernels, equal to the eager model to float rounding.
+    plain, fused = _fused_tiny(tmp_path)
+    compile_pointwise(fused.model)
+    expected = _steps(plain, GraphRunner(plain.model, 256, use_graphs=False, smallest_window=64))
+    got = _steps(fused, GraphRunner(fused.model, 256, use_graphs=False, smallest_window=64))
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

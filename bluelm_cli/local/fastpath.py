@@ -12,6 +12,9 @@ Two runners do this:
   of all 32K slots. Capturing takes seconds, not torch.compile's tens of seconds.
 - `CompiledRunner` lets torch.compile (mode reduce-overhead) fuse and capture the step, attending over the
   whole cache. The first GPU check (H100, 7B, 2K context) measured 118 tok/s with it and 39 s of warm-up.
+- "fused" (`make_runner(kind="fused")`) is `GraphRunner` over a model whose element-wise pieces are compiled
+  (`modeling.compile_pointwise`: each RMSNorm, RoPE on q and k, SiLU times up, one kernel each): the graphs' cheap
+  capture per window with far fewer kernels in them. Opt-in (`bluelm bench --runner fused`) until a GPU has measured it.
 """
 
 from __future__ import annotations
@@ -244,7 +247,7 @@ def static_cache_length(context_length: int, bytes_per_token: int, free_bytes: i
 
 
 DEFAULT_RUNNER = "graphs"
-RUNNERS = ("graphs", "compiled")
+RUNNERS = ("graphs", "compiled", "fused")
 
 
 def make_runner(
@@ -254,7 +257,7 @@ def make_runner(
     on_status: Callable[[str], None] | None = None,
     kind: str = DEFAULT_RUNNER,
 ) -> StepRunner:
-    """The fast path on CUDA when enabled (`kind`: "graphs" or "compiled"); eager everywhere else or if it fails."""
+    """The fast path on CUDA when enabled (`kind`: "graphs", "compiled" or "fused"); eager everywhere else or if it fails."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
     # bitsandbytes' layers are not capturable; torchao's quantized weights (--quantize) are.
@@ -281,15 +284,32 @@ def make_runner(
         if positions < loaded.context_length and on_status:
             on_status(f"The KV cache holds {positions} of the model's {loaded.context_length} positions (free GPU memory)")
         runner: GraphRunner | CompiledRunner
-        runner = GraphRunner(loaded.model, positions) if kind == "graphs" else CompiledRunner(loaded.model, positions)
+        if kind == "fused":
+            _compile_pointwise(loaded.model)
+        runner = CompiledRunner(loaded.model, positions) if kind == "compiled" else GraphRunner(loaded.model, positions)
         runner.warm_up()
         return runner
     except Exception as error:  # noqa: BLE001 - any capture or compiler failure must fall back, never crash
         if on_status:
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             on_status(f"Warning: the fast path failed ({first}); using the eager path")
-        if kind == "compiled":
+        if kind == "fused":
+            _eager_pointwise(loaded.model)  # the eager path must not call kernels that failed to compile
+        if kind in ("compiled", "fused"):
             # Best effort: dynamo's reset can itself trip over compiled functions being collected meanwhile.
             with contextlib.suppress(Exception):
                 torch.compiler.reset()
         return StepRunner(loaded.model)
+
+
+def _compile_pointwise(model: torch.nn.Module) -> None:
+    from bluelm_cli.modeling.modeling_bluelm import compile_pointwise
+
+    if not compile_pointwise(model):
+        raise ValueError("the fused runner needs a BlueLM model (nothing to compile)")
+
+
+def _eager_pointwise(model: torch.nn.Module) -> None:
+    from bluelm_cli.modeling.modeling_bluelm import eager_pointwise
+
+    eager_pointwise(model)
