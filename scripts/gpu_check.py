@@ -24,7 +24,9 @@ The speed steps (issue 22; `--steps speed` runs only these after env and install
                tok/s, TTFT of the 1,000-token prompt, the engine's work per token outside the forward (timed, and
                with the forward stubbed at the 7B vocabulary)
   kernels      scripts/gpu_kernels.py: CUDA kernels per decode forward (torch profiler) and the step's time, unfused
-               and fused, eager, from the CUDA graph, and compiled by inductor (RMSNorm and RoPE fused in)
+               and fused, eager, from the CUDA graph, compiled by inductor (RMSNorm and RoPE fused in), and with only
+               the element-wise pieces compiled under the CUDA graphs (the `fused` runner)
+  bench_fused  bench_bf16 with `--runner fused`: decode tok/s and TTFT with RMSNorm, RoPE and SiLU one kernel each
   bench_int8   bluelm bench --quantize int8 (torchao weight-only), 7B shapes, with the fast path
   bench_int4   the same with --quantize int4 (CUDA only)
   context      bluelm bench --turns 40 past the 2K window: prefill per turn after the window fills, with and
@@ -75,8 +77,8 @@ CPU_SHAPES = {"2k": ("cpu25m", 64, 16, 3), "32k": ("cpu25m-32k", 256, 16, 2)}
 # Worst cases on one H100, in the order they run; the overall budget trims the last ones first.
 STEP_LIMITS_S = {"env": 45, "install": 60, "imports": 60, "gpu_tests": 150, "profile": 120, "bench_2k": 220,
                  "bench_32k": 150, "warm_start": 90, "first_prompt": 90,
-                 "bench_bf16": 120, "kernels": 150, "bench_int8": 100, "bench_int4": 100, "context": 150, "lookup": 90, "quality": 120}
-SPEED_STEPS = ("bench_bf16", "kernels", "bench_int8", "bench_int4", "context", "lookup", "quality")
+                 "bench_bf16": 120, "kernels": 150, "bench_fused": 120, "bench_int8": 100, "bench_int4": 100, "context": 150, "lookup": 90, "quality": 120}
+SPEED_STEPS = ("bench_bf16", "kernels", "bench_fused", "bench_int8", "bench_int4", "context", "lookup", "quality")
 CORE_STEPS = ("imports", "gpu_tests", "profile", "bench_2k", "bench_32k", "warm_start", "first_prompt")
 # The context step's workload: `bluelm bench`'s turns (32-token messages, 64 new tokens) for 40 turns, which
 # fills the 2K window at about turn 19 and again at about 29 and 39.
@@ -412,11 +414,14 @@ def step_kernels(check: Check, limit: float) -> dict[str, Any]:
     return data
 
 
-def step_bench_bf16(check: Check, limit: float) -> dict[str, Any]:
-    """Issue 22's bf16 figures from one bench: decode tok/s, TTFT of a 1,000-token prompt, work outside the forward."""
+def step_bench_bf16(check: Check, limit: float, runner: str = "graphs") -> dict[str, Any]:
+    """Issue 22's bf16 figures from one bench: decode tok/s, TTFT of a 1,000-token prompt, work outside the forward.
+    `runner`: the fast path (graphs, the chat's; fused, graphs over compiled RMSNorm/RoPE/SiLU)."""
+    if runner != "graphs" and check.cpu:
+        return {"_status": "skipped", "note": f"the {runner} runner is a CUDA fast path (its CPU test: tests/test_fusion.py)"}
     shape, prompt, new, _ = (CPU_SHAPES if check.cpu else GPU_SHAPES)["2k"]
     command = _python("-m", "bluelm_cli", "bench", "--random-weights", "--shape", shape, *_device_flags(check),
-                      "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", "2", "--json")
+                      "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", "2", "--runner", runner, "--json")
     rc, output = check.run(command, limit)
     if rc != 0:
         return {"_status": "failed", "command": _shown(command), "tail": output.strip().splitlines()[-5:]}
@@ -501,6 +506,7 @@ def step_quality(check: Check, limit: float) -> dict[str, Any]:
 
 SPEED_FUNCTIONS: dict[str, Callable[[Check, float], dict[str, Any]]] = {
     "bench_bf16": lambda check, limit: step_bench_bf16(check, limit),
+    "bench_fused": lambda check, limit: step_bench_bf16(check, limit, "fused"),
     "kernels": step_kernels,
     "bench_int8": lambda check, limit: step_bench_quantized(check, limit, "int8"),
     "bench_int4": lambda check, limit: step_bench_quantized(check, limit, "int4"),
@@ -668,15 +674,24 @@ def speed_rows(steps: list[dict[str, Any]], cpu: bool, add: Callable[..., None])
                 None if stub is None else stub <= 0.3)
             greedy = next((v for k, v in overhead["stub_ms_per_token"].items() if k.endswith(" greedy")), None)
             add(f"{precision}: engine work per token, forward stubbed, greedy", greedy, "ms")
+    fused = _data(steps, "bench_fused")
+    if fused.get("turns"):
+        decode = fused.get("decode_tok_s")
+        add("bf16: decode tok/s (fused runner: compiled RMSNorm/RoPE/SiLU, CUDA graphs)", decode, "", "≥ 160",
+            None if decode is None else decode >= 160)
+        add(f"bf16: TTFT, {fused['turns'][0]['context_tokens']}-token prompt (fused runner)", 1000 * fused["turns"][0]["ttft_s"], "ms")
+        if fused.get("compile_s") is not None:
+            add("bf16: fused runner warm-up (compile and capture)", fused["compile_s"], "s")
     kernels = _data(steps, "kernels")
-    for label in ("eager_unfused", "graph_unfused", "eager_fused", "graph_fused", "compiled_fused", "compiled_fused_graph"):
+    for label in ("eager_unfused", "graph_unfused", "eager_fused", "graph_fused", "compiled_fused", "compiled_fused_graph",
+                  "pointwise_fused", "pointwise_fused_graph"):
         figures = kernels.get(label) or {}
         count = figures.get("kernels_per_forward", figures.get("top_level_aten_ops_per_forward"))
         if count is not None:
             what = "CUDA kernels" if "kernels_per_forward" in figures else "CPU operators"
             add(f"kernels: {what} per decode forward, {label.replace('_', ' ')}", count, "")
             add(f"kernels: decode step, {label.replace('_', ' ')}", figures.get("step_ms_median"), "ms")
-            if label.startswith(("graph", "compiled")) and not cpu:
+            if (label.endswith("graph") or label.startswith("graph")) and not cpu:
                 add(f"kernels: forward-only tok/s, {label.replace('_', ' ')}", figures.get("tok_s_equivalent"), "")
     for scheme, target in (("int8", 220), ("int4", 280)):
         bench = _data(steps, f"bench_{scheme}")

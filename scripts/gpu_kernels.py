@@ -7,6 +7,9 @@
   compiled_fused   torch.compile (inductor, no CUDA graph) of the fused step: RMSNorm with the residual add, RoPE
                    with the cache write, SiLU with the product, each one generated kernel
   compiled_fused_graph  the same with mode reduce-overhead (inductor's CUDA graphs; CUDA only, --reduce-overhead)
+  pointwise_fused  the fused model with only its element-wise pieces compiled (modeling.compile_pointwise: RMSNorm,
+                   RoPE, SiLU times up, one kernel each), stepped eagerly; `pointwise_fused_graph`: the same replayed
+                   from the CUDA graph per window, the `fused` runner (CUDA only)
 
 Prints one JSON object; `tok_s_equivalent` is 1000 / the step's median ms (the forward alone, no sampling).
 On a GPU the count is of CUDA kernels (and copies). On a CPU (a dry run) it is of operators: aten operators at the
@@ -31,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bluelm_cli.bench.local import SHAPES, random_weights_model
 from bluelm_cli.local.fastpath import CompiledRunner, GraphRunner
-from bluelm_cli.modeling.modeling_bluelm import fuse_projections
+from bluelm_cli.modeling.modeling_bluelm import compile_pointwise, fuse_projections
 
 CONTEXT_TOKENS = 512
 
@@ -145,6 +148,22 @@ def main() -> None:
             torch.compiler.reset()
             compiled, seconds = _compiled(loaded.model, length, "reduce-overhead")
             report["compiled_fused_graph"] = {**_measure(compiled, device, args.repeats), "compile_s": seconds}
+            _save(report, args.out)
+            del compiled
+        torch.compiler.reset()
+        compile_pointwise(loaded.model)
+        stepped = GraphRunner(loaded.model, length, use_graphs=False)
+        started = time.perf_counter()
+        with torch.inference_mode():  # compiles the pieces (prefill and decode shapes) outside the timing
+            stepped.prefill(stepped.new_cache(), torch.ones((1, 8), dtype=torch.long, device=device), 0)
+            stepped.decode(stepped.new_cache(), torch.ones((1, 1), dtype=torch.long, device=device), 8)
+        seconds = round(time.perf_counter() - started, 1)
+        report["pointwise_fused"] = {**_measure(stepped, device, args.repeats), "compile_s": seconds}
+        _save(report, args.out)
+        if cuda:
+            runner = GraphRunner(loaded.model, length)
+            runner.warm_up()
+            report["pointwise_fused_graph"] = _measure(runner, device, args.repeats)
     _save(report, args.out)
     print(json.dumps(report, indent=2))
 
