@@ -152,7 +152,8 @@ def measure_stub(engine: ChatEngine, prompt_ids: list[int], settings: SamplingSe
 def measure_overhead(
     engine: ChatEngine, prompt_ids: list[int], bench_settings: SamplingSettings, *, runs: int = 3
 ) -> OverheadReport:
-    """The instrumented split (median of `runs`) with the bench's settings, then stubbed runs: the model's
+    """The instrumented split (median of `runs`) with the bench's settings (decoding at least MIN_OVERHEAD_TOKENS
+    tokens where the context has room), then stubbed runs: the model's
     vocabulary with the bench's settings and with default sampling, and the published 7B vocabulary with
     default sampling. Leaves the engine's cache reset (a compiled runner's one static cache is shared)."""
     room = engine.context_limit - len(prompt_ids)
