@@ -20,8 +20,13 @@ step, so a hang or a kill still leaves what was measured:
   warm_start   the same model started again: load and the fast path's warm-up a second time
   first_prompt `bluelm chat` with a tiny checkpoint to its first prompt, cold and warm compile cache
 The speed steps (issue 22; `--steps speed` runs only these after env and install, `--steps core` only the above):
-  kernels      scripts/gpu_kernels.py: CUDA kernels per decode forward (torch profiler) unfused and fused, and the
-               step's time eager and from the CUDA graph
+  bench_bf16   bluelm bench, 7B shapes in bf16 (fused projections, CUDA graphs), a 1,000-token first prompt: decode
+               tok/s, TTFT of the 1,000-token prompt, the engine's work per token outside the forward (timed, and
+               with the forward stubbed at the 7B vocabulary)
+  kernels      scripts/gpu_kernels.py: CUDA kernels per decode forward (torch profiler) and the step's time, unfused
+               and fused, eager, from the CUDA graph, compiled by inductor (RMSNorm and RoPE fused in), and with only
+               the element-wise pieces compiled under the CUDA graphs (the `fused` runner)
+  bench_fused  bench_bf16 with `--runner fused`: decode tok/s and TTFT with RMSNorm, RoPE and SiLU one kernel each
   bench_int8   bluelm bench --quantize int8 (torchao weight-only), 7B shapes, with the fast path
   bench_int4   the same with --quantize int4 (CUDA only)
   context      bluelm bench --turns 40 past the 2K window: prefill per turn after the window fills, with and
@@ -72,8 +77,8 @@ CPU_SHAPES = {"2k": ("cpu25m", 64, 16, 3), "32k": ("cpu25m-32k", 256, 16, 2)}
 # Worst cases on one H100, in the order they run; the overall budget trims the last ones first.
 STEP_LIMITS_S = {"env": 45, "install": 60, "imports": 60, "gpu_tests": 150, "profile": 120, "bench_2k": 220,
                  "bench_32k": 150, "warm_start": 90, "first_prompt": 90,
-                 "kernels": 90, "bench_int8": 100, "bench_int4": 100, "context": 150, "lookup": 90, "quality": 120}
-SPEED_STEPS = ("kernels", "bench_int8", "bench_int4", "context", "lookup", "quality")
+                 "bench_bf16": 120, "kernels": 150, "bench_fused": 120, "bench_int8": 100, "bench_int4": 100, "context": 150, "lookup": 90, "quality": 120}
+SPEED_STEPS = ("bench_bf16", "kernels", "bench_fused", "bench_int8", "bench_int4", "context", "lookup", "quality")
 CORE_STEPS = ("imports", "gpu_tests", "profile", "bench_2k", "bench_32k", "warm_start", "first_prompt")
 # The context step's workload: `bluelm bench`'s turns (32-token messages, 64 new tokens) for 40 turns, which
 # fills the 2K window at about turn 19 and again at about 29 and 39.
@@ -392,12 +397,37 @@ def _device_flags(check: Check) -> list[str]:
 
 
 def step_kernels(check: Check, limit: float) -> dict[str, Any]:
+    """Kernels per decode forward and the step's time: unfused and fused, eager, CUDA graph and compiled. The script
+    saves after each measurement, so a compile that outlasts the step still leaves the other figures."""
     shape = CPU_SHAPES["2k"][0] if check.cpu else GPU_SHAPES["2k"][0]
-    command = _python("scripts/gpu_kernels.py", "--shape", shape, *_device_flags(check))
-    rc, output = check.run(command, limit)
-    data = _json_tail(output) if rc == 0 else {"_status": "failed", "tail": output.strip().splitlines()[-5:]}
+    saved = check.out / "kernels.json"
+    command = _python("scripts/gpu_kernels.py", "--shape", shape, *_device_flags(check), "--out", str(saved),
+                      *([] if check.cpu else ["--reduce-overhead"]))
+    try:
+        rc, output = check.run(command, limit)
+    except subprocess.TimeoutExpired:
+        rc, output = -1, "killed at the step's time limit"
+    data: dict[str, Any] = json.loads(saved.read_text(encoding="utf-8")) if saved.exists() else {}
+    if rc != 0:
+        data.update({"_status": "partial" if data else "failed", "tail": output.strip().splitlines()[-5:]})
     data["command"] = _shown(command)
     return data
+
+
+def step_bench_bf16(check: Check, limit: float, runner: str = "graphs") -> dict[str, Any]:
+    """Issue 22's bf16 figures from one bench: decode tok/s, TTFT of a 1,000-token prompt, work outside the forward.
+    `runner`: the fast path (graphs, the chat's; fused, graphs over compiled RMSNorm/RoPE/SiLU)."""
+    if runner != "graphs" and check.cpu:
+        return {"_status": "skipped", "note": f"the {runner} runner is a CUDA fast path (its CPU test: tests/test_fusion.py)"}
+    shape, prompt, new, _ = (CPU_SHAPES if check.cpu else GPU_SHAPES)["2k"]
+    command = _python("-m", "bluelm_cli", "bench", "--random-weights", "--shape", shape, *_device_flags(check),
+                      "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", "2", "--runner", runner, "--json")
+    rc, output = check.run(command, limit)
+    if rc != 0:
+        return {"_status": "failed", "command": _shown(command), "tail": output.strip().splitlines()[-5:]}
+    report = _json_tail(output)
+    report["command"] = _shown(command)
+    return report
 
 
 def step_bench_quantized(check: Check, limit: float, scheme: str) -> dict[str, Any]:
@@ -475,6 +505,8 @@ def step_quality(check: Check, limit: float) -> dict[str, Any]:
 
 
 SPEED_FUNCTIONS: dict[str, Callable[[Check, float], dict[str, Any]]] = {
+    "bench_bf16": lambda check, limit: step_bench_bf16(check, limit),
+    "bench_fused": lambda check, limit: step_bench_bf16(check, limit, "fused"),
     "kernels": step_kernels,
     "bench_int8": lambda check, limit: step_bench_quantized(check, limit, "int8"),
     "bench_int4": lambda check, limit: step_bench_quantized(check, limit, "int4"),
@@ -540,7 +572,8 @@ def run(out: Path, cpu: bool, budget_s: float, steps: str = "all") -> int:
 
 # --------------------------------------------------------------------------------------------- the report
 def _data(steps: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    return next((s["data"] for s in steps if s["step"] == name and s["status"] == "ok"), {})
+    # "partial": a step that saved some of its figures before it ran out of time (the kernels step).
+    return next((s["data"] for s in steps if s["step"] == name and s["status"] in ("ok", "partial")), {})
 
 
 def headline_rows(steps: list[dict[str, Any]], cpu: bool) -> list[list[str]]:
@@ -624,14 +657,42 @@ def headline_rows(steps: list[dict[str, Any]], cpu: bool) -> list[list[str]]:
 
 def speed_rows(steps: list[dict[str, Any]], cpu: bool, add: Callable[..., None]) -> list[list[str]]:
     """The speed steps' figures (issue 22's targets are for one H100, 7B, batch 1); `add` appends to the table."""
+    bf16 = _data(steps, "bench_bf16")
+    if bf16.get("turns"):
+        precision, engine = ("float32 (CPU)", ", eager") if cpu else ("bf16", ", CUDA graphs")
+        first = bf16["turns"][0]
+        decode = bf16.get("decode_tok_s")
+        add(f"{precision}: decode tok/s (fused{engine})", decode, "", "≥ 160", None if decode is None else decode >= 160)
+        ttft = 1000 * first["ttft_s"]
+        add(f"{precision}: TTFT, {first['context_tokens']}-token prompt", ttft, "ms", "≤ 40 ms", ttft <= 40)
+        overhead = bf16.get("overhead") or {}
+        if overhead:
+            outside = overhead["outside_forward_ms_per_token"]
+            add(f"{precision}: engine work per token outside the forward (timed)", outside, "ms", "≤ 0.3 ms", outside <= 0.3)
+            stub = overhead["stub_ms_per_token"].get("100096 default sampling")
+            add(f"{precision}: engine work per token, forward stubbed, vocab 100,096, default sampling", stub, "ms", "≤ 0.3 ms",
+                None if stub is None else stub <= 0.3)
+            greedy = next((v for k, v in overhead["stub_ms_per_token"].items() if k.endswith(" greedy")), None)
+            add(f"{precision}: engine work per token, forward stubbed, greedy", greedy, "ms")
+    fused = _data(steps, "bench_fused")
+    if fused.get("turns"):
+        decode = fused.get("decode_tok_s")
+        add("bf16: decode tok/s (fused runner: compiled RMSNorm/RoPE/SiLU, CUDA graphs)", decode, "", "≥ 160",
+            None if decode is None else decode >= 160)
+        add(f"bf16: TTFT, {fused['turns'][0]['context_tokens']}-token prompt (fused runner)", 1000 * fused["turns"][0]["ttft_s"], "ms")
+        if fused.get("compile_s") is not None:
+            add("bf16: fused runner warm-up (compile and capture)", fused["compile_s"], "s")
     kernels = _data(steps, "kernels")
-    for label in ("eager_unfused", "eager_fused", "graph_fused"):
+    for label in ("eager_unfused", "graph_unfused", "eager_fused", "graph_fused", "compiled_fused", "compiled_fused_graph",
+                  "pointwise_fused", "pointwise_fused_graph"):
         figures = kernels.get(label) or {}
         count = figures.get("kernels_per_forward", figures.get("top_level_aten_ops_per_forward"))
         if count is not None:
-            what = "CUDA kernels" if "kernels_per_forward" in figures else "aten ops"
+            what = "CUDA kernels" if "kernels_per_forward" in figures else "CPU operators"
             add(f"kernels: {what} per decode forward, {label.replace('_', ' ')}", count, "")
             add(f"kernels: decode step, {label.replace('_', ' ')}", figures.get("step_ms_median"), "ms")
+            if (label.endswith("graph") or label.startswith("graph")) and not cpu:
+                add(f"kernels: forward-only tok/s, {label.replace('_', ' ')}", figures.get("tok_s_equivalent"), "")
     for scheme, target in (("int8", 220), ("int4", 280)):
         bench = _data(steps, f"bench_{scheme}")
         if bench.get("decode_tok_s") is not None:

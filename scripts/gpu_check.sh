@@ -3,7 +3,8 @@
 #
 #   scripts/gpu_check.sh prepare            # on a machine that reaches PyPI: wheels into .gpu_wheels/
 #   scripts/gpu_check.sh run [OUT_DIR]      # on the bare GPU machine: install, speed steps, GPU tests, 7B benches, start-up
-#   scripts/gpu_check.sh run --steps speed  # only issue 22's speed steps: kernels, int8/int4, context, prompt lookup
+#   scripts/gpu_check.sh run --steps speed  # only issue 22's speed steps: bf16 decode/TTFT/overhead, kernels, int8/int4,
+#                                           # context, prompt lookup
 #                                           # (QUALITY_MODEL=folder adds int8/int4 quality against a real checkpoint)
 #   scripts/gpu_check.sh dry-run [OUT_DIR]  # prepare, then the same steps on the CPU with small shapes
 #

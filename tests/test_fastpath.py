@@ -15,6 +15,7 @@ from bluelm_cli.local import fastpath
 from bluelm_cli.local.engine import ChatEngine, StepRunner
 from bluelm_cli.local.fastpath import CompiledRunner, GraphRunner, attention_windows, make_runner
 from bluelm_cli.local.loading import LoadedModel, load_model
+from bluelm_cli.modeling.modeling_bluelm import BlueLMRMSNorm, rms_norm
 from bluelm_cli.core.prompt import HistoryTurn
 from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
@@ -70,7 +71,7 @@ def test_attention_windows_double_up_to_the_cache_length() -> None:
         runner.window_for(2049)
 
 
-@pytest.mark.parametrize("kind, cls", [("graphs", GraphRunner), ("compiled", CompiledRunner)])
+@pytest.mark.parametrize("kind, cls", [("graphs", GraphRunner), ("compiled", CompiledRunner), ("fused", GraphRunner)])
 def test_fast_path_failure_falls_back_to_eager(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, kind: str, cls: type) -> None:
     class Broken(cls):  # type: ignore[valid-type, misc]
         def warm_up(self, *args: object) -> None:
@@ -83,6 +84,9 @@ def test_fast_path_failure_falls_back_to_eager(loaded: LoadedModel, monkeypatch:
     runner = make_runner(on_cuda, on_status=messages.append, kind=kind)
     assert type(runner) is StepRunner
     assert messages[-1] == "Warning: the fast path failed (capture exploded); using the eager path"
+    # The fused runner compiled the model's element-wise pieces first: the eager path gets the eager ones back.
+    norms = [m for m in loaded.model.modules() if isinstance(m, BlueLMRMSNorm)]
+    assert norms and all(norm.kernel is rms_norm for norm in norms)
 
 
 def test_no_compilation_off_cuda_or_when_disabled(loaded: LoadedModel) -> None:
@@ -93,7 +97,7 @@ def test_no_compilation_off_cuda_or_when_disabled(loaded: LoadedModel) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind, cls", [("graphs", GraphRunner), ("compiled", CompiledRunner)])
+@pytest.mark.parametrize("kind, cls", [("graphs", GraphRunner), ("compiled", CompiledRunner), ("fused", GraphRunner)])
 def test_cuda_graph_decode_equals_eager(tmp_path: Path, kind: str, cls: type) -> None:
     folder = build_checkpoint(tmp_path / "ckpt", TinySpec(max_position_embeddings=256, seed=5))
     loaded = load_model(str(folder), device="cuda", dtype="float32")

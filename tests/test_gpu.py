@@ -51,12 +51,12 @@ def _synchronizing_calls(engine: ChatEngine, settings: SamplingSettings, history
     return syncs, result.new_tokens
 
 
-@pytest.mark.parametrize("kind", ["eager", "graphs", "compiled"])
+@pytest.mark.parametrize("kind", ["eager", "graphs", "compiled", "fused"])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 def test_one_device_sync_per_decoded_token(checkpoint: Path, kind: str, greedy: bool) -> None:
     loaded = load_model(str(checkpoint), device="cuda", dtype="bfloat16")
     runner = make_runner(loaded, enabled=kind != "eager", kind="compiled" if kind == "eager" else kind)
-    assert type(runner) is {"eager": StepRunner, "graphs": GraphRunner, "compiled": CompiledRunner}[kind]
+    assert type(runner) is {"eager": StepRunner, "graphs": GraphRunner, "compiled": CompiledRunner, "fused": GraphRunner}[kind]
     engine = ChatEngine(loaded, runner=runner)
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.0 if greedy else 0.7, seed=0)
     history: list[HistoryTurn] = []

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from bluelm_cli.bench.local import format_report, random_weights_model, run_bench
-from bluelm_cli.local.engine import ChatEngine, _logits_processors, _sample
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from bluelm_cli.local.engine import ChatEngine
+from bluelm_cli.local.sampling import TokenSampler
 from bluelm_cli.local.loading import LoadedModel
 from bluelm_cli.bench.overhead import PUBLISHED_VOCAB, CachedLogitsRunner, measure_split, stub_logits
 from bluelm_cli.core.prompt import PromptPlan
@@ -22,19 +33,63 @@ def loaded() -> LoadedModel:
     return random_weights_model(SHAPES, "cpu", torch.float32)
 
 
+def _hf_processors(settings: SamplingSettings) -> LogitsProcessorList:
+    """What generate() applies for these settings, in its order: the reference the engine's sampler must equal."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if not settings.greedy:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_sampler_draws_exactly_what_torch_multinomial_draws(seed: int) -> None:
-    # The engine draws without torch.multinomial (whose validity checks sync the GPU twice a token):
-    # same distribution and the same random stream, so a seeded answer is unchanged.
-    settings = SamplingSettings(temperature=0.7, top_p=0.9, top_k=0, repetition_penalty=1.1, seed=seed)
-    logits = torch.randn((1, 640), generator=torch.Generator().manual_seed(100 + seed)) * 3
+    # The engine draws without torch.multinomial (whose validity checks sync the GPU twice a token), and keeps the
+    # repetition penalty's history as a mask on the device: the same scores as transformers' processors over a
+    # growing history, the same distribution and random stream, so a seeded answer is unchanged.
+    settings = SamplingSettings(temperature=0.7, top_p=0.9, top_k=[0, 40][seed % 2], repetition_penalty=1.1, seed=seed)
     history = torch.randint(0, 640, (1, 30), generator=torch.Generator().manual_seed(seed))
-    processors = _logits_processors(settings)
+    processors = _hf_processors(settings)
     ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-    expected_probabilities = torch.softmax(processors(history, logits.float()), dim=-1)
-    drawn = [int(_sample(logits, history, processors, ours, greedy=False)) for _ in range(20)]
-    expected = [int(torch.multinomial(expected_probabilities, 1, generator=theirs)[0, 0]) for _ in range(20)]
+    stop_ids = torch.tensor([2, 5])
+    sampler = TokenSampler(settings, 640, torch.device("cpu"), stop_ids, ours)
+    sampler.observe(history)
+    drawn, expected = [], []
+    for step in range(20):
+        logits = torch.randn((1, 640), generator=torch.Generator().manual_seed(100 * seed + step)) * 3
+        reference_scores = processors(history, logits.float())
+        assert torch.equal(sampler.scores(logits.clone()), reference_scores)
+        token = sampler(logits.clone())
+        drawn.append(int(token))
+        expected.append(int(torch.multinomial(torch.softmax(reference_scores, dim=-1), 1, generator=theirs)[0, 0]))
+        history = torch.cat([history, torch.tensor([[expected[-1]]])], dim=1)
     assert drawn == expected
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_sampler_equals_argmax_of_the_processed_scores(penalty: float) -> None:
+    settings = SamplingSettings(temperature=0.0, repetition_penalty=penalty)
+    history = torch.tensor([[1, 7, 7, 9, 639, 650]])  # 650: past the logits' rows, as padding ids are; ignored
+    sampler = TokenSampler(settings, 640, torch.device("cpu"), torch.tensor([2]), None)
+    sampler.observe(history)
+    assert sampler.processes == (penalty != 1.0)
+    for step in range(10):
+        logits = torch.randn((1, 640), generator=torch.Generator().manual_seed(step))
+        logits[0, 7] = logits.abs().max() + 0.01  # a seen token on top: the penalty may move the choice
+        expected = int(_hf_processors(settings)(history, logits.clone()).argmax())
+        assert int(sampler(logits.clone())) == expected
+        history = torch.cat([history, torch.tensor([[expected]])], dim=1)
+    # Stops suppressed (min_new_tokens): the top score is a stop id, the next one wins.
+    plain = TokenSampler(SamplingSettings(temperature=0.0, repetition_penalty=1.0), 640, torch.device("cpu"),
+                         torch.tensor([639]), None)
+    assert int(plain(torch.arange(640.0).unsqueeze(0), suppress_stops=True)) == 638
+    assert int(plain(torch.arange(640.0).unsqueeze(0))) == 639
 
 
 def test_instrumented_run_splits_the_decode_window_without_changing_the_answer(loaded: LoadedModel) -> None:
@@ -75,3 +130,18 @@ def test_bench_reports_the_overhead(loaded: LoadedModel) -> None:
     table = format_report(report)
     assert "  outside the forward " in table and "  vocab 100,096, default sampling " in table
     assert report.compile_s is None and '"overhead": {' in report.to_json()
+
+
+def test_bench_of_two_new_tokens_still_measures_the_overhead(loaded: LoadedModel) -> None:
+    # `bluelm bench --new-tokens 2` failed here ("needs at least three answer tokens"): the overhead runs now decode
+    # at least MIN_OVERHEAD_TOKENS tokens, whatever the turns decode.
+    report = run_bench(ChatEngine(loaded), prompt_tokens=20, new_tokens=2, turns=1)
+    assert report.overhead is not None and report.overhead["outside_forward_ms_per_token"] > 0
+    assert all(turn.new_tokens == 2 for turn in report.turns)
+
+
+def test_a_two_token_split_has_one_interval_and_no_forward_inside(loaded: LoadedModel) -> None:
+    engine = ChatEngine(loaded)
+    split = measure_split(engine, [1, 5, 6, 7], replace(GREEDY, max_new_tokens=2))
+    assert split.decode_steps == 1 and split.forward_s == split.first_forward_s
+    assert split.outside_fraction == pytest.approx(1.0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from transformers.cache_utils import Cache
@@ -27,6 +27,9 @@ from bluelm_cli.core.prompt import PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
 
 PUBLISHED_VOCAB = 100_096  # BlueLM-7B's config.json vocab_size
+# Tokens each overhead run decodes at least (where the context has room), whatever the bench's turns decode: a
+# 2-token turn has one interval to time, too few to say anything.
+MIN_OVERHEAD_TOKENS = 16
 
 
 @dataclass
@@ -130,8 +133,8 @@ def measure_split(engine: ChatEngine, prompt_ids: list[int], settings: SamplingS
     instrumented = ChatEngine(engine.loaded, runner=timed)
     result = instrumented.stream(PromptPlan(prompt_ids), settings, min_new_tokens=settings.max_new_tokens).finish()
     steps = len(timed.decode_times)
-    if steps < 2 or result.decode_tok_s <= 0 or steps != result.new_tokens - 1:
-        raise ValueError("the overhead measurement needs at least three answer tokens, all of them decoded")
+    if steps < 1 or result.decode_tok_s <= 0 or steps != result.new_tokens - 1:
+        raise ValueError("the overhead measurement needs at least two answer tokens, all of them decoded")
     return ForwardSplit(decode_steps=steps, window_s=(result.new_tokens - 1) / result.decode_tok_s,
                         forward_s=sum(timed.decode_times), first_forward_s=timed.decode_times[0])
 
@@ -149,9 +152,12 @@ def measure_stub(engine: ChatEngine, prompt_ids: list[int], settings: SamplingSe
 def measure_overhead(
     engine: ChatEngine, prompt_ids: list[int], bench_settings: SamplingSettings, *, runs: int = 3
 ) -> OverheadReport:
-    """The instrumented split (median of `runs`) with the bench's settings, then stubbed runs: the model's
+    """The instrumented split (median of `runs`) with the bench's settings (decoding at least MIN_OVERHEAD_TOKENS
+    tokens where the context has room), then stubbed runs: the model's
     vocabulary with the bench's settings and with default sampling, and the published 7B vocabulary with
     default sampling. Leaves the engine's cache reset (a compiled runner's one static cache is shared)."""
+    room = engine.context_limit - len(prompt_ids)
+    bench_settings = replace(bench_settings, max_new_tokens=max(bench_settings.max_new_tokens, min(MIN_OVERHEAD_TOKENS, room)))
     engine.reset()
     try:
         splits = [measure_split(engine, prompt_ids, bench_settings) for _ in range(max(1, runs))]

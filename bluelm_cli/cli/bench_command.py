@@ -28,7 +28,7 @@ def bench(
     baseline: Annotated[bool, typer.Option("--baseline", help="Also measure plain model.generate() re-encoding the history each turn, and print ratios.")] = False,
     repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Run the conversation N times; keep each turn's best figures.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `turns` list.")] = False,
-    runner: Annotated[str, typer.Option(metavar="NAME", help="The CUDA fast path to measure: graphs (CUDA graphs per attention window, the chat's) or compiled (torch.compile).")] = "graphs",
+    runner: Annotated[str, typer.Option(metavar="NAME", help="The CUDA fast path to measure: graphs (CUDA graphs per attention window, the chat's), compiled (torch.compile) or fused (graphs per window with RMSNorm, RoPE and SiLU compiled into one kernel each).")] = "graphs",
     debug: DebugOpt = False,
 ) -> int:
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""

@@ -18,13 +18,6 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from bluelm_cli.core.backend import AnswerResult, BackendInfo
 from bluelm_cli.core.finish import FinishReason
@@ -32,6 +25,7 @@ from bluelm_cli.local.kv_cache import KV_CACHE_KINDS, Int8Layer
 from bluelm_cli.local.context_shift import find_shift, rotary_inverse_frequencies, shift_cache, shiftable
 from bluelm_cli.local.loading import LoadedModel, dtype_name
 from bluelm_cli.local.prompt_lookup import DraftBudget, NgramLookup
+from bluelm_cli.local.sampling import TokenSampler
 from bluelm_cli.core.prompt import HUMAN_TAG, ContextOverflowError, PromptPlan
 from bluelm_cli.core.settings import SamplingSettings
 from bluelm_cli.modeling.tokenizer import StreamDetokenizer
@@ -119,6 +113,7 @@ class StepRunner:
         self.prefill_chunk = prefill_chunk
         # "model": keys and values in the model's dtype; "int8": int8 with a scale per head and position (local.kv_cache).
         self.kv_cache = kv_cache
+        self._decode_positions: dict[torch.device, torch.Tensor] = {}
 
     def new_cache(self) -> Cache:
         cache = DynamicCache(config=self.model.config)
@@ -152,7 +147,16 @@ class StepRunner:
         return logits
 
     def decode(self, cache: Cache, token: torch.Tensor, position: int) -> torch.Tensor:
-        return self.prefill(cache, token, position)
+        """One token ([1, 1], at `position`) into `cache`: its next-token logits, [1, vocab], valid until the next call
+        (a static runner returns its output buffer, which the next step overwrites; the caller may modify it)."""
+        positions = self._decode_positions.get(token.device)
+        if positions is None:
+            # One position tensor per device, refilled every step rather than made anew.
+            positions = self._decode_positions[token.device] = torch.empty((1, 1), dtype=torch.long, device=token.device)
+        positions.fill_(position)
+        with sdpa_kernel(_PREFILL_ATTENTION):
+            out = self.model(input_ids=token, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
 
     def verify(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
         """One forward over `ids` (a token and its speculative draft) from `start`: logits at every position, [n, vocab]."""
@@ -276,7 +280,6 @@ class ChatEngine:
                 self._cache.crop(-(cache_length - reused))
         self._cached_ids = self._cached_ids[:reused]
 
-        processors = _logits_processors(settings)
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -296,16 +299,17 @@ class ChatEngine:
         first_token_at = last_token_at = 0.0
         stop_ids = torch.tensor([self._eos_id, self._human_id], dtype=torch.long, device=self.device)
         reader = _TokenReader(self.device)
+        # Sampling runs on the device with its state in buffers (local.sampling); its repetition penalty has seen the prompt.
+        sampler = TokenSampler(settings, logits.shape[-1], logits.device, stop_ids, generator)
+        sampler.observe(history_ids[:, :length])
         if self.prompt_lookup and settings.greedy:
             finish, first_token_at, last_token_at, forwards = self._decode_with_lookup(
-                ids, logits, history_ids, settings, min_new_tokens, processors, stop_ids, stop_event,
-                detokenizer, answer_ids, emit, forwards,
+                ids, logits, history_ids, settings, min_new_tokens, sampler, stop_event, detokenizer, answer_ids, emit,
+                forwards,
             )
         else:
             while True:
-                if len(answer_ids) < min_new_tokens:
-                    logits = logits.index_fill(-1, stop_ids, float("-inf"))
-                sampled = _sample(logits, history_ids[:, :length], processors, generator, settings.greedy)
+                sampled = sampler(logits, len(answer_ids) < min_new_tokens)
                 reader.copy(sampled)
                 # The sampled token goes into the history on the device, and the next forward is queued before the
                 # host reads the token: the host's work for this token (stop checks, detokenizing, streaming) then
@@ -362,7 +366,7 @@ class ChatEngine:
 
     def _decode_with_lookup(
         self, ids: list[int], logits: torch.Tensor, history_ids: torch.Tensor, settings: SamplingSettings,
-        min_new_tokens: int, processors: LogitsProcessorList, stop_ids: torch.Tensor, stop_event: threading.Event,
+        min_new_tokens: int, sampler: TokenSampler, stop_event: threading.Event,
         detokenizer: StreamDetokenizer, answer_ids: list[int], emit: Callable[[str], None], forwards: int,
     ) -> tuple[FinishReason, float, float, int]:
         """Greedy decoding with prompt-lookup drafts: (finish, first and last token times, forwards)."""
@@ -371,7 +375,7 @@ class ChatEngine:
         length = len(ids)
         first_token_at = last_token_at = 0.0
         # The answer's next tokens, chosen from logits already computed; all but the last are in the cache.
-        queue = [_choose(logits, history_ids[:, :length], processors, stop_ids, len(answer_ids) < min_new_tokens)]
+        queue = [int(sampler(logits, len(answer_ids) < min_new_tokens))]
         while True:
             for token in queue:
                 history_ids[0, length] = token
@@ -391,13 +395,12 @@ class ChatEngine:
                     return FinishReason.LENGTH, first_token_at, last_token_at, forwards
                 if length >= self.context_limit:
                     return FinishReason.CONTEXT, first_token_at, last_token_at, forwards
-            queue = self._verify_step(lookup, budget, history_ids, length, settings, answer_ids, min_new_tokens,
-                                      processors, stop_ids)
+            queue = self._verify_step(lookup, budget, history_ids, length, settings, answer_ids, min_new_tokens, sampler)
             forwards += 1
 
     def _verify_step(
         self, lookup: NgramLookup, budget: DraftBudget, history_ids: torch.Tensor, length: int, settings: SamplingSettings,
-        answer_ids: list[int], min_new_tokens: int, processors: LogitsProcessorList, stop_ids: torch.Tensor,
+        answer_ids: list[int], min_new_tokens: int, sampler: TokenSampler,
     ) -> list[int]:
         """One forward over the last token and a prompt-lookup draft; the tokens it settles (greedy), in order.
 
@@ -412,25 +415,27 @@ class ChatEngine:
         if not draft:
             logits = self.runner.decode(self._cache, last, length - 1)
             self._cached_ids.append(lookup.tokens[-1])  # the host copy: reading the device's would sync
-            return [_choose(logits, history_ids[:, :length], processors, stop_ids, len(answer_ids) < min_new_tokens)]
+            return [int(sampler(logits, len(answer_ids) < min_new_tokens))]
         history_ids[0, length : length + len(draft)] = torch.tensor(draft, dtype=torch.long)
         rows = self.runner.verify(self._cache, history_ids[:, length - 1 : length + len(draft)], length - 1)
         settled: list[int] = []
         choices: list[int] | None = None
-        if not processors:
+        if not sampler.processes:
             # Every row's greedy token in one read (one device sync, not one per row); the rows before min_new_tokens
             # cannot choose a stop.
             suppressed = max(0, min(len(draft) + 1, min_new_tokens - len(answer_ids)))
             if suppressed:
                 rows = rows.clone()
-                rows[:suppressed].index_fill_(-1, stop_ids, float("-inf"))
+                rows[:suppressed].index_fill_(-1, sampler.stop_ids, float("-inf"))
             choices = rows.argmax(dim=-1).tolist()
         for index in range(len(draft) + 1):
             if choices is not None:
                 token = choices[index]
-            else:  # the repetition penalty sees each row's own history
+            else:
+                # The repetition penalty sees each row's own history: the sampler marks every token it settles, and
+                # row i + 1 is reached only if row i's token is the draft's (so the draft's tokens so far are marked).
                 suppress = len(answer_ids) + index < min_new_tokens
-                token = _choose(rows[index : index + 1], history_ids[:, : length + index], processors, stop_ids, suppress)
+                token = int(sampler(rows[index : index + 1], suppress))
             settled.append(token)
             if index == len(draft) or token != draft[index] or token in (self._eos_id, self._human_id):
                 break
@@ -491,49 +496,6 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     while index < limit and a[index] == b[index]:
         index += 1
     return index
-
-
-def _logits_processors(settings: SamplingSettings) -> LogitsProcessorList:
-    processors = LogitsProcessorList()
-    if settings.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
-    if not settings.greedy:
-        if settings.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(settings.temperature))
-        if settings.top_k:
-            processors.append(TopKLogitsWarper(settings.top_k))
-        if settings.top_p < 1.0:
-            processors.append(TopPLogitsWarper(settings.top_p))
-    return processors
-
-
-def _sample(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    processors: LogitsProcessorList,
-    generator: torch.Generator | None,
-    greedy: bool,
-) -> torch.Tensor:
-    """The next token as a [1] tensor on the logits' device (reading it on the host is the caller's one sync)."""
-    scores = processors(input_ids, logits.float()) if processors else logits
-    if greedy:
-        return scores.argmax(dim=-1)
-    probabilities = torch.softmax(scores.float(), dim=-1)
-    # torch.multinomial's own draw for one sample (argmax of p / Exp(1) noise, the same random stream), without
-    # its two validity checks, each a device-to-host sync.
-    noise = torch.empty_like(probabilities).exponential_(1, generator=generator)
-    return (probabilities / noise).argmax(dim=-1)
-
-
-def _choose(
-    logits: torch.Tensor, input_ids: torch.Tensor, processors: LogitsProcessorList, stop_ids: torch.Tensor,
-    suppress_stops: bool,
-) -> int:
-    """The greedy token for one row of logits ([1, vocab]), read on the host (prompt lookup needs it there)."""
-    if suppress_stops:
-        logits = logits.index_fill(-1, stop_ids, float("-inf"))
-    scores = processors(input_ids, logits.float()) if processors else logits
-    return int(scores.argmax(dim=-1).view(-1)[0])
 
 
 class _TokenReader:

@@ -12,6 +12,9 @@ Two runners do this:
   of all 32K slots. Capturing takes seconds, not torch.compile's tens of seconds.
 - `CompiledRunner` lets torch.compile (mode reduce-overhead) fuse and capture the step, attending over the
   whole cache. The first GPU check (H100, 7B, 2K context) measured 118 tok/s with it and 39 s of warm-up.
+- "fused" (`make_runner(kind="fused")`) is `GraphRunner` over a model whose element-wise pieces are compiled
+  (`modeling.compile_pointwise`: each RMSNorm, RoPE on q and k, SiLU times up, one kernel each): the graphs' cheap
+  capture per window with far fewer kernels in them. Opt-in (`bluelm bench --runner fused`) until a GPU has measured it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ class RewindableStaticCache(StaticCache):
             # In place: the counter's address is baked into the captured graph.
             layer.cumulative_length.sub_(-tokens_to_remove)
 
+    def rewind(self) -> None:
+        """Empty the cache: every layer's length counter back to 0, in place and without reading it (no host sync).
+        Stale slots are overwritten before they are attended to."""
+        with torch.inference_mode():
+            for layer in self.layers:
+                layer.cumulative_length.zero_()
+
 
 class _StaticCacheRunner(StepRunner):
     """A runner over one static cache for its whole life, with the decode step's inputs in fixed buffers:
@@ -67,11 +77,7 @@ class _StaticCacheRunner(StepRunner):
 
     @staticmethod
     def _rewind(cache: RewindableStaticCache) -> None:
-        # Moving the length counter back is enough: stale slots are overwritten before they are attended to.
-        length = int(cache.get_seq_length())
-        if length:
-            with torch.inference_mode():
-                cache.crop(-length)
+        cache.rewind()
 
     def _forward_one(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=token, position_ids=position, cache=self._cache, use_cache=True, logits_to_keep=1)
@@ -199,8 +205,8 @@ class GraphRunner(_StaticCacheRunner):
             return self._forward_one(self._token, self._position)
         graph, logits = captured
         graph.replay()
-        # The graph's output buffer is overwritten by the next replay: copy it out.
-        return logits.clone()
+        # The graph's own output buffer, no copy: it stays valid until the next replay, which is all decode() promises.
+        return logits
 
     def warm_up(self) -> None:
         """Allocate the cache and capture a decode graph per window (at load time, behind a status line)."""
@@ -241,7 +247,7 @@ def static_cache_length(context_length: int, bytes_per_token: int, free_bytes: i
 
 
 DEFAULT_RUNNER = "graphs"
-RUNNERS = ("graphs", "compiled")
+RUNNERS = ("graphs", "compiled", "fused")
 
 
 def make_runner(
@@ -251,7 +257,7 @@ def make_runner(
     on_status: Callable[[str], None] | None = None,
     kind: str = DEFAULT_RUNNER,
 ) -> StepRunner:
-    """The fast path on CUDA when enabled (`kind`: "graphs" or "compiled"); eager everywhere else or if it fails."""
+    """The fast path on CUDA when enabled (`kind`: "graphs", "compiled" or "fused"); eager everywhere else or if it fails."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
     # bitsandbytes' layers are not capturable; torchao's quantized weights (--quantize) are.
@@ -278,15 +284,32 @@ def make_runner(
         if positions < loaded.context_length and on_status:
             on_status(f"The KV cache holds {positions} of the model's {loaded.context_length} positions (free GPU memory)")
         runner: GraphRunner | CompiledRunner
-        runner = GraphRunner(loaded.model, positions) if kind == "graphs" else CompiledRunner(loaded.model, positions)
+        if kind == "fused":
+            _compile_pointwise(loaded.model)
+        runner = CompiledRunner(loaded.model, positions) if kind == "compiled" else GraphRunner(loaded.model, positions)
         runner.warm_up()
         return runner
     except Exception as error:  # noqa: BLE001 - any capture or compiler failure must fall back, never crash
         if on_status:
             first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
             on_status(f"Warning: the fast path failed ({first}); using the eager path")
-        if kind == "compiled":
+        if kind == "fused":
+            _eager_pointwise(loaded.model)  # the eager path must not call kernels that failed to compile
+        if kind in ("compiled", "fused"):
             # Best effort: dynamo's reset can itself trip over compiled functions being collected meanwhile.
             with contextlib.suppress(Exception):
                 torch.compiler.reset()
         return StepRunner(loaded.model)
+
+
+def _compile_pointwise(model: torch.nn.Module) -> None:
+    from bluelm_cli.modeling.modeling_bluelm import compile_pointwise
+
+    if not compile_pointwise(model):
+        raise ValueError("the fused runner needs a BlueLM model (nothing to compile)")
+
+
+def _eager_pointwise(model: torch.nn.Module) -> None:
+    from bluelm_cli.modeling.modeling_bluelm import eager_pointwise
+
+    eager_pointwise(model)
