@@ -425,8 +425,12 @@ def make_runner(
     enabled: bool = True,
     on_status: Callable[[str], None] | None = None,
     kind: str = DEFAULT_RUNNER,
+    prefill_graph: bool = False,
 ) -> StepRunner:
-    """The fast path on CUDA when enabled (`kind`: "graphs", "compiled" or "fused"); eager everywhere else or if it fails."""
+    """The fast path on CUDA when enabled (`kind`: "graphs", "compiled" or "fused"); eager everywhere else or if it fails.
+
+    `prefill_graph`: the graphs and fused runners also replay each prefill chunk from a CUDA graph per bucket length
+    (captured on first use); opt-in until a GPU has measured it."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
     # bitsandbytes' layers are not capturable; torchao's quantized weights (--quantize) are.
@@ -455,7 +459,12 @@ def make_runner(
         runner: GraphRunner | CompiledRunner
         if kind == "fused":
             _compile_pointwise(loaded.model)
-        runner = CompiledRunner(loaded.model, positions) if kind == "compiled" else GraphRunner(loaded.model, positions)
+        if kind == "compiled":
+            if prefill_graph and on_status:
+                on_status("The graph prefill is for the graphs and fused runners: the compiled runner prefills eagerly")
+            runner = CompiledRunner(loaded.model, positions)
+        else:
+            runner = GraphRunner(loaded.model, positions, prefill_graphs=prefill_graph)
         runner.warm_up()
         return runner
     except Exception as error:  # noqa: BLE001 - any capture or compiler failure must fall back, never crash
