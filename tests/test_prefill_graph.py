@@ -221,6 +221,25 @@ def test_make_runner_passes_the_graph_prefill_on(loaded: LoadedModel, monkeypatc
     assert "The graph prefill is for the graphs and fused runners: the compiled runner prefills eagerly" in messages
 
 
+def test_make_runner_says_which_prefill_graph_failed_to_capture(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    def warm_up(self: GraphRunner) -> None:  # what warm_up does for the prefill graphs, without CUDA
+        self.new_cache()
+        self._eager_prefill(torch.ones((1, 4), dtype=torch.long), 0)
+        self._prefill_chunk(torch.ones((1, 64), dtype=torch.long), 0)
+
+    def broken(self: GraphRunner, step: object, start: int) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(GraphRunner, "warm_up", warm_up)
+    monkeypatch.setattr(GraphRunner, "_capture_prefill", broken)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
+    messages: list[str] = []
+    with torch.inference_mode():
+        runner = make_runner(dataclasses.replace(loaded, device=torch.device("cuda")), prefill_graph=True, on_status=messages.append)
+    assert isinstance(runner, GraphRunner)  # the decode graphs stay; that length prefills eagerly
+    assert messages[-1] == "Warning: the graph prefill of 64 tokens failed (out of memory); that length prefills eagerly"
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.fixture(scope="module")
 def on_gpu(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
@@ -264,3 +283,4 @@ def test_cuda_graph_prefill_answers_equal_eager(on_gpu: LoadedModel, prompt_look
     expected = conversation(ChatEngine(on_gpu))
     assert conversation(ChatEngine(on_gpu, runner=runner, prompt_lookup=prompt_lookup)) == expected
     assert all(step.graph is not None for step in runner._prefills.values())
+    assert {(bucket, bucket, True) for bucket in runner.buckets} <= set(runner._prefills)  # captured at warm-up

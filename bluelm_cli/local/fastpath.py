@@ -183,6 +183,9 @@ def prefill_buckets(prefill_chunk: int, max_cache_len: int, smallest: int = 64) 
 _MASK_CAN_BE_FORCED = "allow_is_causal_skip" in inspect.signature(create_causal_mask).parameters
 
 
+_PREFILL_FAILED = "the graph prefill"
+
+
 class _PaddedPrefill:
     """One prefill shape: `bucket` tokens from a start position, attending over `window` slots of the static cache, with
     its inputs in fixed buffers (and, on CUDA, the captured graph that reads them).
@@ -308,7 +311,7 @@ class GraphRunner(_StaticCacheRunner):
                 self._failed_prefills.add(key)
                 self._set_length(start)
                 first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-                warnings.warn(f"the graph prefill of {bucket} tokens failed ({first}); that length prefills eagerly",
+                warnings.warn(f"{_PREFILL_FAILED} of {bucket} tokens failed ({first}); that length prefills eagerly",
                               RuntimeWarning, stacklevel=2)
                 return self._eager_prefill(ids, start)
         assert step.graph is not None and step.logits is not None
@@ -378,7 +381,8 @@ class GraphRunner(_StaticCacheRunner):
         return logits
 
     def warm_up(self) -> None:
-        """Allocate the cache and capture a decode graph per window (at load time, behind a status line)."""
+        """Allocate the cache and capture a decode graph per window, and with `prefill_graphs` a prefill graph per bucket
+        from an empty cache (at load time, behind a status line)."""
         cache = self.new_cache()
         device = self._token.device
         with torch.inference_mode():
@@ -402,6 +406,13 @@ class GraphRunner(_StaticCacheRunner):
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     logits = self._forward_one(self._token, self._position)
                 self._graphs[window] = (graph, logits)
+            if self.prefill_graphs:
+                # A chat's first prompt prefills from an empty cache: those graphs (one per bucket, flash attention) are
+                # captured now, so its time to first token is a replay. A later turn's (per bucket and window) are
+                # captured on first use.
+                for bucket in self.buckets:
+                    self._prefill_chunk(torch.ones((1, bucket), dtype=torch.long, device=device), 0)
+                    self._rewind(cache)
             torch.cuda.synchronize(device)
 
 
@@ -465,7 +476,14 @@ def make_runner(
             runner = CompiledRunner(loaded.model, positions)
         else:
             runner = GraphRunner(loaded.model, positions, prefill_graphs=prefill_graph)
-        runner.warm_up()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            runner.warm_up()
+        for warning in caught:
+            if on_status and str(warning.message).startswith(_PREFILL_FAILED):  # that length prefills eagerly
+                on_status(f"Warning: {warning.message}")
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         return runner
     except Exception as error:  # noqa: BLE001 - any capture or compiler failure must fall back, never crash
         if on_status:
