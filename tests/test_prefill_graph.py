@@ -134,6 +134,28 @@ def test_the_padded_forward_reads_no_tensor_on_the_host(loaded: LoadedModel, mon
     assert cache_length(runner) == start + 20
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_padded_prefill_compiles_into_one_graph(loaded: LoadedModel, backend: str) -> None:
+    # fullgraph=True: dynamo traces the whole padded forward (mask, cache writes, the length counter set back) without a
+    # break, the other way to run it as one graph (torch.compile per bucket; "eager" checks the trace, "inductor" the code).
+    runner = padded_runner(loaded)
+    cache = runner.new_cache()
+    compiled = torch.compile(runner._padded_forward, fullgraph=True, backend=backend, dynamic=False)
+    eager = StepRunner(loaded.model)
+    eager_cache = eager.new_cache()
+    with torch.inference_mode():
+        for start, count in ((0, 40), (40, 30)):
+            ids = random_ids(count, seed=start)
+            bucket = runner.bucket_for(count)
+            assert bucket is not None
+            step = fastpath._PaddedPrefill(bucket, bucket if not start else runner.window_for(start + bucket), not start,
+                                           torch.device("cpu"), torch.float32)
+            step.load(ids, start)
+            torch.testing.assert_close(compiled(step), eager.prefill(eager_cache, ids, start), atol=TOLERANCE, rtol=0)
+            assert cache_length(runner) == start + count
+    torch.compiler.reset()
+
+
 def test_a_prompt_longer_than_a_chunk_prefills_chunk_by_chunk(loaded: LoadedModel) -> None:
     eager = StepRunner(loaded.model, prefill_chunk=64)
     runner = padded_runner(loaded, prefill_chunk=64)
@@ -238,6 +260,32 @@ def test_make_runner_says_which_prefill_graph_failed_to_capture(loaded: LoadedMo
         runner = make_runner(dataclasses.replace(loaded, device=torch.device("cuda")), prefill_graph=True, on_status=messages.append)
     assert isinstance(runner, GraphRunner)  # the decode graphs stay; that length prefills eagerly
     assert messages[-1] == "Warning: the graph prefill of 64 tokens failed (out of memory); that length prefills eagerly"
+
+
+def test_bench_prefill_graph_flag_reaches_the_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bluelm bench --prefill-graph` asks make_runner for it and says so in --json (here a CPU stand-in for the CUDA
+    runner: the padded prefill stepped eagerly, through the whole benchmark conversation)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bluelm_cli.cli.app import app
+
+    asked: list[bool] = []
+
+    def fake_make_runner(loaded: LoadedModel, *, prefill_graph: bool = False, **options: object) -> GraphRunner:
+        asked.append(prefill_graph)
+        runner = GraphRunner(loaded.model, loaded.context_length, use_graphs=False, smallest_window=16, prefill_graphs=prefill_graph)
+        runner.warm_up()
+        return runner
+
+    monkeypatch.setattr(fastpath, "make_runner", fake_make_runner)
+    folder = build_checkpoint(tmp_path / "ckpt", TinySpec(max_position_embeddings=512, seed=3))
+    result = CliRunner().invoke(app, ["bench", "--random-weights", "--model", str(folder), "--device", "cpu", "--prefill-graph",
+                                      "--turns", "2", "--prompt-tokens", "40", "--new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert asked == [True] and report["prefill_graph"] is True and len(report["turns"]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
