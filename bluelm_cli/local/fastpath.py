@@ -3,7 +3,7 @@
 Batch-1 decoding of a 7B model should be limited by reading the weights (about 215 tok/s on an H100),
 but eager PyTorch spends ~20 ms of Python and kernel-launch overhead per token. A static cache gives
 the decode step fixed shapes and addresses, so it can be captured in a CUDA graph once and replayed each
-token. Prefill stays eager (its length varies). Cache reuse across turns still works: the static cache is
+token. Prefill stays eager (its length varies) unless the graph prefill below is asked for. Cache reuse across turns still works: the static cache is
 cropped by moving its length counter back.
 
 Two runners do this:
