@@ -63,8 +63,12 @@ def test_buckets_are_powers_of_two_up_to_the_chunk() -> None:
     assert [runner.bucket_for(n) for n in (1, 63, 64, 65, 1000, 2048, 2049)] == [64, 64, 64, 128, 1024, 2048, None]
 
 
-@pytest.mark.parametrize("count", [1, 63, 64, 65, 1000])
-def test_padded_prefill_logits_equal_the_eager_prefill_from_empty_and_from_an_offset(loaded: LoadedModel, count: int) -> None:
+@pytest.mark.parametrize("count, attention", [(1, "sdpa"), (63, "sdpa"), (64, "sdpa"), (65, "sdpa"), (1000, "sdpa"), (65, "eager")])
+def test_padded_prefill_logits_equal_the_eager_prefill_from_empty_and_from_an_offset(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, count: int, attention: str,
+) -> None:
+    # "eager": transformers' additive float mask instead of SDPA's boolean one.
+    monkeypatch.setattr(loaded.model.config, "_attn_implementation", attention)
     eager = StepRunner(loaded.model)
     eager_cache = eager.new_cache()
     runner = padded_runner(loaded)
@@ -184,6 +188,17 @@ def test_padding_that_would_run_past_the_cache_prefills_eagerly(loaded: LoadedMo
                                    eager.prefill(eager_cache, random_ids(30, seed=7), 60), atol=TOLERANCE, rtol=0)
     assert all(fresh for _, _, fresh in runner._prefills)
     assert cache_length(runner) == 90
+
+
+def test_other_attention_implementations_prefill_eagerly(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = padded_runner(loaded)
+    monkeypatch.setattr(loaded.model.config, "_attn_implementation", "flex_attention")
+    calls: list[str] = []
+    monkeypatch.setattr(runner, "_padded_forward", lambda step: calls.append("padded") or torch.zeros(1))
+    monkeypatch.setattr(runner, "_eager_prefill", lambda ids, start: calls.append("eager") or torch.zeros(1))
+    with torch.inference_mode():
+        runner.prefill(runner.new_cache(), random_ids(10, seed=11), 0)
+    assert calls == ["eager"]
 
 
 def conversation(engine: ChatEngine) -> list[list[int]]:

@@ -185,6 +185,10 @@ _MASK_CAN_BE_FORCED = "allow_is_causal_skip" in inspect.signature(create_causal_
 
 _PREFILL_FAILED = "the graph prefill"
 
+# Attention implementations whose mask the padded prefill builds as transformers does (a boolean or additive mask over
+# the window). flash-attention-2's kernels align a causal mask to the keys' end, which a window past the tokens breaks.
+_PADDED_ATTENTION = ("sdpa", "eager")
+
 
 class _PaddedPrefill:
     """One prefill shape: `bucket` tokens from a start position, attending over `window` slots of the static cache, with
@@ -291,6 +295,8 @@ class GraphRunner(_StaticCacheRunner):
         bucket = self.bucket_for(count)
         if bucket is None or start + bucket > self.max_positions:
             return self._eager_prefill(ids, start)  # the padding would run past the cache's last slot
+        if self.model.config._attn_implementation not in _PADDED_ATTENTION:
+            return self._eager_prefill(ids, start)
         fresh = start == 0
         if not fresh and not _MASK_CAN_BE_FORCED:
             return self._eager_prefill(ids, start)
