@@ -143,20 +143,20 @@ def test_the_padded_prefill_compiles_into_one_graph(loaded: LoadedModel, backend
     # fullgraph=True: dynamo traces the whole padded forward (mask, cache writes, the length counter set back) without a
     # break, the other way to run it as one graph (torch.compile per bucket; "eager" checks the trace, "inductor" the code).
     runner = padded_runner(loaded)
-    cache = runner.new_cache()
+    runner.new_cache()
     compiled = torch.compile(runner._padded_forward, fullgraph=True, backend=backend, dynamic=False)
     eager = StepRunner(loaded.model)
     eager_cache = eager.new_cache()
     with torch.inference_mode():
-        for start, count in ((0, 40), (40, 30)):
-            ids = random_ids(count, seed=start)
+        for offset, count in ((0, 40), (40, 30)):
+            ids = random_ids(count, seed=offset)
             bucket = runner.bucket_for(count)
             assert bucket is not None
-            step = fastpath._PaddedPrefill(bucket, bucket if not start else runner.window_for(start + bucket), not start,
+            step = fastpath._PaddedPrefill(bucket, bucket if not offset else runner.window_for(offset + bucket), not offset,
                                            torch.device("cpu"), torch.float32)
-            step.load(ids, start)
-            torch.testing.assert_close(compiled(step), eager.prefill(eager_cache, ids, start), atol=TOLERANCE, rtol=0)
-            assert cache_length(runner) == start + count
+            step.load(ids, offset)
+            torch.testing.assert_close(compiled(step), eager.prefill(eager_cache, ids, offset), atol=TOLERANCE, rtol=0)
+            assert cache_length(runner) == offset + count
     torch.compiler.reset()
 
 
