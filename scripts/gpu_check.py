@@ -440,7 +440,7 @@ def step_bench_prefill(check: Check, limit: float) -> dict[str, Any]:
     shape, prompt, new, _ = GPU_SHAPES["2k"]
     started = time.monotonic()
     data: dict[str, Any] = {}
-    for label, extra in (("eager_prefill", []), ("graph_prefill", ["--prefill-graph"])):
+    for label, extra in (("eager_prefill", ["--no-prefill-graph"]), ("graph_prefill", ["--prefill-graph"])):
         command = _python("-m", "bluelm_cli", "bench", "--random-weights", "--shape", shape, *_device_flags(check),
                           "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", "2", "--repeats", "2",
                           "--runner", "graphs", *extra, "--json")

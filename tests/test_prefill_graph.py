@@ -251,7 +251,10 @@ def test_make_runner_passes_the_graph_prefill_on(loaded: LoadedModel, monkeypatc
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 1024**3, 80 * 1024**3))
     on_cuda = dataclasses.replace(loaded, device=torch.device("cuda"))
     assert make_runner(on_cuda, prefill_graph=True).prefill_graphs is True  # type: ignore[attr-defined]
-    assert make_runner(on_cuda).prefill_graphs is False  # type: ignore[attr-defined]
+    assert make_runner(on_cuda).prefill_graphs is fastpath.DEFAULT_PREFILL_GRAPH is False  # type: ignore[attr-defined]
+    monkeypatch.setattr(fastpath, "DEFAULT_PREFILL_GRAPH", True)  # the one line to flip once a GPU has measured it
+    assert make_runner(on_cuda).prefill_graphs is True  # type: ignore[attr-defined]
+    assert make_runner(on_cuda, prefill_graph=False).prefill_graphs is False  # type: ignore[attr-defined]
     messages: list[str] = []
     monkeypatch.setattr(fastpath.CompiledRunner, "warm_up", lambda self: None)
     make_runner(on_cuda, kind="compiled", prefill_graph=True, on_status=messages.append)
@@ -286,21 +289,27 @@ def test_bench_prefill_graph_flag_reaches_the_runner(tmp_path: Path, monkeypatch
 
     from bluelm_cli.cli.app import app
 
-    asked: list[bool] = []
+    asked: list[bool | None] = []
 
-    def fake_make_runner(loaded: LoadedModel, *, prefill_graph: bool = False, **options: object) -> GraphRunner:
+    def fake_make_runner(loaded: LoadedModel, *, prefill_graph: bool | None = None, **options: object) -> GraphRunner:
         asked.append(prefill_graph)
-        runner = GraphRunner(loaded.model, loaded.context_length, use_graphs=False, smallest_window=16, prefill_graphs=prefill_graph)
+        runner = GraphRunner(loaded.model, loaded.context_length, use_graphs=False, smallest_window=16,
+                             prefill_graphs=bool(prefill_graph))
         runner.warm_up()
         return runner
 
     monkeypatch.setattr(fastpath, "make_runner", fake_make_runner)
     folder = build_checkpoint(tmp_path / "ckpt", TinySpec(max_position_embeddings=512, seed=3))
-    result = CliRunner().invoke(app, ["bench", "--random-weights", "--model", str(folder), "--device", "cpu", "--prefill-graph",
-                                      "--turns", "2", "--prompt-tokens", "40", "--new-tokens", "4", "--json"])
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert asked == [True] and report["prefill_graph"] is True and len(report["turns"]) == 2
+    reports = []
+    for flag in ("--prefill-graph", "--no-prefill-graph", None):
+        result = CliRunner().invoke(app, ["bench", "--random-weights", "--model", str(folder), "--device", "cpu",
+                                          *([flag] if flag else []), "--turns", "2", "--prompt-tokens", "40", "--new-tokens", "4",
+                                          "--json"])
+        assert result.exit_code == 0, result.stderr
+        reports.append(json.loads(result.stdout))
+    assert asked == [True, False, None]  # None: make_runner's default, the chat's
+    assert [report["prefill_graph"] for report in reports] == [True, False, False]
+    assert len(reports[0]["turns"]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ GPU only

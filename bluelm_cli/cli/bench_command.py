@@ -29,7 +29,7 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Run the conversation N times; keep each turn's best figures.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `turns` list.")] = False,
     runner: Annotated[str, typer.Option(metavar="NAME", help="The CUDA fast path to measure: graphs (CUDA graphs per attention window, the chat's), compiled (torch.compile) or fused (graphs per window with RMSNorm, RoPE and SiLU compiled into one kernel each).")] = "graphs",
-    prefill_graph: Annotated[bool, typer.Option("--prefill-graph", help="With the graphs or fused runner, also replay each prefill chunk from a CUDA graph (padded to a bucket length; flash attention from an empty cache). Opt-in: not yet measured on a GPU.")] = False,
+    prefill_graph: Annotated[Optional[bool], typer.Option("--prefill-graph/--no-prefill-graph", help="With the graphs or fused runner, also replay each prefill chunk from a CUDA graph (padded to a bucket length; flash attention from an empty cache). Default: what the chat does (off until a GPU has measured it).", show_default=False)] = None,
     debug: DebugOpt = False,
 ) -> int:
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""

@@ -133,7 +133,7 @@ def engine_options(settings: ResolvedSettings, runner: object) -> dict[str, bool
 
 
 def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None,
-                 *, announce: bool = True, prefill_graph: bool = False) -> ChatEngine:
+                 *, announce: bool = True, prefill_graph: bool | None = None) -> ChatEngine:
     from bluelm_cli.local.engine import ChatEngine
     from bluelm_cli.local.fastpath import DEFAULT_RUNNER, make_runner
 

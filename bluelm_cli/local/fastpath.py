@@ -433,6 +433,8 @@ def static_cache_length(context_length: int, bytes_per_token: int, free_bytes: i
 
 
 DEFAULT_RUNNER = "graphs"
+# Off until the GPU check's `bench_prefill` step has measured the 1,000-token TTFT with and without it (BENCHMARKS.md).
+DEFAULT_PREFILL_GRAPH = False
 RUNNERS = ("graphs", "compiled", "fused")
 
 
@@ -442,14 +444,16 @@ def make_runner(
     enabled: bool = True,
     on_status: Callable[[str], None] | None = None,
     kind: str = DEFAULT_RUNNER,
-    prefill_graph: bool = False,
+    prefill_graph: bool | None = None,
 ) -> StepRunner:
     """The fast path on CUDA when enabled (`kind`: "graphs", "compiled" or "fused"); eager everywhere else or if it fails.
 
-    `prefill_graph`: the graphs and fused runners also replay each prefill chunk from a CUDA graph per bucket length
-    (captured on first use); opt-in until a GPU has measured it."""
+    `prefill_graph`: the graphs and fused runners also replay each prefill chunk from a CUDA graph per bucket length;
+    None = `DEFAULT_PREFILL_GRAPH` (what the chat gets)."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
+    if prefill_graph is None:
+        prefill_graph = DEFAULT_PREFILL_GRAPH
     # bitsandbytes' layers are not capturable; torchao's quantized weights (--quantize) are.
     bitsandbytes = bool(loaded.quantization) and not loaded.quantization.startswith("torchao")
     if not enabled or loaded.device.type != "cuda" or bitsandbytes:
