@@ -216,11 +216,17 @@ def conversation(engine: ChatEngine) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("prompt_lookup", [False, True], ids=["plain", "prompt-lookup"])
-def test_greedy_answers_equal_the_eager_engine_across_turns(loaded: LoadedModel, prompt_lookup: bool) -> None:
+def test_greedy_answers_equal_the_eager_engine_across_turns(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, prompt_lookup: bool,
+) -> None:
     runner = padded_runner(loaded, prefill_chunk=128)  # the longer turns run over more than one chunk
+    verified: list[int] = []
+    verify = runner.verify
+    monkeypatch.setattr(runner, "verify", lambda cache, ids, start: verified.append(ids.shape[1]) or verify(cache, ids, start))
     expected = conversation(ChatEngine(loaded))
     assert conversation(ChatEngine(loaded, runner=runner, prompt_lookup=prompt_lookup)) == expected
     assert any(not fresh for _, _, fresh in runner._prefills) and any(fresh for _, _, fresh in runner._prefills)
+    assert bool(verified) == prompt_lookup  # drafts were checked over the cache the padded prefills wrote
 
 
 def test_a_failed_capture_warns_and_that_length_prefills_eagerly(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
