@@ -27,6 +27,9 @@ The speed steps (issue 22; `--steps speed` runs only these after env and install
                and fused, eager, from the CUDA graph, compiled by inductor (RMSNorm and RoPE fused in), and with only
                the element-wise pieces compiled under the CUDA graphs (the `fused` runner)
   bench_fused  bench_bf16 with `--runner fused`: decode tok/s and TTFT with RMSNorm, RoPE and SiLU one kernel each
+  bench_prefill  bench_bf16 twice (16 new tokens, `--repeats 2`): `--no-prefill-graph`, then `--prefill-graph` (each
+               prefill chunk replayed from a CUDA graph per bucket length): TTFT of the 1,000-token first prompt and of
+               turn 2, warm-up time and peak GPU memory (the prefill graphs' pool), with and without
   bench_int8   bluelm bench --quantize int8 (torchao weight-only), 7B shapes, with the fast path
   bench_int4   the same with --quantize int4 (CUDA only)
   context      bluelm bench --turns 40 past the 2K window: prefill per turn after the window fills, with and
@@ -77,8 +80,8 @@ CPU_SHAPES = {"2k": ("cpu25m", 64, 16, 3), "32k": ("cpu25m-32k", 256, 16, 2)}
 # Worst cases on one H100, in the order they run; the overall budget trims the last ones first.
 STEP_LIMITS_S = {"env": 45, "install": 60, "imports": 60, "gpu_tests": 150, "profile": 120, "bench_2k": 220,
                  "bench_32k": 150, "warm_start": 90, "first_prompt": 90,
-                 "bench_bf16": 120, "kernels": 150, "bench_fused": 120, "bench_int8": 100, "bench_int4": 100, "context": 150, "lookup": 90, "quality": 120}
-SPEED_STEPS = ("bench_bf16", "kernels", "bench_fused", "bench_int8", "bench_int4", "context", "lookup", "quality")
+                 "bench_bf16": 120, "kernels": 150, "bench_fused": 120, "bench_prefill": 150, "bench_int8": 100, "bench_int4": 100, "context": 150, "lookup": 90, "quality": 120}
+SPEED_STEPS = ("bench_bf16", "kernels", "bench_fused", "bench_prefill", "bench_int8", "bench_int4", "context", "lookup", "quality")
 CORE_STEPS = ("imports", "gpu_tests", "profile", "bench_2k", "bench_32k", "warm_start", "first_prompt")
 # The context step's workload: `bluelm bench`'s turns (32-token messages, 64 new tokens) for 40 turns, which
 # fills the 2K window at about turn 19 and again at about 29 and 39.
@@ -430,6 +433,36 @@ def step_bench_bf16(check: Check, limit: float, runner: str = "graphs") -> dict[
     return report
 
 
+def step_bench_prefill(check: Check, limit: float) -> dict[str, Any]:
+    """TTFT of the 1,000-token first prompt (and of turn 2) with the eager prefill and with `--prefill-graph`, both on the
+    graphs runner, each the best of two conversations (turn 2's prefill graph is captured on first use)."""
+    if check.cpu:
+        return {"_status": "skipped", "note": "the graph prefill is a CUDA fast path (its CPU tests: tests/test_prefill_graph.py)"}
+    shape, prompt, _, _ = GPU_SHAPES["2k"]
+    new = 16  # TTFT is the figure: few decoded tokens keep the two benches' device time down
+    started = time.monotonic()
+    data: dict[str, Any] = {}
+    for label, extra in (("eager_prefill", ["--no-prefill-graph"]), ("graph_prefill", ["--prefill-graph"])):
+        command = _python("-m", "bluelm_cli", "bench", "--random-weights", "--shape", shape, *_device_flags(check),
+                          "--prompt-tokens", str(prompt), "--new-tokens", str(new), "--turns", "2", "--repeats", "2",
+                          "--runner", "graphs", *extra, "--json")
+        try:
+            rc, output = check.run(command, max(1.0, limit - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            rc, output = -1, "killed at the step's time limit"
+        if rc != 0:
+            data[label] = {"_status": "failed", "command": _shown(command), "tail": output.strip().splitlines()[-5:]}
+            continue
+        report = _json_tail(output)
+        data[label] = {"command": _shown(command), "compile_s": report.get("compile_s"), "prefill_graph": report.get("prefill_graph"),
+                       "peak_gpu_mem_gb": report.get("peak_gpu_mem_gb"),
+                       "turns": [{key: turn.get(key) for key in ("turn", "context_tokens", "reused_tokens", "prefill_tokens", "ttft_s")}
+                                 for turn in report["turns"]]}
+    if all(part.get("_status") == "failed" for part in data.values()):
+        data["_status"] = "failed"
+    return data
+
+
 def step_bench_quantized(check: Check, limit: float, scheme: str) -> dict[str, Any]:
     if scheme == "int4" and check.cpu:
         return {"_status": "skipped", "note": "int4 needs CUDA (torchao's kernels)"}
@@ -507,6 +540,7 @@ def step_quality(check: Check, limit: float) -> dict[str, Any]:
 SPEED_FUNCTIONS: dict[str, Callable[[Check, float], dict[str, Any]]] = {
     "bench_bf16": lambda check, limit: step_bench_bf16(check, limit),
     "bench_fused": lambda check, limit: step_bench_bf16(check, limit, "fused"),
+    "bench_prefill": step_bench_prefill,
     "kernels": step_kernels,
     "bench_int8": lambda check, limit: step_bench_quantized(check, limit, "int8"),
     "bench_int4": lambda check, limit: step_bench_quantized(check, limit, "int4"),
@@ -682,6 +716,22 @@ def speed_rows(steps: list[dict[str, Any]], cpu: bool, add: Callable[..., None])
         add(f"bf16: TTFT, {fused['turns'][0]['context_tokens']}-token prompt (fused runner)", 1000 * fused["turns"][0]["ttft_s"], "ms")
         if fused.get("compile_s") is not None:
             add("bf16: fused runner warm-up (compile and capture)", fused["compile_s"], "s")
+    prefill = _data(steps, "bench_prefill")
+    for label, what in (("eager_prefill", "eager prefill"), ("graph_prefill", "graph prefill")):
+        turns = (prefill.get(label) or {}).get("turns") or []
+        if turns:
+            ttft = 1000 * turns[0]["ttft_s"]
+            graph = label == "graph_prefill"
+            add(f"bf16: TTFT, {turns[0]['context_tokens']}-token prompt, {what} (graphs runner, best of 2)", ttft, "ms",
+                "≤ 40 ms" if graph else "", ttft <= 40 if graph else None)
+            if len(turns) > 1:
+                add(f"bf16: TTFT turn 2 ({turns[1]['prefill_tokens']} new tokens at {turns[1]['reused_tokens']}), {what}",
+                    1000 * turns[1]["ttft_s"], "ms")
+        part = prefill.get(label) or {}
+        if part.get("compile_s") is not None:
+            add(f"bf16: graphs runner warm-up, {what}", part["compile_s"], "s")
+        if part.get("peak_gpu_mem_gb") is not None:  # the prefill graphs' memory pool shows as the difference
+            add(f"bf16: peak GPU memory, {what}", part["peak_gpu_mem_gb"], "GB")
     kernels = _data(steps, "kernels")
     for label in ("eager_unfused", "graph_unfused", "eager_fused", "graph_fused", "compiled_fused", "compiled_fused_graph",
                   "pointwise_fused", "pointwise_fused_graph"):

@@ -51,16 +51,20 @@ def _synchronizing_calls(engine: ChatEngine, settings: SamplingSettings, history
     return syncs, result.new_tokens
 
 
-@pytest.mark.parametrize("kind", ["eager", "graphs", "compiled", "fused"])
+@pytest.mark.parametrize("kind", ["eager", "graphs", "compiled", "fused", "graph-prefill"])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 def test_one_device_sync_per_decoded_token(checkpoint: Path, kind: str, greedy: bool) -> None:
     loaded = load_model(str(checkpoint), device="cuda", dtype="bfloat16")
-    runner = make_runner(loaded, enabled=kind != "eager", kind="compiled" if kind == "eager" else kind)
-    assert type(runner) is {"eager": StepRunner, "graphs": GraphRunner, "compiled": CompiledRunner, "fused": GraphRunner}[kind]
+    runner_kind = {"eager": "compiled", "graph-prefill": "graphs"}.get(kind, kind)
+    runner = make_runner(loaded, enabled=kind != "eager", kind=runner_kind, prefill_graph=kind == "graph-prefill")
+    expected = {"eager": StepRunner, "graphs": GraphRunner, "compiled": CompiledRunner, "fused": GraphRunner, "graph-prefill": GraphRunner}
+    assert type(runner) is expected[kind]
     engine = ChatEngine(loaded, runner=runner)
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.0 if greedy else 0.7, seed=0)
     history: list[HistoryTurn] = []
     _synchronizing_calls(engine, settings, history)  # first turn: allocations, graph capture
+    if kind == "graph-prefill":
+        _synchronizing_calls(engine, settings, history)  # a later turn's prefill graph (by bucket and window): first use
     syncs, tokens = _synchronizing_calls(engine, settings, history)  # second turn reuses the cache
     assert tokens == NEW_TOKENS
     assert syncs <= NEW_TOKENS + PER_TURN_SYNCS, f"{syncs} syncs for {tokens} tokens"

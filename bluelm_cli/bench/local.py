@@ -109,6 +109,7 @@ class BenchReport:
     overhead: dict[str, Any] | None = None  # overhead.OverheadReport as a dict
     compile_s: float | None = None  # the fast path's warm-up: capture or compile (set by the CLI, which builds the runner)
     runner: str | None = None  # which fast path ("graphs", "compiled"); None = eager
+    prefill_graph: bool = False  # prefill chunks replayed from CUDA graphs per bucket length (--prefill-graph)
     forwards_per_token: float = 0.0  # model calls per generated token over the conversation (engine side)
     prompt_lookup: bool = False
     context_shift: bool = False
@@ -512,7 +513,8 @@ def format_report(report: BenchReport) -> str:
         f"decode       {report.decode_tok_s:,.1f} tok/s (mean over {len(report.turns)} turns)",
         f"forwards     {report.forwards_per_token:.3f} per generated token"
         + f"   prompt lookup {'on' if report.prompt_lookup else 'off'}   context shift {'on' if report.context_shift else 'off'}",
-        *([f"warm-up      {report.compile_s:.2f} s (the {report.runner} decode step, at start)"] if report.compile_s is not None else []),
+        *([f"warm-up      {report.compile_s:.2f} s (the {report.runner} decode step"
+           + (" and the prefill graphs" if report.prefill_graph else "") + ", at start)"] if report.compile_s is not None else []),
         "peak memory  "
         + (f"GPU {report.peak_gpu_mem_gb:.2f} GB, " if report.peak_gpu_mem_gb is not None else "")
         + f"host {report.peak_host_mem_gb:.2f} GB",

@@ -29,6 +29,7 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, metavar="N", help="Run the conversation N times; keep each turn's best figures.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with a `turns` list.")] = False,
     runner: Annotated[str, typer.Option(metavar="NAME", help="The CUDA fast path to measure: graphs (CUDA graphs per attention window, the chat's), compiled (torch.compile) or fused (graphs per window with RMSNorm, RoPE and SiLU compiled into one kernel each).")] = "graphs",
+    prefill_graph: Annotated[Optional[bool], typer.Option("--prefill-graph/--no-prefill-graph", help="With the graphs or fused runner, also replay each prefill chunk from a CUDA graph (padded to a bucket length; flash attention from an empty cache). Default: what the chat does (off until a GPU has measured it).", show_default=False)] = None,
     debug: DebugOpt = False,
 ) -> int:
     """Measure load time, prefill, time to first token per turn and decode speed (see BENCHMARKS.md)."""
@@ -63,7 +64,7 @@ def bench(
         loaded = load_local(settings, None, errors, chatting=False)
         label = loaded.model_id
     runner_started = time.perf_counter()
-    engine = local_engine(loaded, settings, errors, runner)
+    engine = local_engine(loaded, settings, errors, runner, prefill_graph=prefill_graph)
     runner_s = time.perf_counter() - runner_started
     with errors.status("Running the benchmark conversation…"):
         report = run_bench(engine, prompt_tokens=prompt_tokens, new_tokens=new_tokens, turns=turns,
@@ -71,6 +72,7 @@ def bench(
     if type(engine.runner) is not StepRunner:
         report.compile_s = runner_s
         report.runner = runner
+        report.prefill_graph = bool(getattr(engine.runner, "prefill_graphs", False))
     typer.echo(report.to_json() if as_json else format_report(report))
     return ExitStatus.OK
 

@@ -133,7 +133,7 @@ def engine_options(settings: ResolvedSettings, runner: object) -> dict[str, bool
 
 
 def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Console, runner_kind: str | None = None,
-                 *, announce: bool = True) -> ChatEngine:
+                 *, announce: bool = True, prefill_graph: bool | None = None) -> ChatEngine:
     from bluelm_cli.local.engine import ChatEngine
     from bluelm_cli.local.fastpath import DEFAULT_RUNNER, make_runner
 
@@ -144,7 +144,7 @@ def local_engine(loaded: LoadedModel, settings: ResolvedSettings, console: Conso
 
     prepare_weights(loaded, settings, note if announce else lambda text: None)  # "Quantized …": -v in `ask`
     runner = _int8_cache_runner(loaded, settings, note) or make_runner(
-        loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER, on_status=note)
+        loaded, enabled=bool(settings["compile"]), kind=runner_kind or DEFAULT_RUNNER, on_status=note, prefill_graph=prefill_graph)
     return ChatEngine(loaded, runner=runner, **engine_options(settings, runner))
 
 

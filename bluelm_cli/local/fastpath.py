@@ -3,7 +3,7 @@
 Batch-1 decoding of a 7B model should be limited by reading the weights (about 215 tok/s on an H100),
 but eager PyTorch spends ~20 ms of Python and kernel-launch overhead per token. A static cache gives
 the decode step fixed shapes and addresses, so it can be captured in a CUDA graph once and replayed each
-token. Prefill stays eager (its length varies). Cache reuse across turns still works: the static cache is
+token. Prefill stays eager (its length varies) unless the graph prefill below is asked for. Cache reuse across turns still works: the static cache is
 cropped by moving its length counter back.
 
 Two runners do this:
@@ -15,19 +15,29 @@ Two runners do this:
 - "fused" (`make_runner(kind="fused")`) is `GraphRunner` over a model whose element-wise pieces are compiled
   (`modeling.compile_pointwise`: each RMSNorm, RoPE on q and k, SiLU times up, one kernel each): the graphs' cheap
   capture per window with far fewer kernels in them. Opt-in (`bluelm bench --runner fused`) until a GPU has measured it.
+
+The graph prefill (`GraphRunner(prefill_graphs=True)`, `make_runner(prefill_graph=True)`, opt-in until a GPU has
+measured it) runs each prefill chunk as one replayed CUDA graph too: the chunk's tokens padded to a bucket length
+(powers of two from 64 to the chunk size), see `_PaddedPrefill`. Graphs, not torch.compile per bucket: a capture
+costs one eager forward and takes well under a second, where compiling the decode step alone took 39 s on the H100.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import warnings
 from collections.abc import Callable
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import StaticCache
 from transformers.cache_utils import Cache, StaticLayer
+from transformers.masking_utils import create_causal_mask
 
-from bluelm_cli.local.engine import StepRunner
+from bluelm_cli.local.engine import _PREFILL_ATTENTION, DEFAULT_PREFILL_CHUNK, StepRunner
 from bluelm_cli.local.loading import LoadedModel
+from bluelm_cli.modeling._compat import causal_mask
 
 
 class RewindableStaticCache(StaticCache):
@@ -57,8 +67,8 @@ class _StaticCacheRunner(StepRunner):
     """A runner over one static cache for its whole life, with the decode step's inputs in fixed buffers:
     a captured graph reads and writes the same addresses at every replay."""
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int) -> None:
-        super().__init__(model)
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        super().__init__(model, prefill_chunk=prefill_chunk)
         self.max_positions = max_cache_len
         device = next(model.parameters()).device
         self._token = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -158,18 +168,93 @@ def attention_windows(max_cache_len: int, smallest: int = 256) -> list[int]:
     return [*windows, max_cache_len]
 
 
+def prefill_buckets(prefill_chunk: int, max_cache_len: int, smallest: int = 64) -> list[int]:
+    """Lengths a graph prefill pads a chunk to: powers of two from `smallest`, then the longest chunk that fits."""
+    longest = min(prefill_chunk, max_cache_len)
+    buckets = []
+    size = smallest
+    while size < longest:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, longest]
+
+
+# Whether this transformers' create_causal_mask can be told to build the mask even where `is_causal` would do.
+_MASK_CAN_BE_FORCED = "allow_is_causal_skip" in inspect.signature(create_causal_mask).parameters
+
+
+_PREFILL_FAILED = "the graph prefill"
+
+# Attention implementations whose mask the padded prefill builds as transformers does (a boolean or additive mask over
+# the window). flash-attention-2's kernels align a causal mask to the keys' end, which a window past the tokens breaks.
+_PADDED_ATTENTION = ("sdpa", "eager")
+
+
+class _PaddedPrefill:
+    """One prefill shape: `bucket` tokens from a start position, attending over `window` slots of the static cache, with
+    its inputs in fixed buffers (and, on CUDA, the captured graph that reads them).
+
+    The chunk's `count` real tokens come first, padding after (token 0, positions continuing past the last real one).
+    Every token is written into the cache at its position, padding too, so the cache's length counter is set back to
+    `start + count` at the end (in the graph): the padding's slots lie past the cache's length, where the causal mask
+    hides them from every later query (a query at position p sees slots <= p, and slot p was written by then), and the
+    next decode step, verify or prefill overwrites them. Within the chunk the padding comes after every real token,
+    so causality hides it from them too. Logits are formed for the last real token only (`logits_to_keep` as an index
+    tensor).
+
+    `fresh` (start 0, an empty cache): the window is the bucket itself, so the query and key lengths are equal and
+    transformers passes SDPA no mask, `is_causal=True`: flash attention. Otherwise (a later turn's or chunk's prefill)
+    the start varies between replays, so the mask is built on the device from the cache's length counter, over the
+    smallest attention window that holds `start + bucket` slots (SDPA's memory-efficient kernel, which takes a mask).
+    """
+
+    def __init__(self, bucket: int, window: int, fresh: bool, device: torch.device, dtype: torch.dtype) -> None:
+        self.bucket, self.window, self.fresh = bucket, window, fresh
+        self.ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
+        self.positions = torch.zeros((1, bucket), dtype=torch.long, device=device)
+        self.offsets = torch.arange(bucket, dtype=torch.long, device=device)
+        self.last = torch.zeros((1,), dtype=torch.long, device=device)  # index of the last real token
+        self.end = torch.zeros((), dtype=torch.long, device=device)  # the cache's length after the chunk
+        # The mask helper reads only the shape, dtype and device of the embeddings: a stand-in with no storage to speak of.
+        self.embeds_like = torch.empty((1, 1, 1), dtype=dtype, device=device).expand(1, bucket, 1)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def load(self, ids: torch.Tensor, start: int) -> None:
+        """The chunk's ids and positions into the buffers (device-side copies and fills: no host sync)."""
+        count = ids.shape[1]
+        self.ids[:, :count].copy_(ids)
+        self.ids[:, count:].zero_()
+        torch.add(self.offsets, start, out=self.positions[0])
+        self.last.fill_(count - 1)
+        self.end.fill_(start + count)
+
+
 class GraphRunner(_StaticCacheRunner):
     """StepRunner over one windowed static cache, its decode step replayed from a CUDA graph per window.
 
     `use_graphs=False` runs the same windowed steps eagerly (how the window logic is tested on a CPU).
+    `prefill_graphs=True`: each prefill chunk runs padded to a bucket (see `_PaddedPrefill`), replayed from a graph
+    captured on the bucket's first use; with `use_graphs=False` the padded steps run eagerly.
     """
 
-    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, use_graphs: bool = True, smallest_window: int = 256) -> None:
-        super().__init__(model, max_cache_len)
+    def __init__(
+        self, model: torch.nn.Module, max_cache_len: int, *, use_graphs: bool = True, smallest_window: int = 256,
+        prefill_graphs: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, smallest_bucket: int = 64,
+    ) -> None:
+        super().__init__(model, max_cache_len, prefill_chunk=prefill_chunk)
         self.windows = attention_windows(max_cache_len, smallest_window)
         self._window = _Window(max_cache_len)
         self._use_graphs = use_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_graphs = prefill_graphs
+        self.buckets = prefill_buckets(prefill_chunk, max_cache_len, smallest_bucket)
+        # (bucket, window, fresh) -> its buffers and graph; the shapes whose capture failed run eagerly.
+        self._prefills: dict[tuple[int, int, bool], _PaddedPrefill] = {}
+        self._failed_prefills: set[tuple[int, int, bool]] = set()
+        # All prefill graphs draw on one memory pool: they never run at once and their outputs are copied out at once,
+        # so the pool holds the largest bucket's activations rather than the sum over buckets.
+        self._prefill_pool: tuple[int, int] | None = None
 
     def _make_cache(self) -> RewindableStaticCache:
         return WindowedStaticCache(self.model.config, self.max_positions, self._window)
@@ -181,10 +266,103 @@ class GraphRunner(_StaticCacheRunner):
                 return size
         raise ValueError(f"{positions} positions exceed the static cache's {self.max_positions}")
 
+    def bucket_for(self, count: int) -> int | None:
+        """The smallest bucket holding `count` tokens (None: longer than any)."""
+        for size in self.buckets:
+            if size >= count:
+                return size
+        return None
+
     def prefill(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
-        if cache is self._cache:
-            self._window.size = self.window_for(start + ids.shape[1])
-        return super().prefill(cache, ids, start)
+        if cache is not self._cache:
+            return super().prefill(cache, ids, start)
+        if not self.prefill_graphs:
+            return self._eager_prefill(ids, start)
+        logits = None
+        for offset in range(0, ids.shape[1], self.prefill_chunk):
+            logits = self._prefill_chunk(ids[:, offset : offset + self.prefill_chunk], start + offset)
+        if logits is None:
+            raise ValueError("prefill needs at least one token")
+        return logits
+
+    def _eager_prefill(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        self._window.size = self.window_for(start + ids.shape[1])
+        return super().prefill(self._cache, ids, start)  # type: ignore[arg-type]
+
+    def _prefill_chunk(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """One chunk (at most `prefill_chunk` tokens) padded to its bucket; eager where no bucket fits or capture failed."""
+        count = ids.shape[1]
+        bucket = self.bucket_for(count)
+        if bucket is None or start + bucket > self.max_positions:
+            return self._eager_prefill(ids, start)  # the padding would run past the cache's last slot
+        if self.model.config._attn_implementation not in _PADDED_ATTENTION:
+            return self._eager_prefill(ids, start)
+        fresh = start == 0
+        if not fresh and not _MASK_CAN_BE_FORCED:
+            return self._eager_prefill(ids, start)
+        key = (bucket, bucket if fresh else self.window_for(start + bucket), fresh)
+        if key in self._failed_prefills:
+            return self._eager_prefill(ids, start)
+        step = self._prefills.get(key)
+        if step is None:
+            step = self._prefills[key] = _PaddedPrefill(*key, ids.device, self.model.get_input_embeddings().weight.dtype)
+        step.load(ids, start)
+        if not self._use_graphs:
+            return self._padded_forward(step)
+        if step.graph is None:
+            try:
+                self._capture_prefill(step, start)
+            except Exception as error:  # noqa: BLE001 - a failed capture falls back to the eager prefill, never crashes
+                del self._prefills[key]
+                self._failed_prefills.add(key)
+                self._set_length(start)
+                first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+                warnings.warn(f"{_PREFILL_FAILED} of {bucket} tokens failed ({first}); that length prefills eagerly",
+                              RuntimeWarning, stacklevel=2)
+                return self._eager_prefill(ids, start)
+        assert step.graph is not None and step.logits is not None
+        step.graph.replay()
+        # Copied out: another bucket's replay may reuse the shared pool's memory under this graph's output.
+        return step.logits.clone()
+
+    def _padded_forward(self, step: _PaddedPrefill) -> torch.Tensor:
+        """The padded chunk through the model (what a prefill graph captures): logits of its last real token, [1, vocab]."""
+        self._window.size = step.window
+        mask = None
+        if not step.fresh:
+            # Built from the cache's length counter on the device (the start varies between replays), over the window.
+            mask = causal_mask(config=self.model.config, inputs_embeds=step.embeds_like, attention_mask=None,
+                               cache=self._cache, position_ids=step.positions, allow_is_causal_skip=False)
+        with sdpa_kernel(_PREFILL_ATTENTION):
+            out = self.model(input_ids=step.ids, position_ids=step.positions, attention_mask=mask, cache=self._cache,
+                             use_cache=True, logits_to_keep=step.last)
+        assert self._cache is not None
+        for layer in self._cache.layers:
+            # In place, from a device buffer: the padding's slots fall past the cache's length.
+            layer.cumulative_length.copy_(step.end)
+        return out.logits[:, -1, :]
+
+    def _set_length(self, length: int) -> None:
+        assert self._cache is not None
+        for layer in self._cache.layers:
+            layer.cumulative_length.fill_(length)
+
+    def _capture_prefill(self, step: _PaddedPrefill, start: int) -> None:
+        device = step.ids.device
+        # A first run outside the capture (kernels load, libraries allocate workspaces), on a side stream as the decode
+        # graphs' warm-up does. It writes what the replay writes; the length counter goes back for the replay.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._padded_forward(step)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self._set_length(start)
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_pool, capture_error_mode="thread_local"):
+            logits = self._padded_forward(step)
+        step.graph, step.logits = graph, logits
 
     def verify(self, cache: Cache, ids: torch.Tensor, start: int) -> torch.Tensor:
         # Eager, like a prefill: the window must cover the draft's positions (a replayed decode step leaves it as
@@ -209,11 +387,12 @@ class GraphRunner(_StaticCacheRunner):
         return logits
 
     def warm_up(self) -> None:
-        """Allocate the cache and capture a decode graph per window (at load time, behind a status line)."""
+        """Allocate the cache and capture a decode graph per window, and with `prefill_graphs` a prefill graph per bucket
+        from an empty cache (at load time, behind a status line)."""
         cache = self.new_cache()
         device = self._token.device
         with torch.inference_mode():
-            self.prefill(cache, torch.ones((1, 4), dtype=torch.long, device=device), 0)  # allocates the cache
+            self._eager_prefill(torch.ones((1, 4), dtype=torch.long, device=device), 0)  # allocates the cache
             if not self._use_graphs:
                 self._rewind(cache)
                 return
@@ -233,6 +412,13 @@ class GraphRunner(_StaticCacheRunner):
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     logits = self._forward_one(self._token, self._position)
                 self._graphs[window] = (graph, logits)
+            if self.prefill_graphs:
+                # A chat's first prompt prefills from an empty cache: those graphs (one per bucket, flash attention) are
+                # captured now, so its time to first token is a replay. A later turn's (per bucket and window) are
+                # captured on first use.
+                for bucket in self.buckets:
+                    self._prefill_chunk(torch.ones((1, bucket), dtype=torch.long, device=device), 0)
+                    self._rewind(cache)
             torch.cuda.synchronize(device)
 
 
@@ -247,6 +433,8 @@ def static_cache_length(context_length: int, bytes_per_token: int, free_bytes: i
 
 
 DEFAULT_RUNNER = "graphs"
+# Off until the GPU check's `bench_prefill` step has measured the 1,000-token TTFT with and without it (BENCHMARKS.md).
+DEFAULT_PREFILL_GRAPH = False
 RUNNERS = ("graphs", "compiled", "fused")
 
 
@@ -256,10 +444,16 @@ def make_runner(
     enabled: bool = True,
     on_status: Callable[[str], None] | None = None,
     kind: str = DEFAULT_RUNNER,
+    prefill_graph: bool | None = None,
 ) -> StepRunner:
-    """The fast path on CUDA when enabled (`kind`: "graphs", "compiled" or "fused"); eager everywhere else or if it fails."""
+    """The fast path on CUDA when enabled (`kind`: "graphs", "compiled" or "fused"); eager everywhere else or if it fails.
+
+    `prefill_graph`: the graphs and fused runners also replay each prefill chunk from a CUDA graph per bucket length;
+    None = `DEFAULT_PREFILL_GRAPH` (what the chat gets)."""
     if kind not in RUNNERS:
         raise ValueError(f"unknown runner {kind!r}; choose one of {', '.join(RUNNERS)}")
+    if prefill_graph is None:
+        prefill_graph = DEFAULT_PREFILL_GRAPH
     # bitsandbytes' layers are not capturable; torchao's quantized weights (--quantize) are.
     bitsandbytes = bool(loaded.quantization) and not loaded.quantization.startswith("torchao")
     if not enabled or loaded.device.type != "cuda" or bitsandbytes:
@@ -286,8 +480,20 @@ def make_runner(
         runner: GraphRunner | CompiledRunner
         if kind == "fused":
             _compile_pointwise(loaded.model)
-        runner = CompiledRunner(loaded.model, positions) if kind == "compiled" else GraphRunner(loaded.model, positions)
-        runner.warm_up()
+        if kind == "compiled":
+            if prefill_graph and on_status:
+                on_status("The graph prefill is for the graphs and fused runners: the compiled runner prefills eagerly")
+            runner = CompiledRunner(loaded.model, positions)
+        else:
+            runner = GraphRunner(loaded.model, positions, prefill_graphs=prefill_graph)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            runner.warm_up()
+        for warning in caught:
+            if on_status and str(warning.message).startswith(_PREFILL_FAILED):  # that length prefills eagerly
+                on_status(f"Warning: {warning.message}")
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         return runner
     except Exception as error:  # noqa: BLE001 - any capture or compiler failure must fall back, never crash
         if on_status:
