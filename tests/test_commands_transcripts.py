@@ -371,6 +371,31 @@ def test_save_json_and_markdown(paths: UserPaths, tmp_path: Path) -> None:
     assert "**You:**" in target.read_text("utf-8")
 
 
+def test_save_never_replaces_a_file_bluelm_did_not_write(paths: UserPaths, tmp_path: Path) -> None:
+    # `/save notes.md` over the user's own notes (or, as root, `/save /etc/passwd`) must not clobber them;
+    # an earlier /save of a chat (JSON or Markdown) and an empty file are replaced as before.
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes\n")
+    data = tmp_path / "data.json"
+    data.write_text('{"format": "something-else"}\n')
+    earlier_json, earlier_md, empty = tmp_path / "chat.json", tmp_path / "chat.md", tmp_path / "empty.json"
+    empty.touch()
+    chat = Chat(FakeBackend().queue("Hi."), new_session(paths))
+    repl, screen = repl_for(chat, paths, width=300)
+    for line in ("hi", f"/save {notes}", f"/save {data}", f"/save {earlier_json}", f"/save {earlier_md}",
+                 f"/save {earlier_json}", f"/save {earlier_md}", f"/save {empty}"):
+        repl.handle(line)
+    assert screen.getvalue() == (
+        "Hi.\n\n"
+        f"Error: cannot save to {notes}: it exists and bluelm did not write it; choose another name, or remove it first\n"
+        f"Error: cannot save to {data}: it exists and bluelm did not write it; choose another name, or remove it first\n"
+        f"Saved to {earlier_json}\nSaved to {earlier_md}\nSaved to {earlier_json}\nSaved to {earlier_md}\nSaved to {empty}\n"
+    )
+    assert notes.read_text() == "my own notes\n" and data.read_text() == '{"format": "something-else"}\n'
+    assert json.loads(empty.read_text("utf-8"))["turns"][0]["user"] == "hi"
+    assert users(chat) == ["hi"]
+
+
 def test_save_to_a_missing_directory_fails_and_the_chat_goes_on(paths: UserPaths, tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "chat.json"
     not_a_dir = tmp_path / "file.txt"
@@ -392,7 +417,7 @@ def test_failed_save_leaves_an_existing_file_untouched(
     paths: UserPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "keep.json"
-    target.write_text("precious")
+    target.write_text("# BlueLM chat: an earlier transcript\n")
 
     def full_disk(*args: object) -> None:
         raise OSError(28, "No space left on device")
@@ -403,7 +428,7 @@ def test_failed_save_leaves_an_existing_file_untouched(
     repl.handle("hi")
     repl.handle(f"/save {target}")
     assert screen.getvalue() == f"Hi.\n\nError: cannot save to {target} (No space left on device); the existing file, if any, is unchanged\n"
-    assert target.read_text() == "precious" and list(tmp_path.iterdir()) == [target]
+    assert target.read_text() == "# BlueLM chat: an earlier transcript\n" and list(tmp_path.iterdir()) == [target]
     assert users(chat) == ["hi"]
 
 
