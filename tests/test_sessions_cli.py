@@ -57,7 +57,18 @@ def test_listing_shows_turns_time_model_and_the_first_message(two_sessions: tupl
     assert (result.exit_code, result.stderr) == (0, "")
     assert result.stdout == (
         f"poem          1 turn   {local(newer)}  vivo-ai/BlueLM-7B-Chat  “写一首关于杭州的诗”\n"
-        f"rust-help     2 turns  {local(older)}  BlueLM-7B-Chat  “How do I read a file in Rust, line by l…”\n"
+        f"rust-help     2 turns  {local(older)}  BlueLM-7B-Chat          “How do I read a file in Rust, line by l…”\n"
+    )
+
+
+def test_listing_aligns_names_and_models_by_their_width_on_screen() -> None:
+    # A Chinese name takes two columns a character: padded by len() it pushed its row out of line.
+    make_session("杭州", "/data/BlueLM-7B-Chat-32K", [("hi", "ok")], 1_780_086_400.0)
+    make_session("rust", "模型", [("hi", "ok")], 1_780_000_000.0)
+    stdout = invoke("sessions").stdout
+    assert stdout == (
+        f"杭州     1 turn   {local(1_780_086_400.0)}  BlueLM-7B-Chat-32K  “hi”\n"
+        f"rust     1 turn   {local(1_780_000_000.0)}  模型                “hi”\n"
     )
 
 
