@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
+from rich.cells import cell_len
 from rich.console import Console
 
 from bluelm_cli.chat.service import Chat
@@ -28,7 +29,8 @@ from bluelm_cli.local.engine import ChatEngine
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.local.loading import load_model
 from bluelm_cli.config.paths import UserPaths, user_paths
-from bluelm_cli.ui.repl import run_chat
+from bluelm_cli.ui.output import ChatOutput
+from bluelm_cli.ui.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session, Turn
 from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 from bluelm_cli.testing.fakes import CharEncoder, FakeBackend, FakeStream, Scripted
@@ -193,6 +195,31 @@ def test_dropped_turns_are_announced(paths: UserPaths) -> None:
 
 
 # ------------------------------------------------------------------------------------------ commands
+@pytest.mark.parametrize("width", [80, 50])
+def test_help_in_a_narrow_terminal_keeps_its_columns(paths: UserPaths, width: int) -> None:
+    # The terminal used to wrap each long row at its edge, so a description ran on under the command names
+    # ("/copy [N]        Copy the" / "last answer, …"). Now it wraps in its own column, or, where that column
+    # would be too narrow, under the name, indented.
+    screen = io.StringIO()
+    # (a height too: rich takes TERM=unknown, as the tests set it, for a dumb 80x25 terminal otherwise)
+    console = Console(file=screen, width=width, height=25, force_terminal=True, color_system=None)
+    repl = ChatRepl(Chat(FakeBackend(), new_session(paths)), ChatOutput(console, interactive=True), paths=paths)
+    repl.handle("/help")
+    lines = screen.getvalue().splitlines()
+    assert [line for line in lines if cell_len(line) > width] == []
+    copy_row = lines.index(next(line for line in lines if line.startswith("/copy [N]")))
+    if width == 80:  # the names take 40 columns: the descriptions wrap in the 38 beside them
+        assert lines[copy_row : copy_row + 3] == [
+            "/copy [N]                                Copy the last answer, or its N-th code",
+            "                                         block, to the clipboard.",
+            "/stats on|off                            Show tokens, time to first token and",
+        ]
+    else:
+        assert lines[copy_row] == "/copy [N]"
+        assert lines[copy_row + 1].startswith("    Copy the last answer,")
+        assert all(line.startswith("    ") for line in lines[copy_row + 1 : lines.index("/stats on|off")])
+
+
 def test_help_lists_every_command_from_the_table(paths: UserPaths) -> None:
     repl, screen = repl_for(Chat(FakeBackend(), new_session(paths)), paths, width=200)
     repl.handle("/help")
