@@ -167,8 +167,14 @@ def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BlueLMError(f"{config_path} is not valid JSON ({error}); download the checkpoint again") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if not isinstance(model_type, str) or model_type.lower() != "bluelm":
+    # A config that is not even an object, or names no model type, is damaged, not another model's.
+    if not isinstance(config, dict):
+        kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(config), "null")
+        raise BlueLMError(f"{config_path} is not a model config (a JSON {kind}, not an object); download the checkpoint again")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise BlueLMError(f"{config_path} is not a model config (no model_type); download the checkpoint again")
+    if model_type.lower() != "bluelm":
         raise BlueLMError(
             f"{folder} holds a '{model_type}' model, not BlueLM; bluelm-cli runs BlueLM checkpoints such as {DEFAULT_MODEL}"
         )
