@@ -10,6 +10,7 @@ outcome for the loop (an answer to show, or exit) and report problems by raising
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, Union
@@ -265,13 +266,31 @@ def _file(ctx: CommandContext, args: str) -> Outcome:
     attachment = read_attachment(_unquote(args))
     chat = ctx.chat
     encoder = chat.backend.encoder
-    check_fits(encoder, chat.system, [*ctx.attachments, attachment],
+    # The same file again (edited since, say) replaces its earlier copy: in the message twice, it would also
+    # count twice against the context.
+    same = [index for index, attached in enumerate(ctx.attachments) if _same_path(attached.name, attachment.name)]
+    others = [attached for index, attached in enumerate(ctx.attachments) if index not in same]
+    check_fits(encoder, chat.system, [*others, attachment],
                context_limit=chat.context_limit, max_new_tokens=chat.sampling.max_new_tokens)
-    ctx.attachments.append(attachment)
+    if same:
+        ctx.attachments[same[0]] = attachment
+        again = " again"
+        where = ", in place of the earlier copy"
+    else:
+        ctx.attachments.append(attachment)
+        again = where = ""
     ctx.out.note(
-        f"Attached {attachment.name} ({token_count(encoder, attachment):,} tokens); it goes with your next message"
+        f"Attached {attachment.name}{again} ({token_count(encoder, attachment):,} tokens){where}; it goes with your next message"
     )
     return None
+
+
+def _same_path(first: str, second: str) -> bool:
+    """Whether two paths as typed name the same file (`x.py`, `./x.py`, a link to it)."""
+    try:
+        return os.path.samefile(expand_user(first), expand_user(second))
+    except (OSError, ValueError, BlueLMError):
+        return False
 
 
 def _copy(ctx: CommandContext, args: str) -> Outcome:
