@@ -110,6 +110,7 @@ def run_chat(
         repl.loading.attach(prompt_session)
     if first_message:  # `bluelm chat "hi"`: the first message, as if typed at the first prompt
         repl.out.console.print(Text.assemble((PROMPT, "bold cyan"), safe_for_terminal(first_message)))
+        prompt_session.history.append_string(first_message)  # so ↑ brings it back, as a typed one
         try:
             repl.handle(first_message)
         except KeyboardInterrupt:
