@@ -366,6 +366,27 @@ def test_a_cjk_session_name_too_long_for_a_file_name_is_a_clear_error(checkpoint
         assert result.exit_code == 2 and "at most 249 bytes" in result.stderr and "Traceback" not in result.output
 
 
+def test_a_chat_that_ends_with_nothing_said_leaves_no_empty_session(checkpoint: Path, isolated_home: Path) -> None:
+    """Every chat opened and left without a message stayed as "0 turns (empty)" in `bluelm sessions`, and
+    `chat -c` / `ask -c` then continued that empty session instead of the last conversation."""
+    from bluelm_cli.config.paths import user_paths
+
+    sessions_dir = user_paths().sessions_dir
+    result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "2", "--session", "real", "hi"])
+    assert result.exit_code == 0, result.stderr
+    for command, typed in ((["chat"], ""), (["chat"], "/set temperature 0.2\n/show system\n"),
+                           (["chat", "--session", "named"], "")):
+        result = runner.invoke(app, [*command, "--model", str(checkpoint), "-n", "2"], input=typed)
+        assert result.exit_code == 0, result.stderr
+        assert sorted(path.name for path in sessions_dir.glob("*.jsonl")) == ["real.jsonl"]
+    result = runner.invoke(app, ["chat", "-c", "--model", str(checkpoint), "-n", "2"], input="more\n")
+    assert result.exit_code == 0, result.stderr
+    assert _turns(sessions_dir, "real") == ["hi", "more"]
+    # A chat that said something keeps its session, and so does a resumed one that said nothing this time.
+    result = runner.invoke(app, ["chat", "--resume", "real", "--model", str(checkpoint), "-n", "2"], input="")
+    assert result.exit_code == 0 and _turns(sessions_dir, "real") == ["hi", "more"]
+
+
 def test_a_session_name_starting_with_a_dash_works_with_an_equals_sign(checkpoint: Path, isolated_home: Path) -> None:
     from bluelm_cli.config.paths import user_paths
 
