@@ -108,6 +108,23 @@ def test_rm_deletes_and_unknown_names_are_one_line_errors(two_sessions: tuple[fl
     assert invoke("sessions", "show", "a/b").stderr.startswith("Error: invalid session name 'a/b'")
 
 
+def test_a_name_starting_with_a_dash_gets_told_to_follow_two_dashes() -> None:
+    # "Error: No such option: -d" alone left the user of a session named -dash (which `ask --session=-dash`
+    # makes) guessing; the error now shows the command that works.
+    make_session("-dash", "m", [("hi", "ok")], 1_780_000_000.0)
+    for verb in ("show", "rm"):
+        result = invoke("sessions", verb, "-dash")
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"Error: No such option: -d; a name starting with '-' goes after '--': bluelm sessions {verb} -- -dash"
+            f" (see 'bluelm sessions {verb} --help')\n"
+        )
+    result = invoke("sessions", "search", "-ok")
+    assert result.stderr.startswith("Error: No such option: -o; a text starting with '-' goes after '--': bluelm sessions search -- -ok")
+    assert invoke("sessions", "show", "--", "-dash").exit_code == 0
+    assert invoke("sessions", "show", "--jsn").stderr.startswith("Error: No such option: --jsn; did you mean --json?")
+
+
 def test_search_finds_text_in_messages_and_answers(two_sessions: tuple[float, float]) -> None:
     found = invoke("sessions", "search", "PYTHON")
     assert (found.exit_code, found.stderr) == (0, "")
