@@ -357,7 +357,7 @@ def _load_with_transformers(
             ) from None
         if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
             raise BlueLMError(f"out of memory while loading {model}; try --load-in-4bit or a smaller --dtype") from None
-        problem = _weight_file_problem(folder)
+        problem = weight_file_problem(folder)
         if problem:
             raise BlueLMError(problem) from None
         raise BlueLMError(f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again") from None
@@ -441,7 +441,7 @@ def _load_dequantized(
     except torch.cuda.OutOfMemoryError:
         raise BlueLMError(f"out of GPU memory while loading {model} dequantised to {dtype_name(dtype)}; free the GPU") from None
     except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
-        problem = _weight_file_problem(folder)
+        problem = weight_file_problem(folder)
         raise BlueLMError(
             problem or f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again"
         ) from None
@@ -484,7 +484,7 @@ def _indexed_shards(folder: Path) -> list[Path]:
     return shards
 
 
-def _weight_file_problem(folder: Path) -> str | None:
+def weight_file_problem(folder: Path) -> str | None:
     """After loading failed: the message naming the weight file that is missing, damaged or unsafe, if one is."""
     import pickle
 
