@@ -333,6 +333,23 @@ def test_invalid_set_values_name_the_valid_range(paths: UserPaths, command: str,
     assert chat.session.sampling == before and [r["type"] for r in journal(chat.session)] == ["start"]
 
 
+def test_a_long_system_prompt_is_not_echoed_whole(paths: UserPaths) -> None:
+    # `/set system <a page of instructions>` printed the page back in quotes, and /show printed it again;
+    # both now show its start and its length, and /show system the whole of it.
+    system = "Answer as a careful reviewer. " * 20
+    chat = Chat(FakeBackend(), new_session(paths))
+    repl, screen = repl_for(chat, paths, width=300)
+    for line in (f"/set system {system}", "/show"):
+        repl.handle(line)
+    shown = "'Answer as a careful reviewer. Answer as a careful reviewer. …' (599 characters; /show system shows it all)"
+    assert chat.session.system == system.strip()
+    assert screen.getvalue().splitlines()[0] == f"system = {shown}"
+    assert f"system              {shown}" in screen.getvalue().splitlines()
+    screen.truncate(0), screen.seek(0)
+    repl.handle("/show system")
+    assert system.strip() in screen.getvalue()
+
+
 def test_set_system_and_show(paths: UserPaths) -> None:
     backend = FakeBackend().queue("Hi.")
     chat = Chat(backend, new_session(paths, temperature="0", max_new_tokens="8"))

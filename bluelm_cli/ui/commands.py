@@ -228,7 +228,7 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
         ("model", model),
         ("session", f"{session.name} · {_count(len(session.turns), 'turn')}, {active} in the context"),
         ("context", context),
-        ("system", "(unset)" if not session.system else repr(session.system)),
+        ("system", "(unset)" if not session.system else _show_value(session.system)),
     ]
     rows += [(key, "(unset)" if settings[key] is None else str(settings[key])) for key in GENERATION_KEYS]
     rows.append(("stats", "on" if ctx.show_stats else "off"))
@@ -490,5 +490,12 @@ def _show_value(value: object) -> str:
     if value is None:
         return "(unset)"
     if isinstance(value, str):
+        if len(value) > _LONGEST_SHOWN:  # a page of instructions is not echoed whole: /show system shows it
+            start = repr(f"{value[:_SHOWN_START].rstrip()} …")
+            return f"{start} ({len(value):,} characters; /show system shows it all)"
         return repr(value) if "\n" not in value else f"{len(value)} characters"
     return str(value)
+
+
+_LONGEST_SHOWN = 100  # characters of a text setting echoed as they are
+_SHOWN_START = 60  # of a longer one, its start
