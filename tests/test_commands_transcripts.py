@@ -195,6 +195,15 @@ def test_dropped_turns_are_announced(paths: UserPaths) -> None:
 
 
 # ------------------------------------------------------------------------------------------ commands
+def test_rows_in_script_mode_are_one_line_each(paths: UserPaths) -> None:
+    # Piped (`bluelm chat < script`), /show info's long quantization row was cut at 80 columns mid-phrase.
+    screen = io.StringIO()
+    out = ChatOutput(Console(file=screen, width=80), interactive=False)
+    value = "GPTQ-for-LLaMa v1 (BlueLM-7B-Chat-4bits), 4-bit, group 128, kept 4-bit, computing in float32"
+    out.rows([("model", "m"), ("quantization", value)])
+    assert screen.getvalue() == f"model         m\nquantization  {value}\n"
+
+
 @pytest.mark.parametrize("width", [80, 50])
 def test_help_in_a_narrow_terminal_keeps_its_columns(paths: UserPaths, width: int) -> None:
     # The terminal used to wrap each long row at its edge, so a description ran on under the command names

@@ -60,9 +60,9 @@ class ChatOutput:
     def rows(self, rows: Sequence[tuple[str, str]]) -> None:
         """Aligned ``name  value`` lines, names in bold."""
         width = max((len(name) for name, _ in rows), default=0)
-        if not self.console.is_terminal:  # a pipe or a file: one line a row
+        if not self.console.is_terminal:  # a pipe or a file (script mode): one line a row, never cut at 80 columns
             for name, value in rows:
-                self.console.print(Text.assemble((f"{name:<{width}}", "bold"), f"  {self._safe(value)}"))
+                self.console.print(Text.assemble((f"{name:<{width}}", "bold"), f"  {self._safe(value)}"), soft_wrap=True)
             return
         # On a terminal a value wraps in its own column (the terminal would run it on under the names), or,
         # where that column would be too narrow to read, on the lines under its name, indented.
