@@ -603,6 +603,17 @@ def test_an_engine_error_before_the_first_token_keeps_the_message_for_the_chat(
     assert _answered(user_paths().sessions_dir, "lost2") == [("keep me too", "length")]
 
 
+def test_a_local_engine_error_is_not_called_a_server_failure(
+    checkpoint: Path, isolated_home: Path, engine_fails_once: list[int]
+) -> None:
+    """A local model's failure was noted "[cut off: the server failed mid-answer]": there is no server."""
+    result = runner.invoke(app, ["chat", "--model", str(checkpoint), "-n", "2", "--session", "local-fail"],
+                           input="keep me\n/save " + str(isolated_home / "t.md") + "\n")
+    assert engine_fails_once and "CUDA error" in result.stderr
+    assert "[cut off by an error; /retry asks again]" in result.stderr and "server" not in result.output
+    assert "keep me\n\n**BlueLM:**\n\n*(cut off by an error)*" in (isolated_home / "t.md").read_text("utf-8")
+
+
 # ------------------------------------------------------------------------ lines typed while the model loads
 @pytest.mark.skip(reason="known hang: after this typed-ahead burst, the keys the pipe harness sends next are not "
                   "processed until much later (minutes, or never); reproduce by removing this mark")

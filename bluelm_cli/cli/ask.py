@@ -129,8 +129,8 @@ def ask(
         if result.finish_reason is FinishReason.INTERRUPTED:
             errors.print("[dim]Interrupted.[/]")
             return ending.exit_status(otherwise=ExitStatus.INTERRUPTED)
-        if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
-            _print_error(result.error or "the server failed mid-answer")
+        if result.finish_reason is FinishReason.ERROR:  # the answer failed midway (server or engine); the partial answer was printed
+            _print_error(result.error or "the answer failed midway; ask again")
             return ExitStatus.ERROR
         if result.finish_reason is FinishReason.CONTENT_FILTER:  # a script must not take a filtered answer for a whole one
             _print_error("the server's content filter stopped the answer; what it let through is on stdout. Rephrase the"
