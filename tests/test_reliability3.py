@@ -614,6 +614,20 @@ def test_a_local_engine_error_is_not_called_a_server_failure(
     assert "keep me\n\n**BlueLM:**\n\n*(cut off by an error)*" in (isolated_home / "t.md").read_text("utf-8")
 
 
+def test_ask_with_the_same_file_twice_sends_it_once(checkpoint: Path, isolated_home: Path, tmp_path: Path) -> None:
+    """`bluelm ask -f x.py -f ./x.py` put the file into the prompt twice (as /file did)."""
+    import json
+
+    source = tmp_path / "x.py"
+    source.write_text("print(1)\n", encoding="utf-8")
+    once = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "1", "--json", "-f", str(source), "q"])
+    twice = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "1", "--json", "-f", str(source),
+                                "-f", f"{tmp_path}/./x.py", "q"])
+    assert (once.exit_code, twice.exit_code) == (0, 0), twice.stderr
+    assert twice.stderr.count("Attached ") == 1
+    assert json.loads(twice.stdout)["prompt_tokens"] == json.loads(once.stdout)["prompt_tokens"]
+
+
 # ------------------------------------------------------------------------ lines typed while the model loads
 @pytest.mark.skip(reason="known hang: after this typed-ahead burst, the keys the pipe harness sends next are not "
                   "processed until much later (minutes, or never); reproduce by removing this mark")

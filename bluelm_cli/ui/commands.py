@@ -10,7 +10,6 @@ outcome for the loop (an answer to show, or exit) and report problems by raising
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, Union
@@ -18,7 +17,7 @@ from typing import Protocol, Union
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter, WordCompleter
 from prompt_toolkit.document import Document
 
-from bluelm_cli.chat.attachments import Attachment, check_fits, read_attachment, token_count
+from bluelm_cli.chat.attachments import Attachment, check_fits, read_attachment, same_file, token_count
 from bluelm_cli.core.backend import ModelLoading
 from bluelm_cli.chat.service import Chat, TurnStream
 from bluelm_cli.core.sanitize import safe_for_terminal
@@ -268,7 +267,7 @@ def _file(ctx: CommandContext, args: str) -> Outcome:
     encoder = chat.backend.encoder
     # The same file again (edited since, say) replaces its earlier copy: in the message twice, it would also
     # count twice against the context.
-    same = [index for index, attached in enumerate(ctx.attachments) if _same_path(attached.name, attachment.name)]
+    same = [index for index, attached in enumerate(ctx.attachments) if same_file(attached.name, attachment.name)]
     others = [attached for index, attached in enumerate(ctx.attachments) if index not in same]
     check_fits(encoder, chat.system, [*others, attachment],
                context_limit=chat.context_limit, max_new_tokens=chat.sampling.max_new_tokens)
@@ -283,14 +282,6 @@ def _file(ctx: CommandContext, args: str) -> Outcome:
         f"Attached {attachment.name}{again} ({token_count(encoder, attachment):,} tokens){where}; it goes with your next message"
     )
     return None
-
-
-def _same_path(first: str, second: str) -> bool:
-    """Whether two paths as typed name the same file (`x.py`, `./x.py`, a link to it)."""
-    try:
-        return os.path.samefile(expand_user(first), expand_user(second))
-    except (OSError, ValueError, BlueLMError):
-        return False
 
 
 def _copy(ctx: CommandContext, args: str) -> Outcome:
