@@ -362,3 +362,35 @@ def test_a_chat_started_under_nohup_ignores_sighup(checkpoint: Path, home: Path)
         assert finish(child) == 0
     finally:
         child.close(force=True)
+
+
+def test_the_terminal_going_away_mid_answer_journals_it_as_interrupted(tmp_path_factory: pytest.TempPathFactory,
+                                                                          home: Path) -> None:
+    """An SSH connection that drops mid-answer: the terminal closes (SIGHUP, and every terminal call fails with
+    EIO). termios raises its own `termios.error`, which the terminal-mode code did not catch: the turn was
+    journaled as "error" without its token ids ("[cut off: the server failed mid-answer]" on resume), the chat
+    printed "Error: error: (5, 'Input/output error')", and the process could abort ("terminate called without
+    an active exception") with the model's worker still running."""
+    endless = build_checkpoint(tmp_path_factory.mktemp("endless"), TinySpec(endless=True))
+    child = spawn(endless, home, "--session", "dropped", max_new_tokens=1800)
+    send(child, "tell me a long story")
+    child.expect_exact("thinking")
+    child.expect(r"\w{3}")  # answer text is streaming
+    assert_mid_answer(child)
+    assert _drop_the_terminal(child) == 128 + signal.SIGHUP
+    (turn,) = journal_turns(home, "dropped")
+    assert turn["finish_reason"] == "interrupted" and turn["answer_ids"], turn
+    # At the prompt, too: prompt_toolkit's last redraw failed with EIO, and the chat ended in status 1.
+    child = spawn(endless, home, "--resume", "dropped")
+    assert _drop_the_terminal(child) in (128 + signal.SIGHUP, -signal.SIGHUP)  # either way the shell says 129
+    assert len(journal_turns(home, "dropped")) == 1
+
+
+def _drop_the_terminal(child: pexpect.spawn) -> int:
+    """Close the terminal under the chat, as sshd does when the connection drops; the chat's exit status."""
+    child.ptyproc.fileobj.close()  # through its file object: nothing closes the descriptor number again later
+    _, status = os.waitpid(child.pid, 0)
+    # Reaped here: neither pexpect nor ptyprocess may wait for it, or close anything, again.
+    child.ptyproc.closed = child.ptyproc.terminated = True
+    child.closed, child.terminated, child.child_fd = True, True, -1
+    return os.waitstatus_to_exitcode(status)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
+from rich.cells import cell_len
 from rich.console import Console
 
 from bluelm_cli.chat.service import Chat
@@ -28,7 +29,8 @@ from bluelm_cli.local.engine import ChatEngine
 from bluelm_cli.core.finish import FinishReason
 from bluelm_cli.local.loading import load_model
 from bluelm_cli.config.paths import UserPaths, user_paths
-from bluelm_cli.ui.repl import run_chat
+from bluelm_cli.ui.output import ChatOutput
+from bluelm_cli.ui.repl import ChatRepl, run_chat
 from bluelm_cli.session import Session, Turn
 from bluelm_cli.testing.tiny_checkpoint import TinySpec, build_checkpoint
 from bluelm_cli.testing.fakes import CharEncoder, FakeBackend, FakeStream, Scripted
@@ -193,6 +195,40 @@ def test_dropped_turns_are_announced(paths: UserPaths) -> None:
 
 
 # ------------------------------------------------------------------------------------------ commands
+def test_rows_in_script_mode_are_one_line_each(paths: UserPaths) -> None:
+    # Piped (`bluelm chat < script`), /show info's long quantization row was cut at 80 columns mid-phrase.
+    screen = io.StringIO()
+    out = ChatOutput(Console(file=screen, width=80), interactive=False)
+    value = "GPTQ-for-LLaMa v1 (BlueLM-7B-Chat-4bits), 4-bit, group 128, kept 4-bit, computing in float32"
+    out.rows([("model", "m"), ("quantization", value)])
+    assert screen.getvalue() == f"model         m\nquantization  {value}\n"
+
+
+@pytest.mark.parametrize("width", [80, 50])
+def test_help_in_a_narrow_terminal_keeps_its_columns(paths: UserPaths, width: int) -> None:
+    # The terminal used to wrap each long row at its edge, so a description ran on under the command names
+    # ("/copy [N]        Copy the" / "last answer, …"). Now it wraps in its own column, or, where that column
+    # would be too narrow, under the name, indented.
+    screen = io.StringIO()
+    # (a height too: rich takes TERM=unknown, as the tests set it, for a dumb 80x25 terminal otherwise)
+    console = Console(file=screen, width=width, height=25, force_terminal=True, color_system=None)
+    repl = ChatRepl(Chat(FakeBackend(), new_session(paths)), ChatOutput(console, interactive=True), paths=paths)
+    repl.handle("/help")
+    lines = screen.getvalue().splitlines()
+    assert [line for line in lines if cell_len(line) > width] == []
+    copy_row = lines.index(next(line for line in lines if line.startswith("/copy [N]")))
+    if width == 80:  # the names take 40 columns: the descriptions wrap in the 38 beside them
+        assert lines[copy_row : copy_row + 3] == [
+            "/copy [N]                                Copy the last answer, or its N-th code",
+            "                                         block, to the clipboard.",
+            "/stats on|off                            Show tokens, time to first token and",
+        ]
+    else:
+        assert lines[copy_row] == "/copy [N]"
+        assert lines[copy_row + 1].startswith("    Copy the last answer,")
+        assert all(line.startswith("    ") for line in lines[copy_row + 1 : lines.index("/stats on|off")])
+
+
 def test_help_lists_every_command_from_the_table(paths: UserPaths) -> None:
     repl, screen = repl_for(Chat(FakeBackend(), new_session(paths)), paths, width=200)
     repl.handle("/help")
@@ -306,6 +342,23 @@ def test_invalid_set_values_name_the_valid_range(paths: UserPaths, command: str,
     assert chat.session.sampling == before and [r["type"] for r in journal(chat.session)] == ["start"]
 
 
+def test_a_long_system_prompt_is_not_echoed_whole(paths: UserPaths) -> None:
+    # `/set system <a page of instructions>` printed the page back in quotes, and /show printed it again;
+    # both now show its start and its length, and /show system the whole of it.
+    system = "Answer as a careful reviewer. " * 20
+    chat = Chat(FakeBackend(), new_session(paths))
+    repl, screen = repl_for(chat, paths, width=300)
+    for line in (f"/set system {system}", "/show"):
+        repl.handle(line)
+    shown = "'Answer as a careful reviewer. Answer as a careful reviewer. …' (599 characters; /show system shows it all)"
+    assert chat.session.system == system.strip()
+    assert screen.getvalue().splitlines()[0] == f"system = {shown}"
+    assert f"system              {shown}" in screen.getvalue().splitlines()
+    screen.truncate(0), screen.seek(0)
+    repl.handle("/show system")
+    assert system.strip() in screen.getvalue()
+
+
 def test_set_system_and_show(paths: UserPaths) -> None:
     backend = FakeBackend().queue("Hi.")
     chat = Chat(backend, new_session(paths, temperature="0", max_new_tokens="8"))
@@ -371,6 +424,31 @@ def test_save_json_and_markdown(paths: UserPaths, tmp_path: Path) -> None:
     assert "**You:**" in target.read_text("utf-8")
 
 
+def test_save_never_replaces_a_file_bluelm_did_not_write(paths: UserPaths, tmp_path: Path) -> None:
+    # `/save notes.md` over the user's own notes (or, as root, `/save /etc/passwd`) must not clobber them;
+    # an earlier /save of a chat (JSON or Markdown) and an empty file are replaced as before.
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes\n")
+    data = tmp_path / "data.json"
+    data.write_text('{"format": "something-else"}\n')
+    earlier_json, earlier_md, empty = tmp_path / "chat.json", tmp_path / "chat.md", tmp_path / "empty.json"
+    empty.touch()
+    chat = Chat(FakeBackend().queue("Hi."), new_session(paths))
+    repl, screen = repl_for(chat, paths, width=300)
+    for line in ("hi", f"/save {notes}", f"/save {data}", f"/save {earlier_json}", f"/save {earlier_md}",
+                 f"/save {earlier_json}", f"/save {earlier_md}", f"/save {empty}"):
+        repl.handle(line)
+    assert screen.getvalue() == (
+        "Hi.\n\n"
+        f"Error: cannot save to {notes}: it exists and bluelm did not write it; choose another name, or remove it first\n"
+        f"Error: cannot save to {data}: it exists and bluelm did not write it; choose another name, or remove it first\n"
+        f"Saved to {earlier_json}\nSaved to {earlier_md}\nSaved to {earlier_json}\nSaved to {earlier_md}\nSaved to {empty}\n"
+    )
+    assert notes.read_text() == "my own notes\n" and data.read_text() == '{"format": "something-else"}\n'
+    assert json.loads(empty.read_text("utf-8"))["turns"][0]["user"] == "hi"
+    assert users(chat) == ["hi"]
+
+
 def test_save_to_a_missing_directory_fails_and_the_chat_goes_on(paths: UserPaths, tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "chat.json"
     not_a_dir = tmp_path / "file.txt"
@@ -392,7 +470,7 @@ def test_failed_save_leaves_an_existing_file_untouched(
     paths: UserPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "keep.json"
-    target.write_text("precious")
+    target.write_text("# BlueLM chat: an earlier transcript\n")
 
     def full_disk(*args: object) -> None:
         raise OSError(28, "No space left on device")
@@ -403,7 +481,7 @@ def test_failed_save_leaves_an_existing_file_untouched(
     repl.handle("hi")
     repl.handle(f"/save {target}")
     assert screen.getvalue() == f"Hi.\n\nError: cannot save to {target} (No space left on device); the existing file, if any, is unchanged\n"
-    assert target.read_text() == "precious" and list(tmp_path.iterdir()) == [target]
+    assert target.read_text() == "# BlueLM chat: an earlier transcript\n" and list(tmp_path.iterdir()) == [target]
     assert users(chat) == ["hi"]
 
 

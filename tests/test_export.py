@@ -328,3 +328,17 @@ def test_export_into_an_existing_empty_folder(exported, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(app, ["export", str(tmp_path / "empty"), "-m", str(source)])
     assert result.exit_code == 0 and (tmp_path / "empty" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(("weights_format", "out_name"), [("safetensors-sharded", "out.gguf"), ("bin-sharded", "out")])
+def test_a_damaged_weight_file_is_named_not_blamed_on_the_disk(tmp_path: Path, weights_format: str, out_name: str) -> None:
+    # A truncated shard said "cannot write OUT (Error while deserializing header…); free some space", or
+    # "RuntimeError: PytorchStreamReader failed…": as `bluelm ask` does, name the file and what to do.
+    folder = build_checkpoint(tmp_path / "ckpt", TinySpec(weights_format=weights_format))
+    shard = sorted(path for path in folder.iterdir() if path.name.endswith((".safetensors", ".bin")))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = CliRunner().invoke(app, ["export", str(tmp_path / out_name), "--model", str(folder)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"Error: {shard} is damaged (truncated or not a weights file); download the checkpoint again\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ckpt"]  # nothing half-written is left
+

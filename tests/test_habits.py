@@ -101,6 +101,29 @@ def test_file_goes_into_the_next_message_fenced_with_its_name(paths: UserPaths, 
     assert backend.prompt_text(1).endswith("</s>[|Human|]:and again?[|AI|]:")  # attached once only
 
 
+def test_the_same_file_attached_twice_goes_in_once_with_its_latest_text(paths: UserPaths, tmp_path: Path) -> None:
+    # It went into the message twice (and counted twice against the context): "/file x", edit x, "/file x"
+    # means the new text, once, however the path is spelled.
+    source = tmp_path / "hello.py"
+    source.write_text("print('old')\n", encoding="utf-8")
+    backend = FakeBackend().queue("Fine.")
+    chat = Chat(backend, new_session(paths))
+    repl, screen = repl_for(chat, paths, width=300)
+    repl.handle(f"/file {source}")
+    source.write_text("print('new')\n", encoding="utf-8")
+    repl.handle(f"/file {tmp_path}/./hello.py")
+    repl.handle("/file")
+    repl.handle("what does it do?")
+    block = f"{tmp_path}/./hello.py:\n```py\nprint('new')\n```"
+    assert screen.getvalue() == (
+        f"Attached {source} ({len(block) - 2} tokens); it goes with your next message\n"
+        f"Attached {tmp_path}/./hello.py again ({len(block)} tokens), in place of the earlier copy; it goes with your next message\n"
+        f"Attached to the next message: {tmp_path}/./hello.py (/file clear drops them)\n"
+        "Fine.\n\n"
+    )
+    assert backend.prompt_text(0) == f"<s>[|Human|]:{block}\n\nwhat does it do?[|AI|]:"
+
+
 def test_file_refusals_say_why(paths: UserPaths, tmp_path: Path) -> None:
     binary, latin1, big = tmp_path / "a.bin", tmp_path / "latin1.txt", tmp_path / "big.txt"
     binary.write_bytes(b"\x7fELF\x00\x01")

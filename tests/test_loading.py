@@ -78,6 +78,21 @@ def test_config_invalid_json(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(("content", "what"), [
+    ("[1, 2]", "a JSON list, not an object"),
+    ('"bluelm"', "a JSON string, not an object"),
+    ("{}", "no model_type"),
+    ('{"model_type": 7}', "no model_type"),
+])
+def test_config_that_is_not_a_model_config(tmp_path: Path, content: str, what: str) -> None:
+    # These said "holds a 'None' model": as if the folder were some other model, not a damaged config.
+    folder = fresh_checkpoint(tmp_path / "ckpt")
+    (folder / "config.json").write_text(content)
+    assert _error(folder) == (
+        f"{folder / 'config.json'} is not a model config ({what}); download the checkpoint again"
+    )
+
+
 def test_missing_tokenizer_model(tmp_path: Path) -> None:
     folder = fresh_checkpoint(tmp_path / "ckpt")
     (folder / "tokenizer.model").unlink()

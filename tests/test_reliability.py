@@ -130,7 +130,7 @@ def test_save_refuses_the_live_journal_and_other_journals(paths: UserPaths) -> N
 def test_save_writes_through_links_and_refuses_what_is_not_a_file(paths: UserPaths, tmp_path: Path) -> None:
     session = new_session(paths)
     real = tmp_path / "real.json"
-    real.write_text("old")
+    real.write_text("")  # an empty file: /save replaces only those and its own earlier saves
     real.chmod(0o640)
     link = tmp_path / "link.json"
     link.symlink_to(real)

@@ -366,6 +366,27 @@ def test_a_cjk_session_name_too_long_for_a_file_name_is_a_clear_error(checkpoint
         assert result.exit_code == 2 and "at most 249 bytes" in result.stderr and "Traceback" not in result.output
 
 
+def test_a_chat_that_ends_with_nothing_said_leaves_no_empty_session(checkpoint: Path, isolated_home: Path) -> None:
+    """Every chat opened and left without a message stayed as "0 turns (empty)" in `bluelm sessions`, and
+    `chat -c` / `ask -c` then continued that empty session instead of the last conversation."""
+    from bluelm_cli.config.paths import user_paths
+
+    sessions_dir = user_paths().sessions_dir
+    result = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "2", "--session", "real", "hi"])
+    assert result.exit_code == 0, result.stderr
+    for command, typed in ((["chat"], ""), (["chat"], "/set temperature 0.2\n/show system\n"),
+                           (["chat", "--session", "named"], "")):
+        result = runner.invoke(app, [*command, "--model", str(checkpoint), "-n", "2"], input=typed)
+        assert result.exit_code == 0, result.stderr
+        assert sorted(path.name for path in sessions_dir.glob("*.jsonl")) == ["real.jsonl"]
+    result = runner.invoke(app, ["chat", "-c", "--model", str(checkpoint), "-n", "2"], input="more\n")
+    assert result.exit_code == 0, result.stderr
+    assert _turns(sessions_dir, "real") == ["hi", "more"]
+    # A chat that said something keeps its session, and so does a resumed one that said nothing this time.
+    result = runner.invoke(app, ["chat", "--resume", "real", "--model", str(checkpoint), "-n", "2"], input="")
+    assert result.exit_code == 0 and _turns(sessions_dir, "real") == ["hi", "more"]
+
+
 def test_a_session_name_starting_with_a_dash_works_with_an_equals_sign(checkpoint: Path, isolated_home: Path) -> None:
     from bluelm_cli.config.paths import user_paths
 
@@ -631,6 +652,31 @@ def test_an_engine_error_before_the_first_token_keeps_the_message_for_the_chat(
                            input="keep me too\n/retry\n")
     assert engine_fails_once and "CUDA error" in result.stderr
     assert _answered(user_paths().sessions_dir, "lost2") == [("keep me too", "length")]
+
+
+def test_a_local_engine_error_is_not_called_a_server_failure(
+    checkpoint: Path, isolated_home: Path, engine_fails_once: list[int]
+) -> None:
+    """A local model's failure was noted "[cut off: the server failed mid-answer]": there is no server."""
+    result = runner.invoke(app, ["chat", "--model", str(checkpoint), "-n", "2", "--session", "local-fail"],
+                           input="keep me\n/save " + str(isolated_home / "t.md") + "\n")
+    assert engine_fails_once and "CUDA error" in result.stderr
+    assert "[cut off by an error; /retry asks again]" in result.stderr and "server" not in result.output
+    assert "keep me\n\n**BlueLM:**\n\n*(cut off by an error)*" in (isolated_home / "t.md").read_text("utf-8")
+
+
+def test_ask_with_the_same_file_twice_sends_it_once(checkpoint: Path, isolated_home: Path, tmp_path: Path) -> None:
+    """`bluelm ask -f x.py -f ./x.py` put the file into the prompt twice (as /file did)."""
+    import json
+
+    source = tmp_path / "x.py"
+    source.write_text("print(1)\n", encoding="utf-8")
+    once = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "1", "--json", "-f", str(source), "q"])
+    twice = runner.invoke(app, ["ask", "--model", str(checkpoint), "-n", "1", "--json", "-f", str(source),
+                                "-f", f"{tmp_path}/./x.py", "q"])
+    assert (once.exit_code, twice.exit_code) == (0, 0), twice.stderr
+    assert twice.stderr.count("Attached ") == 1
+    assert json.loads(twice.stdout)["prompt_tokens"] == json.loads(once.stdout)["prompt_tokens"]
 
 
 # ------------------------------------------------------------------------ lines typed while the model loads

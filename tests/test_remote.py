@@ -260,7 +260,7 @@ def test_chat_journals_the_partial_answer_and_resume_replays_it(server: FakeOpen
     assert result.exit_code == 1  # script mode: a line failed
     assert result.stdout == "Partial answer\n"
     assert result.stderr.splitlines()[-2:] == [
-        f"Error: {MID_ANSWER[0][1]}", "[cut off: the server failed mid-answer; /retry asks again]"]
+        f"Error: {MID_ANSWER[0][1]}", "[cut off by an error; /retry asks again]"]
     session = Session.resume(user_paths().sessions_dir, "cut")
     turn = session.turns[-1]
     assert (turn.user, turn.answer, turn.finish_reason, turn.answer_ids) == ("first", "Partial answer", FinishReason.ERROR, [])

@@ -111,6 +111,7 @@ def chat(
     keys: Sequence[str | Until],
     *,
     keep_history: bool = True,
+    first_message: str | None = None,
 ) -> Chat:
     """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did."""
     console = Console(file=io.StringIO(), width=200, highlight=False)
@@ -164,6 +165,8 @@ def chat(
             return False
 
         def feed() -> None:
+            if first_message is not None and not wait(lambda: handled.acquire(blocking=False), "the first message"):
+                return
             for step in [*keys, "\x04"]:
                 if isinstance(step, Until):
                     if not wait(lambda: bool(prompts) and step.ready(prompts[-1].default_buffer), step.what):
@@ -185,7 +188,7 @@ def chat(
         try:
             status = run_chat(
                 ChatService(backend, session), console=console, paths=paths, pt_input=pipe, pt_output=DummyOutput(),
-                keep_history=keep_history,
+                keep_history=keep_history, first_message=first_message,
             )
         finally:
             done.set()
@@ -204,6 +207,16 @@ def test_a_message_typed_at_the_prompt_is_answered(backend: FakeBackend, session
     assert result.status == 0 and result.users == ["hello"]
     assert result.out == BANNER + "Hi there.\n\n"
     assert backend.prompt_text() == "<s>[|Human|]:hello[|AI|]:"
+
+
+def test_the_message_given_on_the_command_line_is_in_the_history(backend: FakeBackend, session: Session, paths: UserPaths) -> None:
+    # `bluelm chat "hello"`: as if typed at the first prompt, ↑ brings it back (the note after a Ctrl-C while
+    # the model loads says so), and it is in the history file for the next chat too.
+    backend.queue("Hi there.", "Hi again.")
+    result = chat(backend, session, paths, ["\x1b[A", Send("\r"), "/exit\r"], first_message="hello")
+    assert result.status == 0 and result.users == ["hello", "hello"]
+    assert result.out == BANNER + "> hello\nHi there.\n\nHi again.\n\n"
+    assert "\n+hello\n" in paths.history_file.read_text("utf-8")
 
 
 def test_exit_ends_the_prompt_loop_and_ignores_what_follows(backend: FakeBackend, session: Session, paths: UserPaths) -> None:

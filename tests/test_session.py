@@ -14,6 +14,8 @@ from bluelm_cli.session import Session, Turn, list_sessions, validate_session_na
 from bluelm_cli.core.settings import SamplingSettings
 
 MODEL = "vivo-ai/BlueLM-7B-Chat"
+# What an earlier `/save x.json` left: /save replaces only its own saves (and empty files), never other files.
+EARLIER_SAVE = '{"format": "bluelm-cli.session", "version": 1, "model_id": "m", "turns": []}\n'
 
 
 @pytest.fixture
@@ -302,9 +304,9 @@ def test_markdown_transcript(sessions_dir: Path, tmp_path: Path) -> None:
         Session.load(path)
 
 
-def test_save_over_existing_file_replaces_it(sessions_dir: Path, tmp_path: Path) -> None:
+def test_save_over_an_earlier_save_replaces_it(sessions_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "chat.json"
-    target.write_text("old")
+    target.write_text(EARLIER_SAVE)
     _sample(sessions_dir).save(target)
     assert Session.load(target).turns[0].user == "写一首诗 🌸"
 
@@ -327,7 +329,7 @@ def test_failed_save_leaves_existing_file_untouched(
     sessions_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = tmp_path / "chat.json"
-    target.write_text("precious")
+    target.write_text(EARLIER_SAVE)
 
     def broken_replace(src: object, dst: object) -> None:
         raise OSError(28, "No space left on device")
@@ -335,7 +337,7 @@ def test_failed_save_leaves_existing_file_untouched(
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(BlueLMError, match="No space left on device.*unchanged"):
         _sample(sessions_dir).save(target)
-    assert target.read_text() == "precious"
+    assert target.read_text() == EARLIER_SAVE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.json", "sessions"]
 
 
@@ -368,7 +370,7 @@ def test_save_to_unwritable_dir(sessions_dir: Path, tmp_path: Path) -> None:
     """A folder the user can't write to, for real; as root (CI runs as root) the save runs as `nobody`."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    (locked / "chat.json").write_text("precious")
+    (locked / "chat.json").write_text(EARLIER_SAVE)
     try:
         if os.geteuid() == 0:
             for folder in (tmp_path, *tmp_path.parents):  # nobody must reach the folder, and no further
@@ -380,7 +382,7 @@ def test_save_to_unwritable_dir(sessions_dir: Path, tmp_path: Path) -> None:
             locked.chmod(0o500)
             with pytest.raises(BlueLMError, match="not writable"):
                 _sample(sessions_dir).save(locked / "chat.json")
-        assert (locked / "chat.json").read_text() == "precious"
+        assert (locked / "chat.json").read_text() == EARLIER_SAVE
     finally:
         locked.chmod(0o700)
 
@@ -391,7 +393,7 @@ def test_save_to_unwritable_dir_simulated(
     import tempfile
 
     target = tmp_path / "chat.json"
-    target.write_text("precious")
+    target.write_text(EARLIER_SAVE)
 
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
@@ -400,7 +402,7 @@ def test_save_to_unwritable_dir_simulated(
     monkeypatch.setattr(tempfile, "mkstemp", denied)
     with pytest.raises(BlueLMError, match="is not writable"):
         session.save(target)
-    assert target.read_text() == "precious"
+    assert target.read_text() == EARLIER_SAVE
 
 
 def test_save_to_a_directory_path(sessions_dir: Path, tmp_path: Path) -> None:

@@ -57,7 +57,18 @@ def test_listing_shows_turns_time_model_and_the_first_message(two_sessions: tupl
     assert (result.exit_code, result.stderr) == (0, "")
     assert result.stdout == (
         f"poem          1 turn   {local(newer)}  vivo-ai/BlueLM-7B-Chat  “写一首关于杭州的诗”\n"
-        f"rust-help     2 turns  {local(older)}  BlueLM-7B-Chat  “How do I read a file in Rust, line by l…”\n"
+        f"rust-help     2 turns  {local(older)}  BlueLM-7B-Chat          “How do I read a file in Rust, line by l…”\n"
+    )
+
+
+def test_listing_aligns_names_and_models_by_their_width_on_screen() -> None:
+    # A Chinese name takes two columns a character: padded by len() it pushed its row out of line.
+    make_session("杭州", "/data/BlueLM-7B-Chat-32K", [("hi", "ok")], 1_780_086_400.0)
+    make_session("rust", "模型", [("hi", "ok")], 1_780_000_000.0)
+    stdout = invoke("sessions").stdout
+    assert stdout == (
+        f"杭州     1 turn   {local(1_780_086_400.0)}  BlueLM-7B-Chat-32K  “hi”\n"
+        f"rust     1 turn   {local(1_780_000_000.0)}  模型                “hi”\n"
     )
 
 
@@ -95,6 +106,23 @@ def test_rm_deletes_and_unknown_names_are_one_line_errors(two_sessions: tuple[fl
     shown = invoke("sessions", "show", "poem")
     assert (shown.exit_code, shown.stderr) == (1, f"Error: no session named 'poem' in {sessions_dir}; known sessions: rust-help\n")
     assert invoke("sessions", "show", "a/b").stderr.startswith("Error: invalid session name 'a/b'")
+
+
+def test_a_name_starting_with_a_dash_gets_told_to_follow_two_dashes() -> None:
+    # "Error: No such option: -d" alone left the user of a session named -dash (which `ask --session=-dash`
+    # makes) guessing; the error now shows the command that works.
+    make_session("-dash", "m", [("hi", "ok")], 1_780_000_000.0)
+    for verb in ("show", "rm"):
+        result = invoke("sessions", verb, "-dash")
+        assert (result.exit_code, result.stdout) == (2, "")
+        assert result.stderr == (
+            f"Error: No such option: -d; a name starting with '-' goes after '--': bluelm sessions {verb} -- -dash"
+            f" (see 'bluelm sessions {verb} --help')\n"
+        )
+    result = invoke("sessions", "search", "-ok")
+    assert result.stderr.startswith("Error: No such option: -o; a text starting with '-' goes after '--': bluelm sessions search -- -ok")
+    assert invoke("sessions", "show", "--", "-dash").exit_code == 0
+    assert invoke("sessions", "show", "--jsn").stderr.startswith("Error: No such option: --jsn; did you mean --json?")
 
 
 def test_search_finds_text_in_messages_and_answers(two_sessions: tuple[float, float]) -> None:

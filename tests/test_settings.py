@@ -131,6 +131,19 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     assert str(info.value) == f"config file {path}: unknown setting 'temprature'; known settings: {KNOWN}"
 
 
+def test_an_api_key_in_the_config_file_says_where_a_key_goes(tmp_path: Path) -> None:
+    # `bluelm config` lists api_key among the settings, so people put it in the file; "unknown setting" and a
+    # list without it left them guessing. The key itself is never repeated.
+    path = tmp_path / "config.toml"
+    path.write_text('api_key = "sk-secret-123"\n', "utf-8")
+    with pytest.raises(BlueLMError) as info:
+        load_config_file(path)
+    assert str(info.value) == (
+        f"config file {path}: the API key is not read from the config file; remove that line and put the key in"
+        " BLUELM_API_KEY, or in a file of its own (chmod 600) given as --api-key-file"
+    )
+
+
 def test_bad_config_value_names_file_and_key(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text("temperature = -1\n", "utf-8")

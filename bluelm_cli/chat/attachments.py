@@ -37,6 +37,14 @@ class Attachment:
     size_bytes: int
 
 
+def same_file(first: str, second: str) -> bool:
+    """Whether two paths as typed name the same file (`x.py`, `./x.py`, `~/x.py`, a link to it)."""
+    try:
+        return os.path.samefile(Path(first).expanduser(), Path(second).expanduser())
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: ~user of an unknown user
+        return False
+
+
 def read_attachment(path_text: str) -> Attachment:
     """Read a text file and fence it with its name. BlueLMError for a missing, binary or huge file."""
     path = Path(path_text).expanduser()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -74,10 +75,33 @@ def save(conversation: Conversation, path: Path) -> Path:
 
     Atomic: an existing file is replaced only by a complete new one. Returns the path written."""
     path = Path(path).expanduser()
+    _refuse_a_file_bluelm_did_not_write(path)
     markdown = path.suffix.lower() in MARKDOWN_SUFFIXES
     text = to_markdown(conversation) if markdown else json.dumps(to_json_dict(conversation), ensure_ascii=False, indent=2) + "\n"
     atomic_write(path, text.encode("utf-8"))
     return path
+
+
+# How every file /save writes begins (JSON: json.dumps puts "format" first; Markdown: the title line).
+_JSON_SAVE = re.compile(rb'\A\s*\{\s*"format"\s*:\s*"' + re.escape(FORMAT.encode()) + rb'"')
+_MARKDOWN_SAVE = b"# BlueLM chat"
+
+
+def _refuse_a_file_bluelm_did_not_write(path: Path) -> None:
+    """An existing file is replaced only if it is empty or an earlier /save: `/save notes.md` over the user's
+    own notes (or `/save /etc/passwd` as root) must not destroy them. Anything that is not a regular file is
+    left to atomic_write, which says what it is; a file that can't be read is left to it too."""
+    try:
+        target = Path(os.path.realpath(path))
+        if not stat.S_ISREG(target.stat().st_mode):
+            return
+        with open(target, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return
+    if not head or _JSON_SAVE.match(head) or head.startswith(_MARKDOWN_SAVE):
+        return
+    raise BlueLMError(f"cannot save to {path}: it exists and bluelm did not write it; choose another name, or remove it first")
 
 
 def load(path: Path) -> Conversation:

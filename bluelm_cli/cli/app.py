@@ -50,7 +50,7 @@ class _BlueLMGroup(TyperGroup):
                     sys.stdout.write(error.format_message().rstrip("\n") + "\n")
             else:
                 command = error.ctx.command_path if error.ctx else "bluelm"
-                _print_error(f"{_usage_message(error)} (see '{command} --help')")
+                _print_error(f"{_usage_message(error, argv)} (see '{command} --help')")
             status = ExitStatus.USAGE
         except _ClickAbort:
             status = ExitStatus.INTERRUPTED
@@ -101,21 +101,40 @@ def _refuse_undecodable(argv: list[str]) -> None:
             ) from None
 
 
-def _usage_message(error: Exception) -> str:
+def _usage_message(error: Exception, argv: Sequence[str] = ()) -> str:
     """click's message, with an unknown option's suggestions kept only when they are close (click offers
     `--truncate` for `--frobnicate`)."""
     name = getattr(error, "option_name", None)
     possibilities = getattr(error, "possibilities", None)
-    command = getattr(getattr(error, "ctx", None), "command", None)
+    context = getattr(error, "ctx", None)
+    command = getattr(context, "command", None)
     moved = _MOVED_OPTIONS.get((getattr(command, "name", None), name))
     if moved:
         return f"No such option: {name}; {moved}"
+    dashed = _dashed_argument(context, name, argv)
+    if dashed:
+        return f"No such option: {name}; {dashed}"
     if name and possibilities is not None:
         import difflib
 
         close = difflib.get_close_matches(name, list(possibilities), n=1, cutoff=0.75)
         return f"No such option: {name}" + (f"; did you mean {close[0]}?" if close else "")
     return error.format_message()  # type: ignore[attr-defined]
+
+
+def _dashed_argument(context: Any, name: str | None, argv: Sequence[str]) -> str | None:
+    """For `bluelm sessions show|rm|search`, whose argument may start with '-' (`ask --session=-x` makes such a
+    session): click reads `-dash` as options and says only "No such option: -d"; say how to pass it."""
+    parent = getattr(context, "parent", None)
+    verb = getattr(getattr(context, "command", None), "name", None)
+    if not name or getattr(getattr(parent, "command", None), "name", None) != "sessions" or verb not in ("show", "rm", "search"):
+        return None
+    known = {option for param in context.command.params for option in (*param.opts, *param.secondary_opts)}
+    typed = next((arg for arg in argv if arg.startswith(name) and arg not in known and arg != "--"), None)
+    if typed is None or typed.startswith("--"):
+        return None  # a mistyped long option (--jsn): click's suggestion says more
+    what = "text" if verb == "search" else "name"
+    return f"a {what} starting with '-' goes after '--': bluelm sessions {verb} -- {typed}"
 
 
 # Short options that mean one thing everywhere now: (command, option) → what to use instead.

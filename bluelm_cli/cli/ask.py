@@ -78,7 +78,7 @@ def ask(
 ) -> int:
     """Answer one question and exit (with -c or --session, as the next turn of a saved chat). Plain text
     when piped, rendered Markdown on a terminal."""
-    from bluelm_cli.chat.attachments import check_fits, read_attachment, token_count, with_attachments
+    from bluelm_cli.chat.attachments import Attachment, check_fits, read_attachment, same_file, token_count, with_attachments
     from bluelm_cli.core.sanitize import safe_for_terminal
     from bluelm_cli.ui.ending_signals import ending_signals_interrupt
 
@@ -87,7 +87,10 @@ def ask(
     announce_holder("ask")  # a second bluelm refused the session this one holds is told it is an ask
     settings, paths = _resolve(flags)
     quantization = quantization_choice(load_in_8bit, load_in_4bit)
-    attachments = [read_attachment(str(path)) for path in files or []]
+    attachments: list[Attachment] = []
+    for path in files or []:  # a file given twice goes in once (twice, it also counted twice against the context)
+        if not any(same_file(attached.name, str(path)) for attached in attachments):
+            attachments.append(read_attachment(str(path)))
     question = _read_prompt(prompt, required=not attachments)
     resumed = _resume_for_ask(paths, continue_last, session_name)
     chat = None
@@ -129,8 +132,8 @@ def ask(
         if result.finish_reason is FinishReason.INTERRUPTED:
             errors.print("[dim]Interrupted.[/]")
             return ending.exit_status(otherwise=ExitStatus.INTERRUPTED)
-        if result.finish_reason is FinishReason.ERROR:  # a served model failed mid-answer; the partial answer was printed
-            _print_error(result.error or "the server failed mid-answer")
+        if result.finish_reason is FinishReason.ERROR:  # the answer failed midway (server or engine); the partial answer was printed
+            _print_error(result.error or "the answer failed midway; ask again")
             return ExitStatus.ERROR
         if result.finish_reason is FinishReason.CONTENT_FILTER:  # a script must not take a filtered answer for a whole one
             _print_error("the server's content filter stopped the answer; what it let through is on stdout. Rephrase the"

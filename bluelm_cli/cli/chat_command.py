@@ -111,6 +111,11 @@ def chat(
         if resumed is None and not chat_service.session.turns:  # nothing was said: leave no empty session behind
             _discard(chat_service.session)
         raise
+    # A chat left without a word (or the empty one a /clear began) leaves no session behind either: it would
+    # list as "0 turns (empty)" and be what `chat -c` / `ask -c` continue instead of the last conversation.
+    ended = chat_service.session
+    if ended is not resumed and not ended.turns and ended.pending is None and ended.journal is not None:
+        _discard(ended)
     if background is not None:
         background.exit_now_if_loading(status)
     return status

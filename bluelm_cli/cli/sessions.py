@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.cells import cell_len
 
 from bluelm_cli.cli.options import HelpCommand
 from bluelm_cli.chat.conversation import Conversation
@@ -57,21 +58,29 @@ def list_command(ctx: typer.Context, debug: DebugOpt = False) -> int | None:
         typer.echo(f"No sessions yet in {sessions_dir}.")
         return ExitStatus.OK
     names = {item.info.path: _label(item.info.name) for item in listed}
-    width = max(len(name) for name in names.values())
+    models = {item.info.path: _label(_short_model(item.info.model_id)) for item in listed if item.conversation is not None}
+    # Padded to their width on screen, not their length: a Chinese character takes two columns.
+    name_width = max(cell_len(name) for name in names.values())
+    model_width = max((cell_len(model) for model in models.values()), default=0)
     for item in listed:
         info = item.info
-        name = names[info.path]
+        name = _pad(names[info.path], name_width)
         when = info.last_used.astimezone().strftime("%Y-%m-%d %H:%M")
         if item.conversation is None:
-            typer.echo(f"{name:<{width}}     ? turns  {when}  (unreadable: {_for_stdout(info.unreadable or '')})")
+            typer.echo(f"{name}     ? turns  {when}  (unreadable: {_for_stdout(info.unreadable or '')})")
             continue
         first = item.conversation.turns[0].user if item.conversation.turns else ""
         damaged = "  (damaged: some records were skipped)" if info.damaged else ""
         typer.echo(
-            f"{name:<{width}}  {info.turns:>4} turn{' ' if info.turns == 1 else 's'}  {when}  "
-            f"{_label(_short_model(info.model_id))}  {_for_stdout(preview(first)) if first else '(empty)'}{damaged}"
+            f"{name}  {info.turns:>4} turn{' ' if info.turns == 1 else 's'}  {when}  "
+            f"{_pad(models[info.path], model_width)}  {_for_stdout(preview(first)) if first else '(empty)'}{damaged}"
         )
     return ExitStatus.OK
+
+
+def _pad(text: str, width: int) -> str:
+    """`text` followed by spaces up to `width` columns on screen."""
+    return text + " " * max(0, width - cell_len(text))
 
 
 def _label(text: str) -> str:

@@ -121,6 +121,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise BlueLMError(f"config file {path} is not valid TOML: {exc}; fix that line") from None
     values: dict[str, Any] = {}
     for key, raw in table.items():
+        if key in ("api_key", "api-key", "openai_api_key"):  # `bluelm config` lists it: say where it goes instead
+            raise BlueLMError(
+                f"config file {path}: the API key is not read from the config file; remove that line and put the key"
+                " in BLUELM_API_KEY, or in a file of its own (chmod 600) given as --api-key-file"
+            )
         if key not in SPECS:
             raise BlueLMError(
                 f"config file {path}: unknown setting '{key}'; known settings: {', '.join(SETTING_NAMES)}"

@@ -13,7 +13,7 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens reached
     INTERRUPTED = "interrupted"  # Ctrl-C, SIGHUP/SIGTERM, or a closed stream
     CONTEXT = "context"  # the context window is full
-    ERROR = "error"  # a served model failed mid-answer (the server died, a malformed or error event)
+    ERROR = "error"  # the answer failed midway: a served model's server died or sent an error, or the local engine raised
     CONTENT_FILTER = "content_filter"  # a served model's answer stopped by the server's content filter
     TOOL_CALLS = "tool_calls"  # a served model asked to call a tool (bluelm runs none)
 
@@ -44,7 +44,7 @@ _NOTES: dict[FinishReason, str | None] = {
     FinishReason.LENGTH: "[cut off at max_new_tokens; /set max_new_tokens N allows longer answers]",
     FinishReason.INTERRUPTED: "[interrupted]",
     FinishReason.CONTEXT: "[cut off: the context window is full; /reset starts a new conversation]",
-    FinishReason.ERROR: "[cut off: the server failed mid-answer; /retry asks again]",
+    FinishReason.ERROR: "[cut off by an error; /retry asks again]",  # the error itself is on the line before
     FinishReason.CONTENT_FILTER: "[stopped by the server's content filter]",
     FinishReason.TOOL_CALLS: "[the model asked to call a tool, which bluelm does not run]",
 }
@@ -53,7 +53,7 @@ _TRANSCRIPT_NOTES: dict[FinishReason, str | None] = {
     FinishReason.LENGTH: "*(cut off at max_new_tokens)*",
     FinishReason.INTERRUPTED: "*(interrupted)*",
     FinishReason.CONTEXT: "*(cut off: context window full)*",
-    FinishReason.ERROR: "*(cut off: the server failed mid-answer)*",
+    FinishReason.ERROR: "*(cut off by an error)*",
     FinishReason.CONTENT_FILTER: "*(stopped by the server's content filter)*",
     FinishReason.TOOL_CALLS: "*(the model asked to call a tool)*",
 }

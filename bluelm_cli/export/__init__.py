@@ -79,7 +79,14 @@ def export_checkpoint(
 
             if isinstance(error, UnsupportedQuantization):  # found while dequantising a layer: one line, no traceback
                 raise BlueLMError(f"{folder}: {error}") from None
-            if isinstance(error, BlueLMError) or not _is_write_failure(error):
+            if isinstance(error, BlueLMError):
+                raise
+            from bluelm_cli.local.loading import weight_file_problem
+
+            problem = weight_file_problem(folder)  # a truncated shard fails as a "write" or a RuntimeError
+            if problem is not None:
+                raise BlueLMError(problem) from None
+            if not _is_write_failure(error):
                 raise
             raise BlueLMError(f"cannot write {out} ({_reason(error)}); free some space or choose another OUT") from None
     return out

@@ -167,8 +167,14 @@ def check_checkpoint_folder(folder: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BlueLMError(f"{config_path} is not valid JSON ({error}); download the checkpoint again") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if not isinstance(model_type, str) or model_type.lower() != "bluelm":
+    # A config that is not even an object, or names no model type, is damaged, not another model's.
+    if not isinstance(config, dict):
+        kind = {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(config), "null")
+        raise BlueLMError(f"{config_path} is not a model config (a JSON {kind}, not an object); download the checkpoint again")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise BlueLMError(f"{config_path} is not a model config (no model_type); download the checkpoint again")
+    if model_type.lower() != "bluelm":
         raise BlueLMError(
             f"{folder} holds a '{model_type}' model, not BlueLM; bluelm-cli runs BlueLM checkpoints such as {DEFAULT_MODEL}"
         )
@@ -351,7 +357,7 @@ def _load_with_transformers(
             ) from None
         if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
             raise BlueLMError(f"out of memory while loading {model}; try --load-in-4bit or a smaller --dtype") from None
-        problem = _weight_file_problem(folder)
+        problem = weight_file_problem(folder)
         if problem:
             raise BlueLMError(problem) from None
         raise BlueLMError(f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again") from None
@@ -435,7 +441,7 @@ def _load_dequantized(
     except torch.cuda.OutOfMemoryError:
         raise BlueLMError(f"out of GPU memory while loading {model} dequantised to {dtype_name(dtype)}; free the GPU") from None
     except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as error:
-        problem = _weight_file_problem(folder)
+        problem = weight_file_problem(folder)
         raise BlueLMError(
             problem or f"the weights in {folder} are damaged or incomplete ({_first_line(error)}); download the checkpoint again"
         ) from None
@@ -478,7 +484,7 @@ def _indexed_shards(folder: Path) -> list[Path]:
     return shards
 
 
-def _weight_file_problem(folder: Path) -> str | None:
+def weight_file_problem(folder: Path) -> str | None:
     """After loading failed: the message naming the weight file that is missing, damaged or unsafe, if one is."""
     import pickle
 

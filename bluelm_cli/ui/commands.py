@@ -17,7 +17,7 @@ from typing import Protocol, Union
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter, WordCompleter
 from prompt_toolkit.document import Document
 
-from bluelm_cli.chat.attachments import Attachment, check_fits, read_attachment, token_count
+from bluelm_cli.chat.attachments import Attachment, check_fits, read_attachment, same_file, token_count
 from bluelm_cli.core.backend import ModelLoading
 from bluelm_cli.chat.service import Chat, TurnStream
 from bluelm_cli.core.sanitize import safe_for_terminal
@@ -227,7 +227,7 @@ def _show(ctx: CommandContext, args: str) -> Outcome:
         ("model", model),
         ("session", f"{session.name} · {_count(len(session.turns), 'turn')}, {active} in the context"),
         ("context", context),
-        ("system", "(unset)" if not session.system else repr(session.system)),
+        ("system", "(unset)" if not session.system else _show_value(session.system)),
     ]
     rows += [(key, "(unset)" if settings[key] is None else str(settings[key])) for key in GENERATION_KEYS]
     rows.append(("stats", "on" if ctx.show_stats else "off"))
@@ -265,11 +265,21 @@ def _file(ctx: CommandContext, args: str) -> Outcome:
     attachment = read_attachment(_unquote(args))
     chat = ctx.chat
     encoder = chat.backend.encoder
-    check_fits(encoder, chat.system, [*ctx.attachments, attachment],
+    # The same file again (edited since, say) replaces its earlier copy: in the message twice, it would also
+    # count twice against the context.
+    same = [index for index, attached in enumerate(ctx.attachments) if same_file(attached.name, attachment.name)]
+    others = [attached for index, attached in enumerate(ctx.attachments) if index not in same]
+    check_fits(encoder, chat.system, [*others, attachment],
                context_limit=chat.context_limit, max_new_tokens=chat.sampling.max_new_tokens)
-    ctx.attachments.append(attachment)
+    if same:
+        ctx.attachments[same[0]] = attachment
+        again = " again"
+        where = ", in place of the earlier copy"
+    else:
+        ctx.attachments.append(attachment)
+        again = where = ""
     ctx.out.note(
-        f"Attached {attachment.name} ({token_count(encoder, attachment):,} tokens); it goes with your next message"
+        f"Attached {attachment.name}{again} ({token_count(encoder, attachment):,} tokens){where}; it goes with your next message"
     )
     return None
 
@@ -471,5 +481,12 @@ def _show_value(value: object) -> str:
     if value is None:
         return "(unset)"
     if isinstance(value, str):
+        if len(value) > _LONGEST_SHOWN:  # a page of instructions is not echoed whole: /show system shows it
+            start = repr(f"{value[:_SHOWN_START].rstrip()} …")
+            return f"{start} ({len(value):,} characters; /show system shows it all)"
         return repr(value) if "\n" not in value else f"{len(value)} characters"
     return str(value)
+
+
+_LONGEST_SHOWN = 100  # characters of a text setting echoed as they are
+_SHOWN_START = 60  # of a longer one, its start

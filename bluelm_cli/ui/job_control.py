@@ -14,10 +14,16 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Protocol
 
 __all__ = ["answer_terminal", "keys_not_echoed"]
+
+try:
+    from termios import error as _TermiosError
+except ImportError:  # no termios (Windows): nothing raises it
+    class _TermiosError(Exception):  # type: ignore[no-redef]
+        pass
 
 
 class _Renderer(Protocol):
@@ -62,12 +68,17 @@ def keys_not_echoed() -> Iterator[None]:
 
 
 def _install(renderer: _Renderer, modes: _TerminalModes) -> dict[int, Any]:
+    # A handler runs wherever the main thread is, inside the answer's stream too: what it raises there would end
+    # the turn as a failure. The terminal gone (the SSH connection dropped, SIGCONT comes with its SIGHUP), its
+    # writes fail with EIO; the SIGHUP ends the answer, and the next ordinary write says the rest.
     def resized(signum: int, frame: object) -> None:
-        renderer.terminal_resized()
+        with suppress(OSError):
+            renderer.terminal_resized()
 
     def continued(signum: int, frame: object) -> None:
         modes.quiet()  # the shell may have put its own modes back while we were stopped
-        renderer.terminal_continued()
+        with suppress(OSError):
+            renderer.terminal_continued()
 
     def stop_process() -> None:
         modes.restore()  # the shell gets the terminal as it lent it: echo on
@@ -106,7 +117,7 @@ class _TerminalModes:
                 quiet = list(self._saved)
                 quiet[3] &= ~(termios.ECHO | getattr(termios, "ECHOCTL", 0))
                 self._quiet = quiet
-        except (ImportError, OSError, ValueError):
+        except (ImportError, OSError, ValueError, _TermiosError):
             self._fd = None
 
     def quiet(self) -> None:
@@ -122,5 +133,5 @@ class _TerminalModes:
             import termios
 
             termios.tcsetattr(self._fd, termios.TCSANOW, modes)
-        except (OSError, ValueError):
+        except (OSError, ValueError, _TermiosError):  # termios.error is no OSError: a terminal gone raises it
             pass

@@ -19,6 +19,7 @@ from bluelm_cli.ui.render import render_markdown, safe_for_terminal, wants_plain
 from bluelm_cli.ui.stats import stats_line
 
 PROMPT = "> "
+_NARROWEST_COLUMN = 24  # columns: narrower, a table's values go under their names instead of beside them
 
 
 class ChatOutput:
@@ -59,8 +60,25 @@ class ChatOutput:
     def rows(self, rows: Sequence[tuple[str, str]]) -> None:
         """Aligned ``name  value`` lines, names in bold."""
         width = max((len(name) for name, _ in rows), default=0)
+        if not self.console.is_terminal:  # a pipe or a file (script mode): one line a row, never cut at 80 columns
+            for name, value in rows:
+                self.console.print(Text.assemble((f"{name:<{width}}", "bold"), f"  {self._safe(value)}"), soft_wrap=True)
+            return
+        # On a terminal a value wraps in its own column (the terminal would run it on under the names), or,
+        # where that column would be too narrow to read, on the lines under its name, indented.
+        beside = self.console.width - width - 2
         for name, value in rows:
-            self.console.print(Text.assemble((f"{name:<{width}}", "bold"), f"  {self._safe(value)}"))
+            if beside >= _NARROWEST_COLUMN:
+                lines = Text(self._safe(value)).wrap(self.console, beside)
+                for number, line in enumerate(lines):
+                    line.rstrip()
+                    label = Text(f"{name:<{width}}", "bold") if number == 0 else Text(" " * width)
+                    self.console.print(Text.assemble(label, "  ", line), soft_wrap=True)
+            else:
+                self.console.print(Text(name, "bold"))
+                for line in Text(self._safe(value)).wrap(self.console, max(1, self.console.width - 4)):
+                    line.rstrip()
+                    self.console.print(Text.assemble("    ", line), soft_wrap=True)
 
     def print_text(self, text: str) -> None:
         """Text as it is (a system prompt, a file's lines), made safe for a terminal."""

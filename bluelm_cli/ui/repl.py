@@ -112,6 +112,7 @@ def run_chat(
         repl.loading.attach(prompt_session)
     if first_message:  # `bluelm chat "hi"`: the first message, as if typed at the first prompt
         repl.out.console.print(Text.assemble((PROMPT, "bold cyan"), safe_for_terminal(first_message)))
+        prompt_session.history.append_string(first_message)  # so ↑ brings it back, as a typed one
         try:
             repl.handle(first_message)
         except KeyboardInterrupt:
@@ -312,6 +313,8 @@ class ChatRepl:
         committed, shown = presented.committed, presented.write_failure
         if isinstance(shown, BrokenPipeError):
             raise shown  # the reader went away (`| head`): the chat ends quietly, the turn is journaled
+        if isinstance(shown, OSError) and self.exit_requested:
+            return committed.result  # the terminal went away (SIGHUP, then EIO): the turn is journaled, the chat ends
         if shown is not None:
             raise BlueLMError(
                 f"the answer could not be shown ({type(shown).__name__}: {shown}); it is kept in the session"
@@ -364,6 +367,10 @@ def _interactive_loop(repl: ChatRepl, prompt_session: PromptSession[str]) -> int
                 if repl.exit_status or repl.may_exit():
                     break
                 continue
+            except OSError:
+                if repl.exit_requested:  # the terminal went away (an SSH drop: SIGHUP, then EIO on the last redraw)
+                    break
+                raise
             try:
                 repl.handle(text)
             except KeyboardInterrupt:
@@ -401,18 +408,22 @@ def _terminal_restored() -> Iterator[None]:
 @contextmanager
 def _terminal_modes(change: Callable[[list], list]) -> Iterator[None]:
     """Set stdin's terminal modes to `change(current)` for the block, and put the current ones back after.
-    TCSANOW throughout: never discard type-ahead. Does nothing when stdin is not a terminal."""
-    saved = None
+    TCSANOW throughout: never discard type-ahead. Does nothing when stdin is not a terminal, or no longer one
+    (an SSH connection that dropped: termios then raises termios.error, which is no OSError)."""
     try:
         import termios
-
+    except ImportError:
+        yield
+        return
+    saved = None
+    try:
         if sys.stdin.isatty():
             fd = sys.stdin.fileno()
             saved = termios.tcgetattr(fd)
             wanted = change(saved)
             if wanted != saved:
                 termios.tcsetattr(fd, termios.TCSANOW, wanted)
-    except (ImportError, OSError, ValueError):
+    except (OSError, ValueError, termios.error):
         saved = None
     try:
         yield
@@ -420,7 +431,7 @@ def _terminal_modes(change: Callable[[list], list]) -> Iterator[None]:
         if saved is not None:
             try:
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved)
-            except (OSError, ValueError):
+            except (OSError, ValueError, termios.error):
                 pass
 
 
