@@ -385,6 +385,13 @@ def test_a_chat_that_ends_with_nothing_said_leaves_no_empty_session(checkpoint: 
     # A chat that said something keeps its session, and so does a resumed one that said nothing this time.
     result = runner.invoke(app, ["chat", "--resume", "real", "--model", str(checkpoint), "-n", "2"], input="")
     assert result.exit_code == 0 and _turns(sessions_dir, "real") == ["hi", "more"]
+    # A session the user named keeps what was set in it with nothing said: a system prompt to come back to.
+    result = runner.invoke(app, ["chat", "--session", "pirate", "--model", str(checkpoint), "-n", "2"],
+                           input="/set system You are a pirate.\n")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(path.name for path in sessions_dir.glob("*.jsonl")) == ["pirate.jsonl", "real.jsonl"]
+    result = runner.invoke(app, ["chat", "--resume", "pirate", "--model", str(checkpoint), "-n", "2"], input="/show system\n")
+    assert result.exit_code == 0 and "You are a pirate." in result.stdout
 
 
 def test_a_session_name_starting_with_a_dash_works_with_an_equals_sign(checkpoint: Path, isolated_home: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -114,11 +115,25 @@ def chat(
     # A chat left without a word (or the empty one a /clear began) leaves no session behind either: it would
     # list as "0 turns (empty)" and be what `chat -c` / `ask -c` continue instead of the last conversation.
     ended = chat_service.session
-    if ended is not resumed and not ended.turns and ended.pending is None and ended.journal is not None:
+    # A session the user named keeps what was set in it (a system prompt, say), to be resumed by that name.
+    named_by_user = session_name is not None and ended.name == validate_session_name(session_name)
+    if (ended is not resumed and not ended.turns and ended.pending is None and ended.journal is not None
+            and (not named_by_user or _only_started(ended.journal))):
         _discard(ended)
     if background is not None:
         background.exit_now_if_loading(status)
     return status
+
+
+def _only_started(journal: Path | None) -> bool:
+    """Whether a journal holds its start record alone (no `/set`, no `/load`)."""
+    if journal is None:
+        return False
+    try:
+        with journal.open("rb") as records:
+            return sum(1 for line in records if line.strip()) <= 1
+    except OSError:
+        return False
 
 
 def _discard(session: Any) -> None:
