@@ -213,9 +213,10 @@ def _(c: Case) -> bool:
     return first.returncode == second.returncode == 0 and not c.turn_lost
 
 
-@case("--session -x (no =) for chat --resume: a clear error, not a traceback")
+@case("--resume -x (no =) names the session -x: one clear error when there is none, not a traceback")
 def _(c: Case) -> bool:
-    return one_error(c.run("chat", "--model", str(c.checkpoint), "--resume", "-x", stdin=""), status=2)
+    result = c.run("chat", "--model", str(c.checkpoint), "--resume", "-x", stdin="")
+    return one_error(result, status=1) and "no session named '-x'" in result.stderr
 
 
 @case("NFD and NFC spellings are one session")
