@@ -480,9 +480,11 @@ def test_an_invalid_config_value_is_one_line(checkpoint: Path, tmp_path: Path, k
 
 def test_a_system_prompt_that_leaves_no_room_says_so(paths: UserPaths) -> None:
     chat = Chat(FakeBackend(context_limit=128), new_session(paths))
-    chat.set_setting("system", "s" * 200)
     chat.set_setting("max_new_tokens", "16")
-    with pytest.raises(BlueLMError, match=r"^the system prompt is 200 tokens, which leaves no room for a message in the 128-token"):
+    with pytest.raises(BlueLMError, match=r"^the system prompt is 200 tokens but at most 108 fit in the 128-token"):
+        chat.set_setting("system", "s" * 200)
+    chat.session.set_setting("system", "s" * 200)  # a journal from before that check
+    with pytest.raises(BlueLMError, match=r"^the system prompt is 200 tokens but at most 108 fit in the 128-token"):
         chat.send("hi")
 
 

@@ -23,7 +23,9 @@ from bluelm_cli.core.backend import AnswerResult, AnswerStream, Backend, ModelLo
 from bluelm_cli.core.errors import BlueLMError
 from bluelm_cli.chat.conversation import Conversation
 from bluelm_cli.core.finish import FinishReason
-from bluelm_cli.core.prompt import HistoryTurn, PromptEncoder, PromptPlan, fit_continuation, fit_prompt, history_tokens
+from bluelm_cli.core.prompt import (
+    HistoryTurn, PromptEncoder, PromptPlan, check_system_prompt_fits, fit_continuation, fit_prompt, history_tokens,
+)
 from bluelm_cli.session import Session, Turn
 from bluelm_cli.core.settings import SamplingSettings, check_max_new_tokens, parse_sampling_setting
 
@@ -116,6 +118,9 @@ class Chat:
         self.backend = backend
         self.session = session
         self._ids_checked = False
+        # The system prompts replaced while the model loaded (oldest first): the newest that fits comes back if
+        # the one set last turns out too long once the tokenizer is there.
+        self._systems_before_load: list[str | None] = []
         session.warnings.extend(self.check_answer_ids())
 
     def check_answer_ids(self) -> list[str]:
@@ -170,6 +175,10 @@ class Chat:
         (the error is raised), it stays in the session and /retry sends it again. A model still loading
         raises ModelLoading before anything is recorded: the face waits and sends the same message again."""
         self.backend.encoder  # noqa: B018 - ModelLoading here, before the message is recorded
+        # A system prompt that leaves no room for any message: refused before the message is recorded, so no
+        # turn is left pending that no retry could send.
+        check_system_prompt_fits(self.backend.encoder, self.session.system, context_limit=self.backend.context_limit,
+                                 max_new_tokens=self.sampling.max_new_tokens)
         journal_error = None
         try:
             self.session.record_message(message)
@@ -297,14 +306,53 @@ class Chat:
         return new
 
     def set_setting(self, key: str, value: object) -> object:
-        if key == "max_new_tokens":
+        """Change a setting; refused (nothing changes) when the system prompt, the shortest message and the
+        answer budget would not fit the context. While the model loads that is checked once it has loaded
+        (:meth:`check_system_after_load`)."""
+        parsed = parse_sampling_setting(key, value)
+        if key in ("system", "max_new_tokens"):
             try:
-                limit = self.backend.context_limit
-            except ModelLoading:  # checked when a message is sent
-                limit = None
-            if limit is not None:
-                check_max_new_tokens(parse_sampling_setting(key, value), limit)
-        return self.session.set_setting(key, value)
+                limit, encoder = self.backend.context_limit, self.backend.encoder
+            except ModelLoading:
+                if key == "system":
+                    self._systems_before_load.append(self.session.system)
+            else:
+                if key == "max_new_tokens":
+                    check_max_new_tokens(parsed, limit)  # type: ignore[arg-type]
+                system = parsed if key == "system" else self.session.system
+                budget = parsed if key == "max_new_tokens" else self.sampling.max_new_tokens
+                check_system_prompt_fits(
+                    encoder, system, context_limit=limit, max_new_tokens=budget,  # type: ignore[arg-type]
+                    remedy=(f"the system prompt is unchanged; give a shorter one" if key == "system"
+                            else f"max_new_tokens is unchanged; shorten the system prompt first (/set system none clears it)"),
+                )
+        return self.session.set_setting(key, parsed)
+
+    def check_system_after_load(self) -> str | None:
+        """Once the model has loaded: a system prompt set while it loaded (or given with --system) that leaves
+        no room for a message is undone, back to the one before if that fits, else to none. Returns the
+        error to show, or None when it fits."""
+        system = self.session.system
+        try:
+            check_system_prompt_fits(self.backend.encoder, system, context_limit=self.backend.context_limit,
+                                     max_new_tokens=self.sampling.max_new_tokens)
+        except BlueLMError as too_long:
+            before = None
+            for candidate in reversed(self._systems_before_load):
+                try:
+                    check_system_prompt_fits(self.backend.encoder, candidate, context_limit=self.backend.context_limit,
+                                             max_new_tokens=self.sampling.max_new_tokens)
+                except BlueLMError:
+                    continue
+                before = candidate
+                break
+            self.session.set_setting("system", before)
+            what = "the one before is back" if before else "the chat goes on without one"
+            reason = str(too_long).rpartition(";")[0]
+            return f"{reason}; {what} (/set system TEXT sets a shorter one)"
+        finally:
+            self._systems_before_load.clear()
+        return None
 
     def adopt(self, other: Conversation) -> None:
         """Continue a loaded conversation (its turns, system prompt and settings) in this session.

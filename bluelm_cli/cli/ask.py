@@ -29,6 +29,7 @@ from bluelm_cli.config.paths import UserPaths
 from bluelm_cli.config.settings import ResolvedSettings
 from bluelm_cli.core.errors import BlueLMError, ExitStatus, UsageError
 from bluelm_cli.core.finish import FinishReason
+from bluelm_cli.core.prompt import SystemPromptTooLongError
 from bluelm_cli.ui.stats import result_json, stats_line
 
 if TYPE_CHECKING:
@@ -108,7 +109,12 @@ def ask(
                 errors.print(f"Attached {safe_for_terminal(attachment.name)} ({token_count(chat.backend.encoder, attachment):,} tokens)",
                              style="dim", markup=False, highlight=False)
             question = with_attachments(attachments, question).rstrip("\n")
-        stream = _start_ask(chat, question, truncate)
+        try:
+            stream = _start_ask(chat, question, truncate)
+        except SystemPromptTooLongError:
+            if resumed is None and chat.session.journal is not None and not chat.session.turns:
+                _discard_new_session(chat.session)  # `--session NAME` began it: a session nothing could be asked in
+            raise
         if stream.plan.truncated_from is not None:
             errors.print(
                 f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
@@ -144,6 +150,12 @@ def ask(
         # Let the next bluelm open the session now, not at exit (and, in one process, at all: tests, scripts).
         for session in {id(s): s for s in (resumed, chat.session if chat is not None else None) if s is not None}.values():
             session.close()
+
+
+def _discard_new_session(session: Session) -> None:
+    session.close()
+    if session.journal is not None:
+        session.journal.unlink(missing_ok=True)
 
 
 def _resume_for_ask(paths: UserPaths, continue_last: bool, name: str | None) -> Session | None:
@@ -196,12 +208,13 @@ def _one_shot_chat(engine: Backend, settings: ResolvedSettings, model_id: str) -
 
 
 def _start_ask(chat: Chat, question: str, truncate: bool) -> TurnStream:
-    from bluelm_cli.core.prompt import ContextOverflowError, SystemPromptTooLongError
+    from bluelm_cli.core.prompt import ContextOverflowError
 
     try:
         return chat.send(question, truncate=truncate)
-    except SystemPromptTooLongError:
-        raise
+    except SystemPromptTooLongError as too_long:
+        raise SystemPromptTooLongError(too_long.system_tokens, chat.context_limit, chat.sampling.max_new_tokens,
+                                       too_long.room, "give a shorter --system (--system none drops it)") from None
     except ContextOverflowError as overflow:
         if truncate:
             raise BlueLMError("no room is left for the prompt; lower --max-new-tokens") from None

@@ -85,6 +85,12 @@ def chat(
         for key, value in _explicit_sampling(settings).items():
             session.set_setting(key, value)
     else:
+        if background is None:  # the tokenizer is here: a --system that leaves no room is refused before a session begins
+            from bluelm_cli.core.prompt import check_system_prompt_fits
+
+            check_system_prompt_fits(engine.encoder, settings["system"], context_limit=engine.context_limit,
+                                     max_new_tokens=settings.sampling().max_new_tokens,
+                                     remedy="give a shorter --system (--system none drops it)")
         ensure_dir(paths.sessions_dir)
         session = Session.new(
             paths.sessions_dir,

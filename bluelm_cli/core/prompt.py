@@ -86,16 +86,34 @@ class ContextOverflowError(BlueLMError):
 
 
 class SystemPromptTooLongError(ContextOverflowError):
-    """The system prompt alone leaves no room for a message."""
+    """The system prompt leaves no room for even the shortest message and the answer budget."""
 
-    def __init__(self, system_tokens: int, context_limit: int, max_new_tokens: int) -> None:
+    def __init__(self, system_tokens: int, context_limit: int, max_new_tokens: int, room: int,
+                 remedy: str = "shorten it or lower max_new_tokens (/set system none clears it)") -> None:
         self.message_tokens, self.fits = 0, 0
+        self.system_tokens, self.room = system_tokens, room
         BlueLMError.__init__(
             self,
-            f"the system prompt is {system_tokens} tokens, which leaves no room for a message in the"
-            f" {context_limit}-token context window (with {max_new_tokens} for the answer); shorten it"
-            " (/set system none clears it)",
+            f"the system prompt is {system_tokens:,} tokens but at most {room:,} fit in the {context_limit:,}-token"
+            f" context window (with the shortest message and a {max_new_tokens:,}-token answer); {remedy}",
         )
+
+
+def check_system_prompt_fits(
+    encoder: PromptEncoder, system: str | None, *, context_limit: int, max_new_tokens: int, remedy: str | None = None
+) -> None:
+    """SystemPromptTooLongError unless `system`, a one-token message and `max_new_tokens` fit the context."""
+    if not system:
+        return
+    budget = context_limit - max_new_tokens
+    needed = len(build_prompt_ids(encoder, system, [], "").ids) + 1  # the shortest message is one token
+    if needed <= budget:
+        return
+    system_tokens = len(encoder.encode_plain(system))
+    room = max(0, budget - (needed - system_tokens))
+    if remedy is None:
+        raise SystemPromptTooLongError(system_tokens, context_limit, max_new_tokens, room)
+    raise SystemPromptTooLongError(system_tokens, context_limit, max_new_tokens, room, remedy)
 
 
 # When the window is full, the oldest turns holding at least this share of the history's tokens go in one block
@@ -178,10 +196,7 @@ def fit_prompt(
     last tokens (cut as ids: re-encoding decoded text could shift a token at the cut).
     """
     budget = context_limit - max_new_tokens
-    if system:
-        system_tokens = len(encoder.encode_plain(system))
-        if 1 + system_tokens + 2 >= budget:  # <s>, the system text, the two tags: no room for any message
-            raise SystemPromptTooLongError(system_tokens, context_limit, max_new_tokens)
+    check_system_prompt_fits(encoder, system, context_limit=context_limit, max_new_tokens=max_new_tokens)
     alone = build_prompt_ids(encoder, system, [], message)
     if len(alone.ids) > budget:
         message_ids = encoder.encode_plain(message)

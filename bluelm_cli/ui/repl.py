@@ -199,6 +199,9 @@ class ChatRepl:
             self.out.warn(warning)
         if then is not None:
             then()
+        # A system prompt given (--system, /set system) before the tokenizer was there: now it can be counted.
+        if (problem := self.chat.check_system_after_load()) is not None:
+            self.out.error(problem)
 
     def show_resumed(self) -> None:
         session = self.chat.session
