@@ -63,11 +63,11 @@ def test_the_prompt_comes_before_the_model_and_an_early_message_is_answered(chec
     child.expect_exact("top_k = 3")
     child.send("hello\r")
     assert child.expect_exact(["Waiting for the model", "Loaded "]) == 0  # sent before the model was there
-    child.expect(r"Loaded \S+ on cpu \(float32, context 2048\) in \d+\.\d s")
+    child.expect(r"Loaded \S+ on cpu \(float32, context 2,048\) in \d+\.\d s")
     child.expect_exact(PROMPT)  # after the answer
     child.send("/show\r")
     child.expect_exact("context")
-    child.expect(r"\d+ / 2048 tokens in use")
+    child.expect(r"\d+ / 2,048 tokens in use")
     child.expect_exact(PROMPT)
     child.sendeof()
     status, signal, rest = ended(child)

@@ -52,7 +52,7 @@ def stats(backend: FakeBackend, index: int, new: int, finish: str = "") -> str:
     prompt = len(backend.plans[index].ids)
     return (f"{prompt} prompt tokens (0 reused) · {new} new · first token 50 ms · prefill {prompt * 20} tokens/s"
             f" · decode 100.0 tokens/s"
-            f" · context {prompt + new + 1}/2048{finish}")
+            f" · context {prompt + new + 1}/2,048{finish}")
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -101,7 +101,7 @@ def test_huge_paste_is_refused_with_its_token_count(paths: UserPaths) -> None:
     # 2048 - 512 for the answer, less <s> and the message's two tags (older turns would be dropped to fit).
     assert screen.getvalue() == (
         "Hi.\n\n"
-        f"Error: the message is {tokens} tokens but at most 1533 fit in the context window (with room for the"
+        f"Error: the message is {tokens:,} tokens but at most 1,533 fit in the context window (with room for the"
         " answer); shorten it or lower max_new_tokens\n"
         "After.\n\n"
     )
@@ -374,7 +374,7 @@ def test_set_system_and_show(paths: UserPaths) -> None:
         "Hi.\n\n"
         "model               fake/BlueLM (cpu, float32)\n"
         "session             t · 1 turn, 1 in the context\n"
-        "context             23 / 2048 tokens in use (1%)\n"
+        "context             23 / 2,048 tokens in use (1%)\n"
         "system              'You are terse.'\n"
         "max_new_tokens      8\n"
         "temperature         0.0\n"
@@ -406,7 +406,7 @@ def test_stats_line(paths: UserPaths) -> None:
     prompt = len(backend.plans[0].ids)  # one token: no decode speed, which needs an interval between two
     assert screen.getvalue() == (
         f"x\n{prompt} prompt tokens (0 reused) · 1 new · first token 50 ms · prefill {prompt * 20} tokens/s"
-        f" · context {prompt + 2}/2048\n\n"
+        f" · context {prompt + 2}/2,048\n\n"
     )
 
 
@@ -600,7 +600,7 @@ def test_resume_after_a_crash_shows_every_complete_turn(paths: UserPaths) -> Non
                           resumed=True, pt_input=pipe, pt_output=DummyOutput())
     assert status == 0
     assert screen.getvalue() == (
-        "BlueLM chat · fake/BlueLM · cpu · float32 · 2048-token context\n"
+        "BlueLM chat · fake/BlueLM · cpu · float32 · 2,048-token context\n"
         "Session t · /help for commands · Alt-Enter for a new line · Ctrl-D or /exit quits\n"
         "Resumed session t: 2 earlier turns\n\n"
         "> first\nFirst answer.\n\n"
@@ -707,7 +707,7 @@ def test_show_info_describes_the_loaded_model(engine: ChatEngine, paths: UserPat
         f"architecture  BlueLMForCausalLM, {config.num_hidden_layers} layers, hidden size {config.hidden_size},"
         f" {config.num_attention_heads} attention heads\n"
         f"parameters    {count / 1e3:.2f}K ({count:,})\n"
-        "context       2048 tokens\n"
+        "context       2,048 tokens\n"
         "dtype         float32\n"
         "device        cpu\n"
         "quantization  none\n"
@@ -722,6 +722,6 @@ def test_stats_line_of_a_real_answer(engine: ChatEngine, paths: UserPaths) -> No
     assert len(lines) == 1
     assert re.fullmatch(
         r"\d+ prompt tokens \(\d+ reused\) · 8 new · first token \d+ ms · prefill \d+ tokens/s · decode [\d.]+ tokens/s"
-        r" · context \d+/2048 · finish: length",
+        r" · context \d+/2,048 · finish: length",
         lines[0],
     ), lines[0]

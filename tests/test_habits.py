@@ -197,7 +197,7 @@ def test_ollama_words(paths: UserPaths) -> None:
         "Stats on\n"
         "One.\n"
         f"{plan} prompt tokens (0 reused) · 4 new · first token 50 ms · prefill {plan * 20} tokens/s · decode 100.0 tokens/s"
-        f" · context {plan + 5}/2048\n"
+        f" · context {plan + 5}/2,048\n"
         "\n"
         "Stats off\n"
         f"New session {chat.session.name}; settings kept. The earlier turns stay in session t (bluelm chat --resume t).\n"
@@ -242,7 +242,7 @@ def test_show_info_parameters_and_system(paths: UserPaths, monkeypatch: pytest.M
         "model         fake/BlueLM\n"
         "architecture  (unknown)\n"
         "parameters    (unknown)\n"
-        "context       2048 tokens\n"
+        "context       2,048 tokens\n"
         "dtype         float32\n"
         "device        cpu\n"
         "quantization  none\n"
@@ -275,7 +275,7 @@ def test_info_rows_for_a_local_model() -> None:
         ("model", "vivo-ai/BlueLM-7B-Chat"),
         ("architecture", "BlueLMForCausalLM, 32 layers, hidden size 4096, 32 attention heads"),
         ("parameters", "7.29B (7,292,000,000)"),
-        ("context", "2048 tokens"),
+        ("context", "2,048 tokens"),
         ("dtype", "bfloat16"),
         ("device", "cuda:0"),
         ("quantization", "4bit"),

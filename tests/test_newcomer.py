@@ -249,7 +249,7 @@ def test_the_stats_line_shows_prefill_beside_decode_speed(paths: UserPaths) -> N
     assert screen.getvalue() == (
         "Short answer.\n"
         f"{prompt} prompt tokens (0 reused) · 13 new · first token 50 ms · prefill {prompt * 20} tokens/s"
-        f" · decode 100.0 tokens/s · context {prompt + 14}/2048\n\n"
+        f" · decode 100.0 tokens/s · context {prompt + 14}/2,048\n\n"
     )
 
 
@@ -264,7 +264,7 @@ def test_after_an_early_ctrl_c_the_stats_line_shows_no_speed_it_cannot_know(path
     assert screen.getvalue() == (
         "L\n[interrupted]\n"
         f"{prompt} prompt tokens (0 reused) · 1 new · first token 50 ms · prefill {prompt * 20} tokens/s"
-        f" · context {prompt + 2}/2048 · finish: interrupted\n\n"
+        f" · context {prompt + 2}/2,048 · finish: interrupted\n\n"
     )
 
 
@@ -608,7 +608,7 @@ def test_the_toolbar_keeps_the_context_meter_and_shortens_a_long_session_name_in
 def test_the_toolbar_at_a_very_narrow_terminal_keeps_the_meter_alone(paths: UserPaths) -> None:
     chat = Chat(FakeBackend(context_limit=2048), new_session(paths, name=LONG_NAME))
     repl, _ = repl_for(chat, paths, width=200)
-    assert _toolbar_text(repl, 24) == " context 1/2048 (0%) "
+    assert _toolbar_text(repl, 24) == " context 1/2,048 (0%) "
 
 
 def test_the_toolbar_measures_a_chinese_session_name_in_terminal_cells(paths: UserPaths) -> None:

@@ -270,7 +270,7 @@ def test_a_resumed_turn_with_foreign_ids_is_sent_as_text(paths: UserPaths) -> No
 
 def test_max_new_tokens_must_fit_the_context(paths: UserPaths) -> None:
     chat = Chat(FakeBackend(context_limit=2048), new_session(paths))
-    with pytest.raises(UsageError, match=r"max_new_tokens must be less than the model's context window \(2048 tokens\), got 99999"):
+    with pytest.raises(UsageError, match=r"max_new_tokens must be less than the model's context window \(2,048 tokens\), got 99999"):
         chat.set_setting("max_new_tokens", "99999")
     assert chat.sampling.max_new_tokens == 512
 
@@ -279,7 +279,7 @@ def test_settings_that_cannot_fit_are_usage_errors_before_the_weights(checkpoint
     result = runner.invoke(app, ["ask", "--model", str(checkpoint), "--device", "cpu", "-n", "5000", "hi"])
     assert result.exit_code == 2
     assert result.stderr.splitlines()[-1] == (
-        "Error: max_new_tokens must be less than the model's context window (2048 tokens), got 5000"
+        "Error: max_new_tokens must be less than the model's context window (2,048 tokens), got 5000"
     )
     assert "Loaded" not in result.stderr
     result = runner.invoke(app, ["ask", "--model", str(checkpoint), "--seed", "99999999999999999999999", "hi"])

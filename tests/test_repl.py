@@ -46,7 +46,7 @@ from bluelm_cli.testing.fakes import FakeBackend
 from test_chat import new_session
 
 BANNER = (
-    "BlueLM chat · fake/BlueLM · cpu · float32 · 2048-token context\n"
+    "BlueLM chat · fake/BlueLM · cpu · float32 · 2,048-token context\n"
     "Session t · /help for commands · Alt-Enter for a new line · Ctrl-D or /exit quits\n"
 )
 WAIT_S = 30.0  # the most any one step may take on a busy machine before the test is failed

@@ -145,7 +145,7 @@ def check_fits(
     together = f" (with the {len(attachments) - 1} other attached file{'s' if len(attachments) > 2 else ''})" if len(attachments) > 1 else ""
     raise BlueLMError(
         f"{last.name} is {token_count(encoder, last):,} tokens ({_size(last.size_bytes)}) but at most {room:,} fit"
-        f" in the {context_limit:,}-token context window{together} with room for a {max_new_tokens}-token answer;"
+        f" in the {context_limit:,}-token context window{together} with room for a {max_new_tokens:,}-token answer;"
         " give an excerpt, or lower max_new_tokens"
     )
 

@@ -83,7 +83,7 @@ def loaded_line(loaded: LoadedModel, seconds: float) -> str:
     from bluelm_cli.local.loading import dtype_name
 
     weights = f", {loaded.weights_format}" if loaded.weights_format else ""
-    return (f"Loaded {loaded.model_id} on {loaded.device} ({dtype_name(loaded.dtype)}, context {loaded.context_length}{weights})"
+    return (f"Loaded {loaded.model_id} on {loaded.device} ({dtype_name(loaded.dtype)}, context {loaded.context_length:,}{weights})"
             f" in {seconds:.1f} s")
 
 
@@ -239,6 +239,6 @@ def open_backend(settings: ResolvedSettings, quantization: str | None, api_key: 
         through = f" through the proxy {proxy} (from {proxy.source})" if proxy else ""
         console.print(
             f"[dim]Connected to {escape(backend.client.url.api)}{escape(through)}: {escape(backend.model.name)}, context "
-            f"{backend.context_limit} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"
+            f"{backend.context_limit:,} ({escape(backend.model.context_source)}), tokens counted {escape(backend.counting)}[/]"
         )
     return backend, backend.model.name

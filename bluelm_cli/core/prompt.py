@@ -80,7 +80,7 @@ class ContextOverflowError(BlueLMError):
         self.message_tokens = message_tokens
         self.fits = fits
         super().__init__(
-            f"the message is {message_tokens} tokens but at most {fits} fit in the context window "
+            f"the message is {message_tokens:,} tokens but at most {fits:,} fit in the context window "
             "(with room for the answer); shorten it or lower max_new_tokens"
         )
 
@@ -275,6 +275,6 @@ def fit_continuation(
                               message=open_turn.user, partial_answer=open_turn.answer)
     alone = len(build_continuation_ids(encoder, system, [], open_turn).ids)
     raise BlueLMError(
-        f"the exchange to continue is already {alone} tokens and at most {budget} fit in the context window"
-        f" with room for {max_new_tokens} more; lower max_new_tokens (/set max_new_tokens N) or /retry"
+        f"the exchange to continue is already {alone:,} tokens and at most {budget:,} fit in the context window"
+        f" with room for {max_new_tokens:,} more; lower max_new_tokens (/set max_new_tokens N) or /retry"
     )

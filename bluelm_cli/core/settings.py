@@ -329,7 +329,7 @@ def check_max_new_tokens(value: int, context_limit: int) -> int:
     """max_new_tokens must leave room for a prompt in the model's context window (UsageError, exit 2)."""
     if value >= context_limit:
         raise UsageError(
-            f"max_new_tokens must be less than the model's context window ({context_limit} tokens), got {value}"
+            f"max_new_tokens must be less than the model's context window ({context_limit:,} tokens), got {value}"
         )
     return value
 

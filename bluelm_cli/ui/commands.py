@@ -438,7 +438,7 @@ class ChatCompleter(Completer):
 # ------------------------------------------------------------------------------------------ helpers
 def context_meter(used: int, limit: int) -> str:
     """``1234 / 2048 tokens in use (60%)``: the context meter of /show and the prompt's toolbar."""
-    return f"{used} / {limit} tokens in use ({100 * used // max(limit, 1)}%)"
+    return f"{used:,} / {limit:,} tokens in use ({100 * used // max(limit, 1)}%)"
 
 
 def code_blocks(markdown: str) -> list[str]:

@@ -186,7 +186,7 @@ class ChatRepl:
             quantized = f", {info.quantization}" if info.quantization else ""
             line = Text.assemble(
                 ("BlueLM chat", "bold"),
-                f" · {safe_for_terminal(info.model_id)} · {info.device} · {info.dtype}{quantized} · {info.context_limit}-token context",
+                f" · {safe_for_terminal(info.model_id)} · {info.device} · {info.dtype}{quantized} · {info.context_limit:,}-token context",
             )
         self.out.console.print(line)
         self.out.note(
@@ -600,7 +600,7 @@ def toolbar_text(used: int, limit: int, session: str, width: int | None) -> str:
     full = f" context {context_meter(used, limit)} · session {session} "
     if width is None or get_cwidth(full) <= width:
         return full
-    short_meter = f" context {used}/{limit} ({100 * used // max(limit, 1)}%)"
+    short_meter = f" context {used:,}/{limit:,} ({100 * used // max(limit, 1)}%)"
     for prefix in (f" context {context_meter(used, limit)} · session ", f"{short_meter} · "):
         room = width - get_cwidth(prefix) - 1
         if room >= min(_SHORTEST_NAME, get_cwidth(session)):

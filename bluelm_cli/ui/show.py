@@ -32,7 +32,7 @@ def info_rows(info: BackendInfo) -> list[tuple[str, str]]:
         ("model", info.model_id),
         ("architecture", info.architecture or "(unknown)"),
         ("parameters", _parameters(info.parameters)),
-        ("context", f"{info.context_limit} tokens"),
+        ("context", f"{info.context_limit:,} tokens"),
         ("dtype", info.dtype),
         ("device", info.device),
         ("quantization", info.quantization or "none"),

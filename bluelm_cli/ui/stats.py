@@ -12,14 +12,14 @@ def stats_line(result: AnswerResult) -> str:
     """``12 prompt tokens (0 reused) · 20 new · first token 32 ms · prefill 375 tokens/s · decode 72.0 tokens/s
     · context 33/2048``, and `` · finish: length`` when the answer did not end by itself. Figures that mean
     nothing for this answer (no token yet, a single token after an early Ctrl-C) are left out."""
-    parts = [f"{result.prompt_tokens} prompt tokens ({result.reused_tokens} reused)", f"{result.new_tokens} new"]
+    parts = [f"{result.prompt_tokens:,} prompt tokens ({result.reused_tokens:,} reused)", f"{result.new_tokens:,} new"]
     if result.new_tokens >= 1 and result.ttft_s > 0:
         parts.append(f"first token {result.ttft_s * 1000:.0f} ms")
     if result.prefill_tok_s is not None:
         parts.append(f"prefill {result.prefill_tok_s:.0f} tokens/s")
     if result.decode_speed is not None:
         parts.append(f"decode {result.decode_speed:.1f} tokens/s")
-    parts.append(f"context {result.context_tokens}/{result.context_limit}")
+    parts.append(f"context {result.context_tokens:,}/{result.context_limit:,}")
     if result.finish_reason is not FinishReason.STOP:
         parts.append(f"finish: {result.finish_reason}")
     return " · ".join(parts)
