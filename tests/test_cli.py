@@ -173,7 +173,7 @@ def test_ask_verbose_statistics_go_to_stderr(tiny: Path, tiny_engine: ChatEngine
     stats = [line for line in stderr_lines(result) if "prompt tokens" in line]
     assert len(stats) == 1
     assert stats[0].startswith(f"{prompt_tokens} prompt tokens (0 reused) · 6 new · first token ")
-    assert stats[0].endswith(f"/2048 · finish: {finish}") and finish == "length"
+    assert stats[0].endswith(f"/2,048 · finish: {finish}") and finish == "length"
     assert "prompt tokens" not in result.stdout and "tok/s" not in result.stdout
 
 
@@ -497,7 +497,10 @@ def test_ask_continue_without_sessions_is_one_line() -> None:
 
     result = invoke(["ask", "--model", "/nonexistent", "-c", "hi"])
     assert (result.exit_code, result.stdout) == (1, "")
-    assert result.stderr == f"Error: there are no saved sessions in {user_paths().sessions_dir} yet; start a new chat instead\n"
+    assert result.stderr == (
+        f"Error: there are no saved sessions in {user_paths().sessions_dir} yet; there is none to continue: drop -c to"
+        " ask without one, or --session NAME to start one\n"
+    )
 
 
 def test_ask_file_goes_before_the_question(tiny: Path, tiny_engine: ChatEngine, tmp_path: Path) -> None:

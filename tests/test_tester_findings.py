@@ -4,6 +4,7 @@ the scripted fake backend with exact transcripts, the CLI through typer's CliRun
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,49 @@ def test_chat_script_with_a_system_prompt_too_long_is_refused_before_a_session_b
     assert loaded.startswith(f"Loaded {models['ctx128']} on cpu")
     assert line.startswith("Error: the system prompt is ") and line.endswith("; give a shorter --system (--system none drops it)")
     assert list(paths.sessions_dir.glob("*.jsonl")) == []
+
+
+# ------------------------------------------------------------------ 2. one format for token counts
+def test_a_question_too_long_counts_its_tokens_with_separators_from_stdin_and_from_a_file(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    model = ["--model", str(models["ctx128"]), "--device", "cpu", "-t", "0", "-n", "16"]
+    text = "word " * 1200
+    piped = invoke(["ask", *model], input=text)
+    assert piped.exit_code == 1
+    assert re.fullmatch(r"Error: the message is \d,\d{3} tokens but at most 10\d fit in the context window \(with room"
+                        r" for the answer\); shorten it or lower max_new_tokens \(or pass --truncate to keep only its end\)\n",
+                        piped.stderr), piped.stderr
+    attached = tmp_path / "notes.txt"
+    attached.write_text(text)
+    from_file = invoke(["ask", *model, "-f", str(attached), "summarise"])
+    assert from_file.exit_code == 1
+    assert re.fullmatch(rf"Error: {re.escape(str(attached))} is \d,\d{{3}} tokens \(.*\) but at most \d+ fit in the 128-token.*\n",
+                        from_file.stderr), from_file.stderr
+
+
+def test_the_stats_line_and_the_meter_use_thousands_separators(paths: UserPaths) -> None:
+    from bluelm_cli.core.finish import FinishReason
+    from bluelm_cli.core.backend import AnswerResult
+    from bluelm_cli.ui.commands import context_meter
+    from bluelm_cli.ui.stats import stats_line
+
+    assert context_meter(12345, 32768) == "12,345 / 32,768 tokens in use (37%)"
+    result = AnswerResult(text="", answer_ids=[], finish_reason=FinishReason.STOP, prompt_tokens=12345, reused_tokens=1024,
+                          new_tokens=1200, ttft_s=0.5, decode_tok_s=10.0, context_tokens=13545, context_limit=32768)
+    line = stats_line(result)
+    assert line.startswith("12,345 prompt tokens (1,024 reused) · 1,200 new") and "context 13,545/32,768" in line
+
+
+# ------------------------------------------------------------------ 4. binary standard input
+def test_ask_refuses_binary_standard_input_as_it_refuses_a_binary_file(models: dict[str, Path], tmp_path: Path) -> None:
+    model = ["--model", str(models["tiny"]), "--device", "cpu", "-t", "0", "-n", "3"]
+    piped = invoke(["ask", *model], input=b"a\x00b")
+    assert (piped.exit_code, piped.stdout, piped.stderr) == (
+        1, "", "Error: standard input is binary (a NUL byte at byte 1); only text can be asked; pipe text, or extract"
+        " it first (e.g. pdftotext FILE -)\n"
+    )
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"a\x00b")
+    from_file = invoke(["ask", *model, "-f", str(binary), "what is it?"])
+    assert (from_file.exit_code, from_file.stderr) == (1, f"Error: {binary} is a binary file (3 bytes); only text files can go into a message\n")

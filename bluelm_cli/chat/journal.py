@@ -408,13 +408,21 @@ class SessionInfo:
     unreadable: str | None = None  # why nothing could be read (then turns is 0)
 
 
+class NoSavedSessionsError(BlueLMError):
+    """`--continue` with nothing to continue (each face says what to do instead)."""
+
+    def __init__(self, sessions_dir: Path, remedy: str = "start a new chat instead") -> None:
+        self.sessions_dir = sessions_dir
+        super().__init__(f"there are no saved sessions in {sessions_dir} yet; {remedy}")
+
+
 def find_journal(sessions_dir: Path, name: str | None) -> Path:
     """The journal of session `name`, or of the most recently used readable one (None); BlueLMError if none."""
     sessions_dir = Path(sessions_dir)
     if name is None:
         infos = [info for info in list_sessions(sessions_dir) if info.unreadable is None]
         if not infos:
-            raise BlueLMError(f"there are no saved sessions in {sessions_dir} yet; start a new chat instead")
+            raise NoSavedSessionsError(sessions_dir)
         return infos[0].path
     path = journal_path(sessions_dir, name)
     if not path.is_file():

@@ -46,6 +46,12 @@ def _read_prompt(argument: str | None, *, required: bool = True) -> str:
     parts: list[str] = []
     if not sys.stdin.isatty():
         data = sys.stdin.buffer.read()
+        nul = data.find(b"\x00")
+        if nul >= 0:  # as `-f` refuses a binary file: a NUL byte is no text (and would reach the model as one)
+            raise BlueLMError(
+                f"standard input is binary (a NUL byte at byte {nul}); only text can be asked;"
+                " pipe text, or extract it first (e.g. pdftotext FILE -)"
+            )
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -117,8 +123,8 @@ def ask(
             raise
         if stream.plan.truncated_from is not None:
             errors.print(
-                f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from} tokens; "
-                f"kept its last {stream.plan.truncated_to} (--truncate)"
+                f"[yellow]Note:[/] the prompt was {stream.plan.truncated_from:,} tokens; "
+                f"kept its last {stream.plan.truncated_to:,} (--truncate)"
             )
         with ending_signals_interrupt() as ending:
             presented = _show_ask(stream, raw=raw or as_json, quiet=as_json)
@@ -168,7 +174,14 @@ def _resume_for_ask(paths: UserPaths, continue_last: bool, name: str | None) -> 
 
         return Session.resume(paths.sessions_dir, name) if journal_path(paths.sessions_dir, name).is_file() else None
     if continue_last:
-        return Session.resume(paths.sessions_dir, None)
+        from bluelm_cli.chat.journal import NoSavedSessionsError
+
+        try:
+            return Session.resume(paths.sessions_dir, None)
+        except NoSavedSessionsError as none:
+            raise NoSavedSessionsError(
+                none.sessions_dir, "there is none to continue: drop -c to ask without one, or --session NAME to start one"
+            ) from None
     return None
 
 
@@ -278,7 +291,7 @@ def _fit_answer_budget(chat: Chat, settings: ResolvedSettings, question: str, er
     chat.set_setting("max_new_tokens", room)
     if verbose:
         errors.print(
-            f"Note: max_new_tokens lowered from {budget} to {room}: the model's context is {chat.context_limit}"
-            f" tokens and the prompt takes {prompt}", style="dim", markup=False, highlight=False,
+            f"Note: max_new_tokens lowered from {budget:,} to {room:,}: the model's context is {chat.context_limit:,}"
+            f" tokens and the prompt takes {prompt:,}", style="dim", markup=False, highlight=False,
         )
 
