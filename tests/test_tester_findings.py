@@ -189,3 +189,17 @@ def test_ask_refuses_binary_standard_input_as_it_refuses_a_binary_file(models: d
     binary.write_bytes(b"a\x00b")
     from_file = invoke(["ask", *model, "-f", str(binary), "what is it?"])
     assert (from_file.exit_code, from_file.stderr) == (1, f"Error: {binary} is a binary file (3 bytes); only text files can go into a message\n")
+
+
+# ------------------------------------------------------------------ 5. an existing --session NAME
+@pytest.mark.parametrize(("name", "command"), [("work", "bluelm chat --resume work"), ("-x", "bluelm chat --resume=-x")])
+def test_chat_session_with_a_name_in_use_gives_the_command_that_resumes_it(
+    paths: UserPaths, models: dict[str, Path], name: str, command: str
+) -> None:
+    Session.new(paths.sessions_dir, name=name, model_id=str(models["tiny"])).close()
+    result = invoke(["chat", "--model", str(models["tiny"]), "--device", "cpu", f"--session={name}"], input="")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: session '{name}' already exists in {paths.sessions_dir}; continue it with `{command}`, or choose"
+        " another name"
+    )

@@ -16,6 +16,7 @@ import atexit
 import json
 import os
 import re
+import shlex
 import tempfile
 import unicodedata
 from collections.abc import Mapping
@@ -34,6 +35,16 @@ _NAME_RE = re.compile(r"[\w.-]+")
 _MAX_NAME = 100
 # A file name is at most 255 bytes on ext4, XFS, btrfs, APFS; the journal's name is the session's plus ".jsonl".
 _MAX_NAME_BYTES = 255 - len(JOURNAL_SUFFIX)
+
+
+def resume_command(name: str) -> str:
+    """The command that continues session `name`, ready to paste (a name starting with - needs the = form)."""
+    quoted = shlex.quote(name)
+    return f"bluelm chat --resume={quoted}" if name.startswith("-") else f"bluelm chat --resume {quoted}"
+
+
+def _exists_message(name: str, directory: Path) -> str:
+    return f"session '{name}' already exists in {directory}; continue it with `{resume_command(name)}`, or choose another name"
 
 
 class SessionExistsError(UsageError):
@@ -100,13 +111,13 @@ def create_started(path: Path, start: Mapping[str, Any], name: str) -> JournalLo
             os.link(temporary, path)
         except FileExistsError:
             lock.release()
-            raise SessionExistsError(f"session '{name}' already exists in {directory}; resume it or choose another name") from None
+            raise SessionExistsError(_exists_message(name, directory)) from None
         except OSError:  # a file system without hard links: exclusive create, then the start record
             lock.release()
             try:
                 create_exclusive(path)
             except FileExistsError:
-                raise SessionExistsError(f"session '{name}' already exists in {directory}; resume it or choose another name") from None
+                raise SessionExistsError(_exists_message(name, directory)) from None
             lock = JournalLock.acquire(path, name)
             append_record(path, start)
         return lock
