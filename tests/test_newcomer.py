@@ -611,6 +611,24 @@ def test_the_toolbar_at_a_very_narrow_terminal_keeps_the_meter_alone(paths: User
     assert _toolbar_text(repl, 24) == " context 1/2,048 (0%) "
 
 
+@pytest.mark.parametrize(("width", "expected"), [
+    (22, " 12/2,048 (0%) "),  # the meter's label goes first
+    (20, " 12/2,048 (0%) "),
+    (14, " 12/2,048 "),  # then its share
+    (9, "12/2,048"),  # then its padding
+    (4, "0%"),
+])
+def test_the_toolbar_at_20_columns_and_less_keeps_the_shortest_useful_meter(
+    paths: UserPaths, width: int, expected: str
+) -> None:
+    chat = Chat(FakeBackend(context_limit=2048).queue("Ok."), new_session(paths, name=LONG_NAME, max_new_tokens="4"))
+    repl, _ = repl_for(chat, paths, width=200)
+    repl.handle("hello")
+    used = chat.context_used()
+    text = _toolbar_text(repl, width)
+    assert used == 12 and text == expected and get_cwidth(text) <= width
+
+
 def test_the_toolbar_measures_a_chinese_session_name_in_terminal_cells(paths: UserPaths) -> None:
     chat = Chat(FakeBackend(context_limit=100), new_session(paths, name="杭州西湖春季旅行计划和预算表"))
     repl, _ = repl_for(chat, paths, width=200)

@@ -596,7 +596,7 @@ def toolbar_text(used: int, limit: int, session: str, width: int | None) -> str:
     """The toolbar's line, at most `width` terminal cells where it can be: the context meter whole, then the
     session name, shortened in the middle (its start and its end tell sessions apart: work-2, …-review).
     Narrower, the meter loses its words (12/100 (12%)) and the name its label; narrower still, the meter
-    stands alone."""
+    stands alone, then loses its label, its share and its padding (12/2,048), and at last all but the share."""
     full = f" context {context_meter(used, limit)} · session {session} "
     if width is None or get_cwidth(full) <= width:
         return full
@@ -605,7 +605,11 @@ def toolbar_text(used: int, limit: int, session: str, width: int | None) -> str:
         room = width - get_cwidth(prefix) - 1
         if room >= min(_SHORTEST_NAME, get_cwidth(session)):
             return f"{prefix}{_middle_cut(session, room)} "
-    return f"{short_meter} "
+    share = f"{100 * used // max(limit, 1)}%"
+    for meter in (f"{short_meter} ", f" {used:,}/{limit:,} ({share}) ", f" {used:,}/{limit:,} ", f"{used:,}/{limit:,}", share):
+        if get_cwidth(meter) <= width:
+            return meter
+    return ""
 
 
 def _middle_cut(text: str, cells: int) -> str:
