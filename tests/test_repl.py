@@ -112,8 +112,10 @@ def chat(
     *,
     keep_history: bool = True,
     first_message: str | None = None,
+    output: Callable[[Any], Any] = lambda pipe: DummyOutput(),
 ) -> Chat:
-    """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did."""
+    """Run the prompt_toolkit REPL on `keys` (chunks sent one by one); a final Ctrl-D ends it if nothing did.
+    `output` makes the prompt's output from the pipe input (a terminal that answers on its input)."""
     console = Console(file=io.StringIO(), width=200, highlight=False)
     done = threading.Event()
     handled = threading.Semaphore(0)
@@ -187,7 +189,7 @@ def chat(
         feeder.start()
         try:
             status = run_chat(
-                ChatService(backend, session), console=console, paths=paths, pt_input=pipe, pt_output=DummyOutput(),
+                ChatService(backend, session), console=console, paths=paths, pt_input=pipe, pt_output=output(pipe),
                 keep_history=keep_history, first_message=first_message,
             )
         finally:
@@ -256,6 +258,35 @@ def test_two_lines_typed_ahead_in_one_read_are_two_messages(backend: FakeBackend
     result = chat(backend, session, paths, ["first\nsecond\n", "/exit\r"])
     assert result.status == 0 and result.users == ["first", "second"]
     assert result.out == BANNER + "One.\n\nTwo.\n\n"
+
+
+class AnsweringTerminal(DummyOutput):
+    """An output that, as a real terminal does, answers a cursor position request on the input at once."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    @property
+    def responds_to_cpr(self) -> bool:
+        return True
+
+    def get_rows_below_cursor_position(self) -> int:
+        raise NotImplementedError  # as a vt100 terminal: the renderer asks by a cursor position request
+
+    def ask_for_cpr(self) -> None:
+        self.pipe.send_text("\x1b[5;1R")
+
+
+def test_ctrl_l_with_a_line_and_enter_in_one_burst_sends_the_line(
+    backend: FakeBackend, session: Session, paths: UserPaths
+) -> None:
+    # `tmux send-keys C-l '/show system' Enter`: Ctrl-L clears the screen, and the renderer asks the terminal
+    # where the cursor is; its answer arrived within the burst window behind the Enter, which was then taken
+    # for a pasted newline, and the next line joined `/show system`.
+    backend.queue("Hi.")
+    result = chat(backend, session, paths, ["hi\r", Send("\x0c/show system\r"), "/exit\r"], output=AnsweringTerminal)
+    assert result.status == 0 and result.users == ["hi"]
+    assert result.out == BANNER + "Hi.\n\nNo system prompt; /set system TEXT sets one.\n"
 
 
 def test_enter_with_ctrl_d_right_behind_it_sends_the_line(backend: FakeBackend, session: Session, paths: UserPaths) -> None:

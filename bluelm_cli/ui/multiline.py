@@ -21,6 +21,7 @@ for undo, so 10,000 pasted lines took quadratic time and memory (22.6 GB before 
 from __future__ import annotations
 
 import select
+import time
 
 from prompt_toolkit.application import Application
 from prompt_toolkit.input import Input
@@ -62,15 +63,40 @@ def input_is_pending(event: KeyPressEvent, gap_s: float = BURST_GAP_S) -> bool:
     A key already read decides: text (a character, Tab, Enter, a line feed) goes on a paste; anything else
     (Ctrl-D, an arrow, Ctrl-C) is in no paste, so the Enter before it was typed, as in `tmux send-keys
     hello Enter C-d`, which arrives in one read. With none read yet, input on the terminal within `gap_s`."""
-    waiting = _keys_in_queue(event.app)
-    if waiting:
-        return _goes_on_a_paste(waiting[0])
-    return _readable(event.app.input, gap_s)
+    app = event.app
+    deadline = time.monotonic() + gap_s
+    while True:
+        waiting = _keys_in_queue(app)
+        if waiting:
+            return _goes_on_a_paste(waiting[0])
+        if not _take_readable(app, max(0.0, deadline - time.monotonic())):
+            return False
 
 
 def keys_waiting(app: Application[object], gap_s: float = 0.0) -> bool:
-    """Whether keys wait in prompt_toolkit's queue, or on the terminal within `gap_s`."""
-    return bool(_keys_in_queue(app)) or _readable(app.input, gap_s)
+    """Whether keys wait in prompt_toolkit's queue, or on the terminal within `gap_s` (a cursor position
+    report, the terminal's answer to the renderer, is no key: Ctrl-L asks for one)."""
+    deadline = time.monotonic() + gap_s
+    while not _keys_in_queue(app):
+        if not _take_readable(app, max(0.0, deadline - time.monotonic())):
+            return False
+    return True
+
+
+def _take_readable(app: Application[object], timeout: float) -> bool:
+    """Read what arrives on the terminal within `timeout` into the key queue, behind the keys there (the
+    key processor handles them next, in order). False when nothing came.
+
+    Readable input is not yet a key: after Ctrl-L (the renderer erases the screen and asks the terminal
+    where the cursor is) the terminal's answer, a cursor position report, arrives within a millisecond or
+    two; taken for more of a burst, it turned `C-l /show system Enter` sent at once into a newline."""
+    if not _readable(app.input, timeout):
+        return False
+    keys = app.input.read_keys()
+    if not keys:  # half an escape sequence (its rest comes, or the flush timeout ends it), or the end of input
+        return False
+    app.key_processor.feed_multiple(keys)
+    return True
 
 
 def _keys_in_queue(app: Application[object]) -> list[KeyPress]:
