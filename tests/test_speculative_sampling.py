@@ -213,3 +213,20 @@ def test_the_penalty_of_each_row_counts_the_drafts_before_it() -> None:
 def test_seeded_speculation_is_reproducible() -> None:
     settings = CASES["penalty, top-k, top-p, stops suppressed"]
     assert _draw(settings, 1, 50, seed=3) == _draw(settings, 1, 50, seed=3)
+
+
+def test_a_drafted_stop_is_never_accepted_where_stops_are_suppressed_and_sometimes_elsewhere() -> None:
+    settings = CASES["temperature"]
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.zeros((3, VOCAB))
+    rows[:, STOPS[0]] = 1.0  # the stop is the likeliest token of every row
+    accepted = {0: Counter(), 1: Counter()}  # type: dict[int, Counter[int]]
+    for suppressed in (0, 1):
+        for _ in range(200):
+            sampler = TokenSampler(settings, VOCAB, torch.device("cpu"), torch.tensor(STOPS), generator)
+            outcome = sampler.speculate(rows.clone(), torch.tensor([STOPS[0], 4]), suppressed).tolist()
+            accepted[suppressed][outcome[0]] += 1
+            if suppressed:
+                assert outcome[1] != STOPS[0] and outcome[1] not in STOPS  # the first row cannot choose a stop
+    assert set(accepted[1]) == {0}
+    assert accepted[0][0] < 200  # without suppression the drafted stop is kept at times (p = e / (e + 7) each)
