@@ -115,6 +115,7 @@ def _reference_probabilities(loaded: LoadedModel, prompt: list[int], settings: S
     return found
 
 
+@pytest.mark.slow  # 2,000 short answers: ~15 s on one core
 def test_sampling_with_prompt_lookup_gives_the_distribution_of_plain_sampling(
     loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
