@@ -81,13 +81,137 @@ def test_greedy_with_prompt_lookup_is_plain_greedy_token_for_token(
     assert fewer >= 2  # drafts were accepted on the repetitive prompts
 
 
-def test_sampled_answers_decode_plainly(loaded: LoadedModel) -> None:
-    sampled = replace(GREEDY, temperature=0.8, seed=7)
+SAMPLED = replace(GREEDY, temperature=0.7, top_k=4, top_p=1.0, repetition_penalty=1.2)
+FIRST_TOKENS = 3
+RUNS = 2000
+FALSE_ALARM = 1e-6
+
+
+def _reference_probabilities(loaded: LoadedModel, prompt: list[int], settings: SamplingSettings,
+                             smallest: float) -> dict[tuple[int, ...], float]:
+    """The exact probability of every sequence of the first FIRST_TOKENS tokens that plain sampling gives with
+    probability >= `smallest` (stops suppressed), from full forwards of the model and transformers' processors
+    (repetition penalty over the prompt and the tokens before, temperature, top-k). Prefixes below `smallest` are not
+    expanded: their sequences are pooled by the caller."""
+    import torch
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper)
+
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(settings.repetition_penalty),
+                                      TemperatureLogitsWarper(settings.temperature), TopKLogitsWarper(settings.top_k)])
+    stops = [loaded.tokenizer.eos_token_id, loaded.tokenizer.sp_model.piece_to_id("[|Human|]:")]
+    found: dict[tuple[int, ...], float] = {}
+    frontier: list[tuple[tuple[int, ...], float]] = [((), 1.0)]
+    with torch.inference_mode():
+        while frontier:
+            prefix, probability = frontier.pop()
+            ids = torch.tensor([prompt + list(prefix)])
+            scores = loaded.model(input_ids=ids).logits[:, -1, :].float()
+            scores[0, stops] = float("-inf")
+            distribution = torch.softmax(processors(ids, scores), dim=-1)[0].double()
+            for token in (distribution * probability >= smallest).nonzero().view(-1).tolist():
+                extended = (*prefix, token), probability * float(distribution[token])
+                (found.update([extended]) if len(prefix) + 1 == FIRST_TOKENS else frontier.append(extended))
+    return found
+
+
+@pytest.mark.slow  # 2,000 short answers: ~15 s on one core
+def test_sampling_with_prompt_lookup_gives_the_distribution_of_plain_sampling(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """End to end: the frequencies of the first tokens over many seeds against their exact probabilities.
+
+    Exactness must hold whatever is drafted; for the check to have power, drafts must hit often and miss often.
+    A random model's answer seldom repeats its prompt, so here the lookup drafts, after the first token, the most
+    likely next token (from the exact probabilities): it is accepted about half the time. Chi-square over the
+    sequences expected at least 5 times (the rest pooled), at a false alarm rate of 1e-6 (fixed seeds: the same
+    every run)."""
+    import bluelm_cli.local.engine as engine_module
+    from test_speculative_sampling import _chi_square, _chi_square_critical
+
+    settings = replace(SAMPLED, max_new_tokens=FIRST_TOKENS)
     engine = ChatEngine(loaded, prompt_lookup=True)
-    plan = _plan(engine, [], PROMPTS[3], sampled)
-    got = _answer(engine, plan, sampled, min_new_tokens=sampled.max_new_tokens)
-    assert got.forwards == got.new_tokens == sampled.max_new_tokens  # one forward per token: no drafts
-    assert got.answer_ids == _answer(ChatEngine(loaded), plan, sampled, min_new_tokens=sampled.max_new_tokens).answer_ids
+    plan = _plan(engine, [], PROMPTS[1], settings)
+    expected = _reference_probabilities(loaded, list(plan.ids), settings, 5 / RUNS)
+    likeliest: dict[tuple[int, ...], tuple[float, int]] = {}
+    for sequence, probability in expected.items():
+        prefix = sequence[:1]
+        likeliest[prefix] = max(likeliest.get(prefix, (0.0, 0)), (probability, sequence[1]))
+    prompt_length = len(plan.ids)
+
+    class LikeliestDraft(NgramLookup):
+        def draft(self, limit: int = 8) -> list[int]:
+            found = likeliest.get(tuple(self.tokens[prompt_length:]))
+            return [found[1]][:limit] if found else []
+
+    monkeypatch.setattr(engine_module, "NgramLookup", LikeliestDraft)
+    counts: dict[tuple[int, ...], int] = {}
+    forwards = 0
+    for seed in range(RUNS):
+        result = _answer(engine, plan, replace(settings, seed=seed), FIRST_TOKENS)
+        outcome = tuple(result.answer_ids)
+        counts[outcome] = counts.get(outcome, 0) + 1
+        forwards += result.forwards
+    expected[("rest",)] = 1 - sum(expected.values())  # type: ignore[index]
+    pooled = {outcome: count for outcome, count in counts.items() if outcome in expected}
+    pooled[("rest",)] = RUNS - sum(pooled.values())  # type: ignore[index]
+    statistic, degrees, _ = _chi_square(pooled, expected, RUNS)  # type: ignore[arg-type]
+    critical = _chi_square_critical(degrees, FALSE_ALARM)
+    assert statistic <= critical, f"chi-square {statistic:.1f} on {degrees} degrees (bound {critical:.1f})"
+    # The check had power: a draft was verified in every run (two forwards, three when it was rejected), and
+    # accepted in a good share of them.
+    assert RUNS * 2.2 < forwards < RUNS * 2.8, forwards
+
+
+@pytest.fixture(scope="module")
+def echoing(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A model whose answers repeat the prompt's last token, forever: drafts from the answer always hit."""
+    folder = build_checkpoint(Path(tmp_path_factory.mktemp("echo")), TinySpec(max_position_embeddings=512, echo=True,
+                                                                                endless=True))
+    return load_model(str(folder), device="cpu", dtype="float32")
+
+
+def test_sampling_at_a_low_temperature_takes_fewer_forwards_on_a_repetitive_answer(echoing: LoadedModel) -> None:
+    settings = replace(GREEDY, temperature=0.3, repetition_penalty=1.1, seed=5)
+    engine = ChatEngine(echoing, prompt_lookup=True)
+    plan = _plan(engine, [], PROMPTS[3], settings)
+    got = _answer(engine, plan, settings, settings.max_new_tokens)
+    plain = _answer(ChatEngine(echoing), plan, settings, settings.max_new_tokens)
+    assert got.new_tokens == plain.new_tokens == settings.max_new_tokens
+    assert plain.forwards == settings.max_new_tokens
+    assert got.forwards <= 0.6 * plain.forwards, got.forwards
+    # At this temperature the echo's probability is 1 in float32: every draft greedy decoding accepts is accepted.
+    greedy = _answer(engine, plan, replace(settings, temperature=0.0), settings.max_new_tokens)
+    assert got.forwards == greedy.forwards
+
+
+class _AlwaysDrafts(NgramLookup):
+    """Drafts the last three tokens again at every step: every step verifies a draft, mostly rejected."""
+
+    def draft(self, limit: int = 8) -> list[int]:
+        return self.tokens[-3:][:limit]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_seeded_sampling_with_prompt_lookup_gives_the_same_answer_every_run(
+    loaded: LoadedModel, static: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bluelm_cli.local.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "NgramLookup", _AlwaysDrafts)
+    settings = replace(SAMPLED, temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=24, seed=11)
+
+    def runner() -> GraphRunner | None:
+        return GraphRunner(loaded.model, loaded.context_length, use_graphs=False, smallest_window=16) if static else None
+
+    engine = ChatEngine(loaded, runner=runner(), prompt_lookup=True)
+    plan = _plan(engine, [], PROMPTS[3], settings)
+    first = _answer(engine, plan, settings, 12)
+    again = _answer(engine, plan, settings, 12)  # the cache of the first run reused
+    fresh = _answer(ChatEngine(loaded, runner=runner(), prompt_lookup=True), plan, settings, 12)
+    assert first.answer_ids == again.answer_ids == fresh.answer_ids
+    other = _answer(engine, plan, replace(settings, seed=12), 12)
+    assert other.answer_ids != first.answer_ids  # the seed does choose the tokens
 
 
 @pytest.mark.slow

@@ -273,9 +273,10 @@ SPECS: dict[str, SettingSpec] = {
         ),
         SettingSpec(
             "prompt_lookup", bool, None,
-            "Greedy answers (temperature 0) decode with prompt-lookup drafts: runs of the prompt or answer that the"
-            " model repeats are checked in one forward. Same tokens as without it. Unset: on for the eager path"
-            " (measured faster on a CPU), off with the CUDA fast path (not measured there yet).",
+            "Decode with prompt-lookup drafts: runs of the prompt or answer that the model repeats are checked in one"
+            " forward. Greedy: the same tokens as without it; sampled: the same distribution (exact speculative"
+            " sampling), but a seed gives other tokens. Unset: on for the eager path (measured faster on a CPU), off"
+            " with the CUDA fast path (not measured there yet).",
             _optional(_parse_bool), "true, false or 'none' (on for the eager path only)", optional=True,
         ),
         SettingSpec(

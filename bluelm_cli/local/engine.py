@@ -171,8 +171,9 @@ class ChatEngine:
         prompt_lookup: bool = False,
     ) -> None:
         self.loaded = loaded
-        # Greedy answers decode with prompt-lookup drafts checked in one forward (local.prompt_lookup); the
-        # tokens are the ones plain greedy decoding picks. Sampled answers decode plainly.
+        # Answers decode with prompt-lookup drafts checked in one forward (local.prompt_lookup): greedy ones pick
+        # the tokens plain greedy decoding picks; sampled ones use exact speculative sampling (TokenSampler.speculate),
+        # so every token has the distribution plain sampling gives it (a seed gives other tokens than without lookup).
         self.prompt_lookup = prompt_lookup
         # Opt-in: when old turns leave the prompt, move the kept turns' cache instead of prefilling them again
         # (local.context_shift). Answers then differ from a fresh prefill of the kept text.
@@ -302,7 +303,7 @@ class ChatEngine:
         # Sampling runs on the device with its state in buffers (local.sampling); its repetition penalty has seen the prompt.
         sampler = TokenSampler(settings, logits.shape[-1], logits.device, stop_ids, generator)
         sampler.observe(history_ids[:, :length])
-        if self.prompt_lookup and settings.greedy:
+        if self.prompt_lookup:
             finish, first_token_at, last_token_at, forwards = self._decode_with_lookup(
                 ids, logits, history_ids, settings, min_new_tokens, sampler, stop_event, detokenizer, answer_ids, emit,
                 forwards,
@@ -369,7 +370,7 @@ class ChatEngine:
         min_new_tokens: int, sampler: TokenSampler, stop_event: threading.Event,
         detokenizer: StreamDetokenizer, answer_ids: list[int], emit: Callable[[str], None], forwards: int,
     ) -> tuple[FinishReason, float, float, int]:
-        """Greedy decoding with prompt-lookup drafts: (finish, first and last token times, forwards)."""
+        """Decoding with prompt-lookup drafts: (finish, first and last token times, forwards)."""
         lookup = NgramLookup(ids)
         budget = DraftBudget()
         length = len(ids)
@@ -402,11 +403,13 @@ class ChatEngine:
         self, lookup: NgramLookup, budget: DraftBudget, history_ids: torch.Tensor, length: int, settings: SamplingSettings,
         answer_ids: list[int], min_new_tokens: int, sampler: TokenSampler,
     ) -> list[int]:
-        """One forward over the last token and a prompt-lookup draft; the tokens it settles (greedy), in order.
+        """One forward over the last token and a prompt-lookup draft; the tokens it settles, in order.
 
-        Row i of the logits gives the token after draft token i; drafted tokens are kept while they equal the
-        greedy choice, and the first row where they differ (or the row after the whole draft) gives one more
-        token. The cache keeps the last token and the accepted drafts; the rejected ones are cropped off.
+        Row i of the logits gives the token after draft token i; drafted tokens are kept while the sampler accepts
+        them (greedy: while they are the argmax), and the first rejected row (or the row after the whole draft)
+        gives one more token. The cache keeps the last token and the accepted drafts; the rejected ones are cropped
+        off. An accepted drafted stop ends the answer there (the caller stops at it; the cache keeps what follows it
+        among the accepted drafts, and `_cached_ids` says so).
         """
         room = min(settings.max_new_tokens - len(answer_ids) - 1, self.context_limit - length - 1)
         allowed = min(budget.limit(), room)
@@ -418,28 +421,13 @@ class ChatEngine:
             return [int(sampler(logits, len(answer_ids) < min_new_tokens))]
         history_ids[0, length : length + len(draft)] = torch.tensor(draft, dtype=torch.long)
         rows = self.runner.verify(self._cache, history_ids[:, length - 1 : length + len(draft)], length - 1)
-        settled: list[int] = []
-        choices: list[int] | None = None
-        if not sampler.processes:
-            # Every row's greedy token in one read (one device sync, not one per row); the rows before min_new_tokens
-            # cannot choose a stop.
-            suppressed = max(0, min(len(draft) + 1, min_new_tokens - len(answer_ids)))
-            if suppressed:
-                rows = rows.clone()
-                rows[:suppressed].index_fill_(-1, sampler.stop_ids, float("-inf"))
-            choices = rows.argmax(dim=-1).tolist()
-        for index in range(len(draft) + 1):
-            if choices is not None:
-                token = choices[index]
-            else:
-                # The repetition penalty sees each row's own history: the sampler marks every token it settles, and
-                # row i + 1 is reached only if row i's token is the draft's (so the draft's tokens so far are marked).
-                suppress = len(answer_ids) + index < min_new_tokens
-                token = int(sampler(rows[index : index + 1], suppress))
-            settled.append(token)
-            if index == len(draft) or token != draft[index] or token in (self._eos_id, self._human_id):
-                break
-        accepted = len(settled) - 1
+        # The rows before min_new_tokens cannot choose a stop (a drafted stop there is rejected: its p is 0).
+        suppressed = max(0, min(len(draft) + 1, min_new_tokens - len(answer_ids)))
+        # Accept or reject the drafts on the device (greedy: the argmax; sampled: exact speculative sampling), then
+        # read the count and the tokens in one go: one host sync per verify forward.
+        outcome = sampler.speculate(rows, history_ids[0, length : length + len(draft)], suppressed).tolist()
+        accepted = outcome[0]
+        settled = outcome[1 : accepted + 2]
         budget.update(len(draft), accepted)
         if accepted < len(draft):
             self._cache.crop(-(len(draft) - accepted))  # type: ignore[union-attr]
