@@ -314,7 +314,7 @@ def test_chat_through_the_service_retry_undo_set_and_stats(server: FakeOpenAI, t
     assert bodies[-1]["temperature"] == 0.3
     stats = [line for line in (out.getvalue() + err.getvalue()).splitlines() if "prompt tokens" in line]
     assert len(stats) == 1 and stats[0].startswith("9 prompt tokens (0 reused) · 2 new · first token ")
-    assert stats[0].endswith(" · context 12/4096")
+    assert stats[0].endswith(" · context 12/4,096")
 
 
 # -------------------------------------------------------------------------------- keys and startup
