@@ -158,25 +158,24 @@ class WindowedStaticCache(RewindableStaticCache):
         self.layers = [_WindowedStaticLayer(max_cache_len, window) for _ in self.layers]
 
 
+def _powers_of_two_then(limit: int, smallest: int) -> list[int]:
+    """Powers of two from `smallest` below `limit`, then `limit` itself."""
+    sizes = []
+    size = smallest
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
+
+
 def attention_windows(max_cache_len: int, smallest: int = 256) -> list[int]:
     """Window sizes a decode step is captured for: powers of two from `smallest`, then the cache's length."""
-    windows = []
-    size = smallest
-    while size < max_cache_len:
-        windows.append(size)
-        size *= 2
-    return [*windows, max_cache_len]
+    return _powers_of_two_then(max_cache_len, smallest)
 
 
 def prefill_buckets(prefill_chunk: int, max_cache_len: int, smallest: int = 64) -> list[int]:
     """Lengths a graph prefill pads a chunk to: powers of two from `smallest`, then the longest chunk that fits."""
-    longest = min(prefill_chunk, max_cache_len)
-    buckets = []
-    size = smallest
-    while size < longest:
-        buckets.append(size)
-        size *= 2
-    return [*buckets, longest]
+    return _powers_of_two_then(min(prefill_chunk, max_cache_len), smallest)
 
 
 # Whether this transformers' create_causal_mask can be told to build the mask even where `is_causal` would do.
