@@ -21,11 +21,8 @@ from pathlib import Path
 
 import pytest
 from fake_openai import FakeOpenAI
-from typer.testing import CliRunner
 
-from bluelm_cli.cli.app import app
 
-runner = CliRunner()
 SECRET = "sk-proxy-test-secret-0123456789"
 PROXY_PASSWORD = "proxy-pass-5ecret"
 PROXY_CREDENTIALS = base64.b64encode(f"alice:{PROXY_PASSWORD}".encode()).decode()
@@ -214,14 +211,7 @@ def proxy() -> Iterator[ConnectProxy]:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def invoke(args: list[str], input: str | None = None):  # noqa: ANN201
-    result = runner.invoke(app, args, input=input)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def errors_of(result) -> list[str]:  # noqa: ANN001
-    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+from test_remote_hostile import errors_of, invoke  # noqa: E402 - the same CLI runner helpers as the other remote tests
 
 
 def ask(server: FakeOpenAI, *args: str):  # noqa: ANN201
